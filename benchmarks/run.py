@@ -1,0 +1,169 @@
+"""Run the benchmark rows of every module in MODULES and write a report.
+
+    python -m benchmarks                 # all op rows, CPU (and CUDA when present), ResNet-18 + ResNet-50
+    python -m benchmarks --quick         # CI-sized: ResNet-18 shapes only, short timing windows
+    python -m benchmarks --ops oja_step,svrg_step --device cuda
+
+Writes results/benchmarks/{ops.json, ops.csv, ops_speedup.png, ops_bandwidth.png, summary.md}.
+Every row states its device; the copy bandwidth of the same device in the same run is the yardstick
+for GB/s (a fused elementwise op should approach it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import copy_bandwidth, machine_info, make_params, model_shapes, time_fn
+
+# Modules that contribute rows (each defines cases() -> list[Case]). Families add theirs here.
+MODULES = ["benchmarks.ops_foundation"]
+
+
+def collect_cases(only=None):
+    cases = []
+    for name in MODULES:
+        cases += importlib.import_module(name).cases()
+    if only:
+        cases = [c for c in cases if c.op in only]
+    return cases
+
+
+def run_ops(devices, models, min_time, only=None):
+    rows, bw = [], {}
+    cases = collect_cases(only)
+    todo = [(d, m, c) for d in devices for m in models for c in cases if d in c.devices]
+    shapes_cache, params_cache = {}, {}
+    for d in devices:
+        bw[d] = copy_bandwidth(d, 1 << 24, min_time)
+    bar = tqdm(todo, desc="benchmarks", unit="row", dynamic_ncols=True)
+    for device, model, case in bar:
+        bar.set_postfix_str(f"{device} {model} {case.op}/{case.variant}")
+        if model not in shapes_cache:
+            shapes_cache[model] = model_shapes(model)
+        key = (device, model)
+        if key not in params_cache:
+            params_cache.clear()
+            params_cache[key] = make_params(shapes_cache[model], device)
+        ts = params_cache[key]
+        n = sum(t.numel() for t in ts)
+        try:
+            fn = case.setup([t.clone() for t in ts])
+            sec = time_fn(fn, device, min_time)
+            err = ""
+        except Exception as exc:  # a peer that is not installed, a path not built ...
+            sec, err = float("nan"), f"{type(exc).__name__}: {exc}"[:200]
+        rows.append({"device": device, "model": model, "tensors": len(ts), "params": n, "op": case.op,
+                     "variant": case.variant, "ms": sec * 1e3,
+                     "GBps": case.bytes_per_param * n / sec / 1e9 if sec == sec else float("nan"),
+                     "copy_GBps": bw[device], "note": case.note, "error": err})
+    # speed-up of the fused row over every other variant of the same (device, model, op)
+    fused = {(r["device"], r["model"], r["op"]): r["ms"] for r in rows if r["variant"] == "fused"}
+    for r in rows:
+        f = fused.get((r["device"], r["model"], r["op"]))
+        r["fused_speedup"] = r["ms"] / f if f else float("nan")
+        r["pct_of_copy"] = 100 * r["GBps"] / r["copy_GBps"]
+    return rows, bw
+
+
+def print_table(rows):
+    hdr = f"{'device':6} {'model':9} {'op':22} {'variant':16} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'fused x':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['device']:6} {r['model']:9} {r['op']:22} {r['variant']:16} {r['ms']:9.3f} {r['GBps']:8.1f} "
+              f"{r['pct_of_copy']:6.1f} {r['fused_speedup']:8.2f}" + (f"  ({r['error']})" if r["error"] else ""))
+
+
+def plot(rows, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["device"], r["model"])].append(r)
+    for kind, field, ylabel, name in (("speedup", "fused_speedup", "time / fused time", "ops_speedup.png"),
+                                      ("bandwidth", "pct_of_copy", "% of copy bandwidth", "ops_bandwidth.png")):
+        fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.6 * len(groups)), squeeze=False)
+        for ax, ((device, model), rs) in zip(axes[:, 0], sorted(groups.items())):
+            labels = [f"{r['op']}\n{r['variant']}" for r in rs]
+            vals = [r[field] for r in rs]
+            colors = ["tab:green" if r["variant"] == "fused" else "tab:gray" for r in rs]
+            ax.bar(range(len(rs)), vals, color=colors)
+            ax.set_xticks(range(len(rs)), labels, fontsize=7, rotation=60, ha="right")
+            ax.set_ylabel(ylabel)
+            if kind == "speedup":
+                ax.set_yscale("log")
+                ax.axhline(1.0, color="k", lw=0.5)
+            else:
+                ax.axhline(100.0, color="k", lw=0.5)
+            info = machine_info(device)
+            ax.set_title(f"{device} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
+                         f"{model} parameter list, torch {info['torch']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+
+
+def write_summary(rows, bw, out_dir, meta):
+    lines = [f"# Benchmark summary ({meta['date']})", ""]
+    for d, b in bw.items():
+        info = machine_info(d)
+        lines.append(f"- **{d}**: {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
+                     f"{info['threads']} threads, copy bandwidth {b:.1f} GB/s")
+    lines += ["", "| device | model | op | variant | ms | GB/s | % copy | fused speed-up |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['model']} | {r['op']} | {r['variant']} | {r['ms']:.3f} | "
+                     f"{r['GBps']:.1f} | {r['pct_of_copy']:.1f} | {r['fused_speedup']:.2f} |")
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI-sized run: ResNet-18 shapes, short windows")
+    ap.add_argument("--all", action="store_true", help="every row and every model (the default set)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--models", default=None, help="comma list of torchvision models for the shapes")
+    ap.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
+    ap.add_argument("--out", default="results/benchmarks")
+    args = ap.parse_args(argv)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device != "all":
+        devices = [args.device]
+    models = args.models.split(",") if args.models else (["resnet18"] if args.quick else ["resnet18", "resnet50"])
+    min_time = 0.1 if args.quick else 0.5
+    os.makedirs(args.out, exist_ok=True)
+    from natasha_ext import ops
+
+    if not ops.fused_available():
+        print("warning: compiled kernels not loaded; 'fused' rows will be errors")
+    rows, bw = run_ops(devices, models, min_time, args.ops.split(",") if args.ops else None)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machines": {d: machine_info(d) for d in devices},
+            "copy_GBps": bw}
+    print_table(rows)
+    with open(os.path.join(args.out, "ops.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "ops.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, args.out)
+    write_summary(rows, bw, args.out, meta)
+    print(f"wrote {args.out}/ops.json, ops.csv, ops_speedup.png, ops_bandwidth.png, summary.md")
+
+
+if __name__ == "__main__":
+    main()

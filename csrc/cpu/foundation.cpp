@@ -1,0 +1,94 @@
+// CPU kernels of the foundation ops: rademacher_ and global_norm.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "../tensor_lists.h"
+#include "chunks.h"
+#include "natasha/philox.h"
+
+namespace natasha {
+namespace cpu {
+namespace {
+
+void rademacher_cpu(at::TensorList tensors, int64_t seed, int64_t offset) {
+  check_list("rademacher_", "tensors", tensors, c10::Device(c10::kCPU));
+  const auto chunks = make_chunks(tensors);
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+    const at::Tensor& t = tensors[c.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "rademacher_", [&] {
+      scalar_t* p = t.data_ptr<scalar_t>() + c.start;
+      uint64_t k = static_cast<uint64_t>(c.base + c.start);
+      const uint64_t end = k + static_cast<uint64_t>(c.n);
+      // One Philox call serves 128 consecutive elements.
+      while (k < end) {
+        const Philox4 b = philox_block(s, o, k >> 7);
+        const uint64_t stop = std::min<uint64_t>(end, ((k >> 7) + 1) << 7);
+        for (; k < stop; ++k) *p++ = static_cast<scalar_t>(rademacher_from_block(b, k));
+      }
+    });
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t sumsq_chunk(const scalar_t* p, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    Vec acc(0);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec x = Vec::loadu(p + i);
+      acc = at::vec::fmadd(x, x, acc);
+    }
+    acc_t buf[Vec::size()];
+    acc.store(buf);
+    acc_t tot = 0;
+    for (int j = 0; j < Vec::size(); ++j) tot += buf[j];
+    for (; i < n; ++i) tot += p[i] * p[i];
+    return tot;
+  } else {
+    acc_t tot = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t x = static_cast<acc_t>(p[i]);
+      tot += x * x;
+    }
+    return tot;
+  }
+}
+
+at::Tensor global_norm_cpu(at::TensorList tensors) {
+  check_list("global_norm", "tensors", tensors, c10::Device(c10::kCPU));
+  const auto acc = acc_dtype(tensors);
+  const auto chunks = make_chunks(tensors);
+  if (acc == at::kDouble) {
+    std::vector<double> part(chunks.size(), 0.0);
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t i) {
+      part[i] = sumsq_chunk<double, double>(tensors[c.tensor].data_ptr<double>() + c.start, c.n);
+    });
+    return at::scalar_tensor(std::sqrt(sum_partials<1, double>(part)[0]), at::kDouble);
+  }
+  std::vector<float> part(chunks.size(), 0.0f);
+  for_each_chunk(chunks, [&](const Chunk& c, int64_t i) {
+    const at::Tensor& t = tensors[c.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "global_norm", [&] {
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        part[i] = static_cast<float>(sumsq_chunk<double, double>(t.data_ptr<double>() + c.start, c.n));
+      } else {
+        part[i] = sumsq_chunk<scalar_t, float>(t.data_ptr<scalar_t>() + c.start, c.n);
+      }
+    });
+  });
+  return at::scalar_tensor(std::sqrt(sum_partials<1, float>(part)[0]), at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(natasha, CPU, m) {
+  m.impl("rademacher_", &rademacher_cpu);
+  m.impl("global_norm", &global_norm_cpu);
+}
+
+}  // namespace cpu
+}  // namespace natasha

@@ -1,0 +1,26 @@
+// The op registry: every op of the natasha namespace is declared here, once, with its schema.
+// CPU kernels register in csrc/cpu/*.cpp, CUDA kernels in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL),
+// and natasha_ext/ops/reference.py holds a pure-PyTorch function with the same signature.
+// Conventions: tensor lists in, in-place where that is the meaning (Tensor(a!)[]), scalars
+// out as 0-dim tensors so that no op forces a host sync.
+#include <torch/library.h>
+
+TORCH_LIBRARY(natasha, m) {
+  // ---- foundation -------------------------------------------------------------------------
+  // Fill every tensor with +-1 from the Philox stream (seed, offset); see natasha/philox.h.
+  m.def("rademacher_(Tensor(a!)[] tensors, int seed, int offset) -> ()");
+  // sqrt(sum_i ||t_i||^2) over the whole list, as a 0-dim fp32 (fp64 for fp64 input) tensor.
+  m.def("global_norm(Tensor[] tensors) -> Tensor");
+  // ---- natasha (svrg_step, oja_step) ---------------------------------------------------------
+  // ---- adahessian (hutchinson_diag, adahessian_step) ----------------------------------------
+  // ---- kfac / ang / ifang --------------------------------------------------------------------
+  // ---- trust region (cg_step) ---------------------------------------------------------------
+}
+
+#ifdef NATASHA_PYTHON_MODULE
+// natasha_ext._C is imported for its side effect (the registrations above); it has no
+// Python-level functions of its own.
+#include <Python.h>
+static struct PyModuleDef natasha_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&natasha_module); }
+#endif

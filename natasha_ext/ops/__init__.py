@@ -1,0 +1,12 @@
+"""Python face of the natasha kernels.
+
+Every function here has the signature of its ``torch.ops.natasha.*`` op plus a keyword-only
+``fused=None|True|False``; it validates arguments, then runs the compiled kernel when it is
+loaded and supports the tensors' device, else the pure-PyTorch reference in
+:mod:`natasha_ext.ops.reference` (the specification). Optimizers call only these functions.
+"""
+from natasha_ext.ops._dispatch import fused_available
+from natasha_ext.ops.foundation import global_norm, rademacher_
+from natasha_ext.ops.philox import PhiloxStream
+
+__all__ = ["fused_available", "global_norm", "rademacher_", "PhiloxStream"]

@@ -1,0 +1,94 @@
+"""Builds natasha_ext._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc exists.
+
+Install torch first, then: pip install --no-build-isolation -e .
+Environment: NATASHA_EXT_NO_CUDA=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST picks the
+architectures (default without a visible GPU: 8.0;9.0); MAX_JOBS bounds ninja's parallelism.
+"""
+import glob
+import os
+import shutil
+import sysconfig
+
+from setuptools import find_packages, setup
+
+# torch locates the CUDA toolkit from CUDA_HOME or from `which nvcc`; a /usr/local/bin/nvcc
+# wrapper script then yields CUDA_HOME=/usr/local and a link without libcudart. Pick a real
+# toolkit folder (bin/nvcc and libcudart side by side) unless the user chose one.
+def _toolkit_home():
+    nvcc = shutil.which("nvcc")
+    cands = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + \
+        ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in cands:
+        has_rt = any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and has_rt:
+            return home
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and _toolkit_home():
+    os.environ["CUDA_HOME"] = _toolkit_home()
+
+
+def _cuda_wanted():
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("NATASHA_EXT_NO_CUDA", "0") not in ("", "0"):
+        return False, "NATASHA_EXT_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return False, "nvcc not found"
+    return True, nvcc
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))
+    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(root, "csrc", "include")]
+    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"]
+    # pip's cu13 torch wheels ship the CUDA headers (cusparse.h ...) that torch's headers include.
+    nv = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")
+    if os.path.isdir(nv):
+        include_dirs.append(nv)
+    use_cuda, why = _cuda_wanted()
+    if use_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += rel("csrc/cuda/*.cu")
+        cxx.append("-DNATASHA_WITH_CUDA")
+        ext = cpp_extension.CUDAExtension(
+            "natasha_ext._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
+                                                     "-lineinfo", "-DNATASHA_WITH_CUDA"]})
+        print(f"natasha_ext: building CPU + CUDA kernels (arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    else:
+        print(f"natasha_ext: building CPU kernels only ({why})")
+        ext = cpp_extension.CppExtension("natasha_ext._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx})
+    return [ext]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="natasha_ext",
+    version="0.1.0",
+    description="Second-order and variance-reduced PyTorch optimizers on fused C++/CUDA kernels",
+    packages=find_packages(include=["natasha_ext", "natasha_ext.*"]),
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    entry_points={"console_scripts": ["natasha-train=natasha_ext.train:main"]},
+)
