@@ -3,8 +3,10 @@
     python -m benchmarks                 # all op rows, CPU (and CUDA when present), ResNet-18 + ResNet-50
     python -m benchmarks --quick         # CI-sized: ResNet-18 shapes only, short timing windows
     python -m benchmarks --ops oja_step,svrg_step --device cuda
+    python -m benchmarks --all           # op rows + HVP engines + end-to-end optimizer steps
 
-Writes results/benchmarks/{ops.json, ops.csv, ops_speedup.png, ops_bandwidth.png, summary.md}.
+Writes results/benchmarks/{ops,hvp}.{json,csv}, ops_speedup.png, ops_bandwidth.png, hvp.png and
+summary.md (the markdown the README embeds).
 Every row states its device; the copy bandwidth of the same device in the same run is the yardstick
 for GB/s (a fused elementwise op should approach it).
 """
@@ -114,7 +116,40 @@ def plot(rows, out_dir):
         plt.close(fig)
 
 
-def write_summary(rows, bw, out_dir, meta):
+def write_csv_json(name, rows, out_dir, meta):
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_hvp(rows, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["device"], r["model"]) for r in rows})
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.8 / len(engines)
+    for i, e in enumerate(engines):
+        vals = [next((r["x_fwd_bwd"] for r in rows if (r["device"], r["model"]) == k and r["engine"] == e), 0)
+                for k in keys]
+        ax.bar([j + i * w for j in range(len(keys))], vals, w, label=e)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [f"{d}\n{m}" for d, m in keys])
+    ax.set_ylabel("time / (forward+backward)")
+    ax.axhline(2.5, color="k", lw=0.6, ls="--", label="target 2.5x")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Hessian-vector product engines, torch {torch.__version__}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "hvp.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_summary(rows, bw, out_dir, meta, hvp_rows=None):
     lines = [f"# Benchmark summary ({meta['date']})", ""]
     for d, b in bw.items():
         info = machine_info(d)
@@ -125,6 +160,12 @@ def write_summary(rows, bw, out_dir, meta):
     for r in rows:
         lines.append(f"| {r['device']} | {r['model']} | {r['op']} | {r['variant']} | {r['ms']:.3f} | "
                      f"{r['GBps']:.1f} | {r['pct_of_copy']:.1f} | {r['fused_speedup']:.2f} |")
+    if hvp_rows:
+        lines += ["", "### Hessian-vector products (time as a multiple of one forward+backward)", "",
+                  "| device | model | batch | engine | ms | × fwd+bwd |", "|---|---|---:|---|---:|---:|"]
+        for r in hvp_rows:
+            lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['engine']} | {r['ms']:.2f} | "
+                         f"{r['x_fwd_bwd']:.2f} |")
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -137,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--models", default=None, help="comma list of torchvision models for the shapes")
     ap.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
+    ap.add_argument("--hvp", action="store_true", help="also benchmark the HVP engines (LeNet-5, ResNet-18)")
     ap.add_argument("--out", default="results/benchmarks")
     args = ap.parse_args(argv)
 
@@ -154,15 +196,20 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machines": {d: machine_info(d) for d in devices},
             "copy_GBps": bw}
     print_table(rows)
-    with open(os.path.join(args.out, "ops.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "ops.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv_json("ops", rows, args.out, meta)
     plot(rows, args.out)
-    write_summary(rows, bw, args.out, meta)
-    print(f"wrote {args.out}/ops.json, ops.csv, ops_speedup.png, ops_bandwidth.png, summary.md")
+    hvp_rows = None
+    if args.hvp or args.all or args.quick:
+        from benchmarks.hvp import print_hvp, run_hvp
+
+        hvp_rows = run_hvp(devices, args.quick, min_time)
+        print()
+        print_hvp(hvp_rows)
+        write_csv_json("hvp", hvp_rows, args.out, meta)
+        plot_hvp(hvp_rows, args.out)
+    write_summary(rows, bw, args.out, meta, hvp_rows)
+    print(f"wrote {args.out}/: ops.json/csv, ops_speedup.png, ops_bandwidth.png"
+          + (", hvp.json/csv, hvp.png" if hvp_rows else "") + ", summary.md")
 
 
 if __name__ == "__main__":
