@@ -5,6 +5,11 @@ Closure convention: ``closure()`` evaluates the loss on the current minibatch an
 *without* calling backward; the engines differentiate with ``torch.autograd.grad`` and keep no
 graph alive after they return (no ``create_graph=True`` leak into ``.grad``).
 
+Multi-process: while an optimizer with a process group runs ``step()`` (see
+:mod:`natasha_ext.distributed`), the gradients and HVPs these engines return are averaged across
+the ranks (one bucketed collective each); graph-carrying gradients (``create_graph=True``) are
+left local, since what is differentiated afterwards is averaged instead.
+
 Engines:
   * ``'exact'``: double backward, Hv = d(g.v)/dx on the graph of g (one extra backward).
   * ``'finite_difference'``: Hv ~ (g(x + q v) - g(x)) / q, one extra gradient; the parameters
@@ -15,6 +20,8 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from natasha_ext import distributed
 
 HVP_METHODS = ("exact", "finite_difference")
 
@@ -38,10 +45,14 @@ def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
               retain_graph: Optional[bool] = None) -> List[torch.Tensor]:
-    """d loss / d params; parameters the loss does not reach get zeros."""
+    """d loss / d params; parameters the loss does not reach get zeros. Averaged across the
+    active process group unless ``create_graph``."""
     gs = torch.autograd.grad(loss, list(params), create_graph=create_graph,
                              retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    if create_graph:
+        return gs
+    return distributed.all_reduce_mean(gs)
 
 
 class HVP:
@@ -63,7 +74,7 @@ class HVP:
         loss = evaluate_closure(closure)
         if method == "exact":
             self._g_graph = gradients(loss, self.params, create_graph=True)
-            self.grads = [g.detach() for g in self._g_graph]
+            self.grads = distributed.all_reduce_mean([g.detach() for g in self._g_graph])
         else:
             self._g_graph = None
             self.grads = gradients(loss, self.params)
@@ -79,7 +90,8 @@ class HVP:
                 return [torch.zeros_like(p) for p in self.params]
             hv = torch.autograd.grad([g for g, _ in live], self.params, [vi for _, vi in live],
                                      retain_graph=True, allow_unused=True)
-            return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, hv)]
+            return distributed.all_reduce_mean(
+                [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, hv)])
         return finite_difference_hvp(self.closure, self.params, v, self.grads, self.fd_eps)
 
     def release(self) -> None:

@@ -5,16 +5,20 @@
 * Counters users can log (gradients, HVPs, skipped steps ...), kept in ``state_dict``.
 * Parameter checks: sparse gradients, complex parameters, mixed devices/dtypes are refused with
   errors naming the argument.
+* An optional ``process_group`` (``set_process_group``): while ``step()`` runs, the shared
+  curvature engines average losses, gradients and HVPs across it (see
+  :mod:`natasha_ext.distributed`); the Philox seed is broadcast when the group is attached.
 * Extra, non-per-parameter state round-trips through ``state_dict()["natasha"]`` as plain
   ints/floats/tensors, so ``torch.load(weights_only=True)`` accepts it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from natasha_ext import ops
+from natasha_ext import distributed, ops
 from natasha_ext.ops import PhiloxStream
 
 
@@ -29,13 +33,66 @@ class NatashaOptimizer(torch.optim.Optimizer):
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps")
 
     def __init__(self, params, defaults: dict, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, process_group=None):
         super().__init__(params, defaults)
         self._check_params()
         self.fused = self._resolve_fused(fused)
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.rng = PhiloxStream(seed)
         self.counters: Dict[str, float] = {k: 0 for k in self.COUNTERS}
+        self._process_group = None
+        if process_group is not None:
+            self.set_process_group(process_group)
+
+    # ------------------------------------------------------------------ distributed
+    def __init_subclass__(cls, **kwargs):
+        # Every subclass's step() runs with its process group active, so the shared engines
+        # (natasha_ext.curvature.hvp) and the closure's loss are averaged across ranks without
+        # per-family code. Without a group the wrapper is a plain call.
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is None or getattr(step, "_natasha_group_wrapped", False):
+            return
+
+        @functools.wraps(step)
+        def step_with_group(self, *args, **kw):
+            group = getattr(self, "_process_group", None)
+            if group is None or distributed.active_group() is group:  # none, or a nested super().step
+                return step(self, *args, **kw)
+            if args:
+                args = (distributed.wrap_closure(args[0], group),) + tuple(args[1:])
+            elif kw.get("closure") is not None:
+                kw["closure"] = distributed.wrap_closure(kw["closure"], group)
+            with distributed.using_group(group):
+                return step(self, *args, **kw)
+
+        step_with_group._natasha_group_wrapped = True
+        cls.step = step_with_group
+
+    @property
+    def process_group(self):
+        """The torch.distributed group this optimizer averages over (None: single process)."""
+        return getattr(self, "_process_group", None)
+
+    def set_process_group(self, group) -> None:
+        """Attach to ``group`` (``natasha_ext.distributed.WORLD`` for the default group; None
+        detaches). Broadcasts the Philox (seed, offset) from the group's first rank so every rank
+        draws the same probes. Collective: call it on every rank of the group."""
+        if group is None:
+            self._process_group = None
+            return
+        group = distributed._resolve(group)
+        distributed.broadcast_rng(self.rng, group)
+        self._process_group = group
+
+    def reduce_mean(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Average ``tensors`` over the process group in one bucketed collective (inputs
+        untouched; returns new tensors). Identity without a group. The hook for statistics the
+        shared engines do not see (e.g. K-FAC factors)."""
+        group = self.process_group
+        if group is None:
+            return list(tensors)
+        return distributed.all_reduce_mean(tensors, group)
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
