@@ -1,0 +1,129 @@
+"""The optimizers the training program (``python -m natasha_ext.train``) knows: one entry each.
+
+Adding an optimizer is one entry in :data:`OPTIMIZERS`::
+
+    "adahessian": OptimizerSpec(
+        help="AdaHessian (Yao et al.); defaults: AdaHessian/Hybrid paper, Table I",
+        flags={"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "hessian_power": Flag(1.0, "Hessian power k")},
+        build=lambda model, params, a: AdaHessian(params, lr=a.lr, betas=(a.beta1, a.beta2),
+                                                  hessian_power=a.hessian_power, seed=a.seed),
+        closure="loss"),
+
+* ``flags``: hyperparameter name -> default (or :class:`Flag` for help/type/choices). Each name
+  becomes ``--name`` (underscores -> dashes). A name shared by several optimizers (``lr``,
+  ``beta1`` ...) is one flag whose default depends on the optimizer chosen; a bool default gives
+  ``--name/--no-name``.
+* ``build(model, params, args)``: ``args`` is the parsed namespace with this optimizer's flags
+  resolved (plus ``seed``, ``device`` ...); ``model`` is there for optimizers that hook layers
+  (K-FAC).
+* ``closure``: ``"loss"`` — this package's second-order convention, ``step(closure)`` where
+  ``closure()`` returns the minibatch loss *without* calling backward (the optimizer
+  differentiates); ``"backward"`` — a ``torch.optim`` optimizer whose closure zeroes the grads,
+  calls ``backward()`` and returns the loss.
+* ``epoch_start`` / ``epoch_end``: optional hooks ``f(optimizer, ctx)`` (``ctx`` is the trainer's
+  :class:`~natasha_ext.train.EpochContext`: model, loss function, training tensors, metrics of
+  the epoch so far — e.g. the Hybrid switch reads ``ctx.metrics['val_loss']``, an SVRG method
+  computes its snapshot gradient from ``ctx.full_batches()``).
+
+Only implemented optimizers are listed; the CLI's ``--optimizer`` choices are this dict's keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["Flag", "OptimizerSpec", "OPTIMIZERS", "get_spec", "flag_table", "flag_type"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One hyperparameter flag: default, help text, optional type/choices (type defaults to the
+    default's type)."""
+    default: Any
+    help: str = ""
+    type: Optional[Callable[[str], Any]] = None
+    choices: Optional[Sequence[Any]] = None
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    build: Callable[[torch.nn.Module, list, Any], torch.optim.Optimizer]
+    flags: Dict[str, Any] = field(default_factory=dict)
+    closure: str = "backward"          # "backward" (torch.optim) or "loss" (second-order convention)
+    help: str = ""
+    epoch_start: Optional[Callable[[torch.optim.Optimizer, Any], None]] = None
+    epoch_end: Optional[Callable[[torch.optim.Optimizer, Any], None]] = None
+
+    def __post_init__(self):
+        if self.closure not in ("backward", "loss"):
+            raise ValueError(f"closure must be 'backward' or 'loss', got {self.closure!r}")
+
+    def flag(self, name: str) -> Flag:
+        f = self.flags[name]
+        return f if isinstance(f, Flag) else Flag(f)
+
+
+_BETAS = {"beta1": Flag(0.9, "first-moment decay"), "beta2": Flag(0.999, "second-moment decay")}
+
+# Defaults of the first-order baselines: the AdaHessian/Hybrid paper's grid-searched values
+# (ResNet-18, 1200 MNIST images, batch 100, 15 epochs).
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(
+        help="plain SGD (torch.optim.SGD); lr 0.01 as in the AdaHessian/Hybrid paper",
+        flags={"lr": Flag(0.01, "learning rate"), "weight_decay": Flag(0.0, "L2 weight decay")},
+        build=lambda model, params, a: torch.optim.SGD(params, lr=a.lr, weight_decay=a.weight_decay)),
+    "sgd-momentum": OptimizerSpec(
+        help="SGD with heavy-ball momentum (torch.optim.SGD); lr 0.005, momentum 0.9 (AdaHessian/Hybrid paper)",
+        flags={"lr": 0.005, "momentum": Flag(0.9, "momentum"), "nesterov": Flag(False, "Nesterov momentum"),
+               "weight_decay": 0.0},
+        build=lambda model, params, a: torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
+                                                       weight_decay=a.weight_decay)),
+    "adam": OptimizerSpec(
+        help="Adam (torch.optim.Adam); lr 0.001, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
+        flags={"lr": 0.001, **_BETAS, "eps": Flag(1e-8, "denominator epsilon"), "weight_decay": 0.0},
+        build=lambda model, params, a: torch.optim.Adam(params, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
+                                                        weight_decay=a.weight_decay)),
+}
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    return OPTIMIZERS[name]
+
+
+def flag_table() -> Dict[str, Dict[str, Flag]]:
+    """flag name -> {optimizer name -> Flag}: which optimizers use each flag, with their defaults.
+    Raises if two optimizers give one flag different types (the flag could not parse both)."""
+    table: Dict[str, Dict[str, Flag]] = {}
+    for opt_name, spec in OPTIMIZERS.items():
+        for flag_name in spec.flags:
+            table.setdefault(flag_name, {})[opt_name] = spec.flag(flag_name)
+    for flag_name, per_opt in table.items():
+        kinds = {_flag_type(f) for f in per_opt.values()}
+        if kinds == {int, float}:      # 1 and 0.5 are both fine for a float flag
+            kinds = {float}
+        if len(kinds) > 1:
+            raise TypeError(f"flag --{flag_name.replace('_', '-')} has different types across optimizers "
+                            f"{sorted(per_opt)}: {kinds}; give it one type (or rename it)")
+    return table
+
+
+def flag_type(name: str) -> Callable[[str], Any]:
+    """The type one flag parses to (float wins over int when optimizers mix them)."""
+    kinds = {_flag_type(f) for f in flag_table()[name].values()}
+    return float if kinds == {int, float} else kinds.pop()
+
+
+def _flag_type(f: Flag):
+    if f.type is not None:
+        return f.type
+    if isinstance(f.default, bool):
+        return bool
+    if isinstance(f.default, float):
+        return float
+    if isinstance(f.default, int):
+        return int
+    return str if f.default is None else type(f.default)
