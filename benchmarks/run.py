@@ -149,7 +149,7 @@ def plot_hvp(rows, out_dir):
     plt.close(fig)
 
 
-def write_summary(rows, bw, out_dir, meta, hvp_rows=None):
+def write_summary(rows, bw, out_dir, meta, hvp_rows=None, e2e_rows=None):
     lines = [f"# Benchmark summary ({meta['date']})", ""]
     for d, b in bw.items():
         info = machine_info(d)
@@ -166,6 +166,12 @@ def write_summary(rows, bw, out_dir, meta, hvp_rows=None):
         for r in hvp_rows:
             lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['engine']} | {r['ms']:.2f} | "
                          f"{r['x_fwd_bwd']:.2f} |")
+    if e2e_rows:
+        lines += ["", "### End to end: one training step on a fixed minibatch", "",
+                  "| device | model | batch | optimizer | ms/step | × SGD | state MB |", "|---|---|---:|---|---:|---:|---:|"]
+        for r in e2e_rows:
+            lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | {r['ms_per_step']:.2f} | "
+                         f"{r['x_sgd']:.2f} | {r['state_MB']:.2f} |" + (f" {r['error']}" if r["error"] else ""))
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -179,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--models", default=None, help="comma list of torchvision models for the shapes")
     ap.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
     ap.add_argument("--hvp", action="store_true", help="also benchmark the HVP engines (LeNet-5, ResNet-18)")
+    ap.add_argument("--e2e", action="store_true", help="also time a training step of every optimizer")
     ap.add_argument("--out", default="results/benchmarks")
     args = ap.parse_args(argv)
 
@@ -207,7 +214,15 @@ def main(argv=None):
         print_hvp(hvp_rows)
         write_csv_json("hvp", hvp_rows, args.out, meta)
         plot_hvp(hvp_rows, args.out)
-    write_summary(rows, bw, args.out, meta, hvp_rows)
+    e2e_rows = None
+    if args.e2e or args.all:
+        from benchmarks.end_to_end import print_e2e, run_e2e
+
+        e2e_rows = run_e2e(devices, args.quick, min_time)
+        print()
+        print_e2e(e2e_rows)
+        write_csv_json("end_to_end", e2e_rows, args.out, meta)
+    write_summary(rows, bw, args.out, meta, hvp_rows, e2e_rows)
     print(f"wrote {args.out}/: ops.json/csv, ops_speedup.png, ops_bandwidth.png"
           + (", hvp.json/csv, hvp.png" if hvp_rows else "") + ", summary.md")
 
