@@ -141,7 +141,10 @@ def wrap_closure(closure, group):
         return closure
 
     def reduced_closure():
-        return global_loss(closure(), group)
+        out = closure()
+        if isinstance(out, tuple) and out:  # (loss, outputs) closures: only the loss is averaged
+            return (global_loss(out[0], group),) + out[1:]
+        return global_loss(out, group)
 
     reduced_closure.__wrapped__ = closure
     return reduced_closure

@@ -40,7 +40,8 @@ def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "
     if loss.grad_fn is None:
         raise ValueError("closure returned a tensor without grad_fn: the loss must depend on the "
                          "parameters through autograd (did it run under torch.no_grad or call .detach?)")
-    return loss.reshape(())
+    with torch.enable_grad():  # a view taken under no_grad (e.g. a @torch.no_grad step) loses grad_fn
+        return loss.reshape(())
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
