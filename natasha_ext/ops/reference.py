@@ -79,3 +79,117 @@ def global_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         total = total + t.to(acc).square().sum()
     return total.sqrt()
+
+
+# =============================================================================================
+# kfac / ang / ifang: factor EMA, damped Kronecker apply, SMW (low-rank) apply, ANG slerp combine
+# (asymptotic-natural-gradient.md eqs. 7-14). Every layer's gradient is one 2-D matrix
+# T = [dW | db] of shape (out, in [+1]); its factors are A (in+1 square) and G (out square).
+# Reductions are per layer, [L, 3] in the accumulation dtype, columns
+#   0: t^T G^-1 t = <T, U>,   1: ||G^-1 t||^2 = ||U||^2,   2: ||t||^2 = ||T||^2,
+# where U is the preconditioned matrix; ANG needs exactly these three (eq. 7).
+# =============================================================================================
+def kfac_factor_ema_(factors: List[torch.Tensor], rows: List[torch.Tensor], scales: List[float],
+                     decay: float) -> None:
+    """factor_i <- decay * factor_i + (1 - decay) * scales[i] * rows_i^T rows_i, in place.
+
+    rows_i is the [M, n] matrix of one layer's statistics (activations with the bias column, or
+    pre-activation gradients); it is cast to the factor's dtype (fp32 under AMP) first. With
+    ``decay == 0`` the old factor is ignored (NaN/inf in it do not propagate), as in addmm."""
+    for f, x, s in zip(factors, rows, scales):
+        x = x.to(f.dtype)
+        upd = (x.t() @ x) * ((1.0 - decay) * s)
+        if decay == 0.0:
+            f.copy_(upd)
+        else:
+            f.mul_(decay).add_(upd)
+
+
+def _kfac_reductions(ts, us, acc, device):
+    red = torch.zeros((len(ts), 3), dtype=acc, device=device)
+    for i, (t, u) in enumerate(zip(ts, us)):
+        t, u = t.to(acc), u.to(acc)
+        red[i, 0] = (t * u).sum()
+        red[i, 1] = u.square().sum()
+        red[i, 2] = t.square().sum()
+    return red
+
+
+def kfac_precondition(grads: List[torch.Tensor], g_inv: List[torch.Tensor], a_inv: List[torch.Tensor]):
+    """U_i = G_inv_i @ T_i @ A_inv_i for every layer (the damped Kronecker inverse
+    (A + lam I)^-1 (x) (G + lam I)^-1 applied matrix-free, since (A (x) G) vec(T) = vec(G T A)),
+    plus the [L, 3] reductions. Products run in the inverses' dtype (fp32 for fp16 grads)."""
+    outs = []
+    for t, gi, ai in zip(grads, g_inv, a_inv):
+        outs.append((gi @ t.to(gi.dtype) @ ai).to(t.dtype))
+    acc = _acc_dtype(grads)
+    dev = grads[0].device if grads else None
+    return outs, _kfac_reductions(grads, outs, acc, dev)
+
+
+def _smw_right(t: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """t (lam I + y^T y)^-1 = (t - (t y^T)(lam I_k + y y^T)^-1 y) / lam   (eqs. 11-12, SMW)."""
+    k = y.shape[0]
+    K = y @ y.t() + lam * torch.eye(k, dtype=y.dtype, device=y.device)
+    L = torch.linalg.cholesky(K)
+    X = torch.cholesky_solve((t @ y.t()).t(), L).t()  # (t y^T) K^-1, K symmetric
+    return (t - X @ y) / lam
+
+
+def kfac_smw_apply(grads: List[torch.Tensor], ya: List[torch.Tensor], yg: List[torch.Tensor],
+                   damping: List[float]):
+    """U_i = (lam I + YG_i^T YG_i)^-1 T_i (lam I + YA_i^T YA_i)^-1 by Sherman-Morrison-Woodbury
+    (eqs. 11-14): only k x k systems (k = rank = rows of YA/YG) are solved, never an n x n one;
+    for k = 1 they are scalars. YA_i is [k, in(+1)], YG_i is [k, out]. Computed in the
+    accumulation dtype (fp32, fp64 for fp64); returns (U list in the grads' dtype, [L, 3])."""
+    acc = _acc_dtype(grads)
+    outs = []
+    for t, a, g, lam in zip(grads, ya, yg, damping):
+        t32, a32, g32 = t.to(acc), a.to(acc), g.to(acc)
+        r = _smw_right(t32, a32, lam)
+        u = _smw_right(r.t(), g32, lam).t()
+        outs.append(u.to(t.dtype))
+    dev = grads[0].device if grads else None
+    return outs, _kfac_reductions(grads, outs, acc, dev)
+
+
+def ang_coefficients(reductions: torch.Tensor, lam: float, per_layer: bool) -> torch.Tensor:
+    """Coefficients (c1, c2) of the ANG direction d = c1 U + c2 T (eq. 7), per layer [L, 2].
+
+    With dot = t^T G^-1 t, nu = ||G^-1 t|| (= ||t||_G, the amplitude), nt = ||t||:
+        cos Omega = dot / (nu nt),  w1 = sin((1-lam) Omega)/sin Omega,  w2 = sin(lam Omega)/sin Omega,
+        d = nu (w1 U / nu + w2 T / nt)  =>  c1 = w1,  c2 = w2 nu / nt.
+    ||d|| = nu: the slerp of two unit vectors has unit norm. When sin Omega ~ 0 (parallel
+    directions) the weights take their limits w1 = 1-lam, w2 = lam (no 0/0). When dot <= 0 (or
+    any reduction is not finite) eq. 7's fallback uses the plain gradient: c1 = 0, c2 = 1.
+    ``per_layer=False`` sums the reductions over all layers first (one global Omega, eq. 7 on the
+    whole parameter vector); ``True`` blends every layer with its own Omega."""
+    r = reductions.to(torch.float64)
+    if not per_layer:
+        r = r.sum(0, keepdim=True).expand(reductions.shape[0], 3)
+    dot, nu2, nt2 = r[:, 0], r[:, 1], r[:, 2]
+    nu, nt = nu2.sqrt(), nt2.sqrt()
+    ok = (dot > 0) & torch.isfinite(dot) & torch.isfinite(nu2) & torch.isfinite(nt2) & (nu > 0) & (nt > 0)
+    cos = torch.where(ok, dot / (nu * nt), torch.ones_like(dot)).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    s = torch.sin(omega)
+    small = s < 1e-6
+    s_safe = torch.where(small, torch.ones_like(s), s)
+    w1 = torch.where(small, torch.full_like(s, 1.0 - lam), torch.sin((1.0 - lam) * omega) / s_safe)
+    w2 = torch.where(small, torch.full_like(s, lam), torch.sin(lam * omega) / s_safe)
+    c1 = torch.where(ok, w1, torch.zeros_like(w1))
+    c2 = torch.where(ok, w2 * nu / torch.where(ok, nt, torch.ones_like(nt)), torch.ones_like(w2))
+    return torch.stack([c1, c2], 1)
+
+
+def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions: torch.Tensor,
+                 scale: torch.Tensor, lam: float, per_layer: bool) -> torch.Tensor:
+    """In place: nat_i <- scale * (c1_i nat_i + c2_i grads_i), the ANG slerp combination (eq. 7)
+    of the preconditioned U (in ``nat``) and the gradient T, with the coefficients of
+    :func:`ang_coefficients` computed from the [L, 3] reductions; ``scale`` is a 0-dim tensor (the
+    K-FAC KL-clip factor). Returns the [L, 2] coefficients (times scale) in the reductions' dtype."""
+    coef = (ang_coefficients(reductions, lam, per_layer) * scale.to(torch.float64)).to(reductions.dtype)
+    for i, (u, t) in enumerate(zip(nat, grads)):
+        acc = _acc_dtype([u])
+        u.copy_(coef[i, 0].to(acc) * u.to(acc) + coef[i, 1].to(acc) * t.to(acc))
+    return coef

@@ -1,4 +1,5 @@
 """The optimizers, one module per family; all are torch.optim.Optimizer subclasses."""
 from natasha_ext.optim._base import NatashaOptimizer, NonFiniteError
+from natasha_ext.optim.kfac import ANG, IFANG, KFAC
 
-__all__ = ["NatashaOptimizer", "NonFiniteError"]
+__all__ = ["ANG", "IFANG", "KFAC", "NatashaOptimizer", "NonFiniteError"]

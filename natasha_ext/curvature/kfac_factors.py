@@ -1,0 +1,290 @@
+"""K-FAC statistics: forward/backward hooks that collect, per supported layer, the layer inputs
+``a`` (with a bias column of ones) and the pre-activation gradients ``g``, and turn them into
+Kronecker-factor statistics (asymptotic-natural-gradient.md eqs. 8-12; Martens & Grosse 2015,
+Grosse & Martens 2016 for convolutions).
+
+Supported layers: ``nn.Linear`` and ``nn.Conv2d`` (groups=1, numeric padding, zeros padding
+mode). A layer's gradient is handled as the matrix T = [dW | db] of shape (out, in [+1]); conv
+kernels are flattened to (out, C*kh*kw) in the order of ``F.unfold`` patches.
+
+Scaling (B = examples in the batch, L = spatial positions of a conv output, 1 for Linear;
+rows are taken over all B*L (example, position) pairs; g is the per-example gradient, i.e. the
+hooked grad_output times B when the loss is a batch mean, ``batch_averaged=True``):
+
+    A = E_{b,l}[a a^T]        = rows_a^T rows_a / (B L)
+    G = L * E_{b,l}[g g^T]    = (1/B) sum_{b,l} g g^T
+so that F ~ A (x) G is the KFC approximation of the empirical Fisher of a conv layer (for a
+Linear layer fed one example it *is* the empirical Fisher: vec(g a^T) vec(g a^T)^T = aa^T (x) gg^T).
+
+Low-rank statistics (IFANG, eqs. 11-13): the M = B*L rows are grouped into s' = ``rank`` groups
+(contiguous blocks of examples) and replaced by their group means m_1..m_s', so
+E[a a^T] ~ (1/s') sum_k m_k m_k^T = YA^T YA with YA = [m_k] / sqrt(s'), and likewise
+YG = sqrt(L / s') [m_k(g)]. Because unfolding is linear, a conv layer's patch means are the
+unfold of the group-mean input, so the big unfolded matrix is never formed.
+
+Hooks hold only weak references to the collector; the hook objects deep-copy and pickle as inert
+no-ops (a copied or saved model carries no live link to an optimizer), and ``remove()`` (called by
+the optimizers' ``remove_hooks()`` and when they are garbage collected) unregisters them.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SUPPORTED_LAYERS", "layer_support", "KFACLayer", "FactorCollector"]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def layer_support(module: nn.Module) -> Tuple[bool, str]:
+    """(True, '') when K-FAC can precondition ``module``, else (False, why)."""
+    if isinstance(module, nn.Linear):
+        return True, ""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return False, f"grouped conv (groups={module.groups})"
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return False, f"padding={module.padding!r}"
+        if module.padding_mode != "zeros":
+            return False, f"padding_mode={module.padding_mode!r}"
+        return True, ""
+    return False, type(module).__name__
+
+
+def _inert_hook(*args, **kwargs):
+    return None
+
+
+def _make_inert():
+    return _inert_hook
+
+
+class _ForwardHook:
+    """Module forward hook; a weak link to its collector. Copies and pickles as an inert hook."""
+
+    def __init__(self, collector: "FactorCollector", index: int):
+        self._ref = weakref.ref(collector)
+        self._index = index
+
+    def __call__(self, module, inputs, output):
+        col = self._ref()
+        if col is not None:
+            col._forward(self._index, module, inputs, output)
+
+    def __deepcopy__(self, memo):
+        return _inert_hook
+
+    def __reduce__(self):
+        return (_make_inert, ())
+
+
+class KFACLayer:
+    """One preconditioned layer: its module, weight/bias parameters and kind."""
+
+    def __init__(self, name: str, module: nn.Module, bias: bool):
+        self.name = name
+        self.module = module
+        self.kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        self.weight = module.weight
+        self.bias = module.bias if bias else None
+        self.out_features = self.weight.shape[0]
+        self.in_features = self.weight[0].numel()  # C*kh*kw for conv
+        self.a_dim = self.in_features + (1 if self.bias is not None else 0)
+
+    def params(self) -> List[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def grad_matrix(self, gw: torch.Tensor, gb: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """T = [dW | db] as an (out, in [+1]) matrix in ``dtype``."""
+        w = gw.reshape(self.out_features, -1).to(dtype)
+        if self.bias is None:
+            return w.contiguous()  # read-only downstream: a view of the gradient is fine
+        return torch.cat([w, gb.reshape(-1, 1).to(dtype)], 1)
+
+    def split(self, m: torch.Tensor):
+        """Inverse of grad_matrix: (weight-shaped, bias-shaped or None) views of ``m``."""
+        w = m[:, : self.in_features].reshape(self.weight.shape)
+        b = m[:, self.in_features] if self.bias is not None else None
+        return w, b
+
+    def __repr__(self):
+        return f"{self.name or '<root>'}({self.kind} {self.out_features}x{self.a_dim})"
+
+
+class FactorCollector:
+    """Registers hooks on ``layers`` and captures statistics while ``collecting`` is True.
+
+    mode='full': keeps the inputs and output gradients of the last forward/backward (a module
+    called several times in one pass contributes all its calls), turned into factor rows by
+    :meth:`a_rows` / :meth:`g_rows`. mode='lowrank': keeps only the s'-group means (YA, YG).
+    Statistics are cast to fp32 (fp64 for fp64 layers) at capture, so factors stay fp32 under
+    AMP. ``grad_scaler``: a torch.amp.GradScaler whose scale is divided out of the captured
+    gradients (its device scale tensor is read; no host sync)."""
+
+    def __init__(self, layers: List[KFACLayer], mode: str = "full", rank: int = 1,
+                 batch_averaged: bool = True, grad_scaler=None):
+        if mode not in ("full", "lowrank"):
+            raise ValueError(f"mode must be 'full' or 'lowrank', got {mode!r}")
+        self.layers = layers
+        self.mode = mode
+        self.rank = int(rank)
+        self.batch_averaged = bool(batch_averaged)
+        self.grad_scaler = grad_scaler
+        self.collecting = True
+        self._a: Dict[int, list] = {}
+        self._g: Dict[int, list] = {}
+        self._handles = []
+        for i, layer in enumerate(layers):
+            self._handles.append(layer.module.register_forward_hook(_ForwardHook(self, i)))
+
+    # ------------------------------------------------------------------ hooks
+    def _stat_dtype(self, i):
+        return torch.float64 if self.layers[i].weight.dtype == torch.float64 else torch.float32
+
+    def _forward(self, i: int, module, inputs, output):
+        layer = self.layers[i]
+        if not self.collecting or not torch.is_grad_enabled() or module is not layer.module:
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = inputs[0].detach()
+        dt = self._stat_dtype(i)
+        if self.mode == "lowrank":
+            stat = self._lowrank_a(layer, x.to(dt))
+        else:
+            stat = x
+        self._a.setdefault(i, []).append(stat)
+        ref = weakref.ref(self)
+
+        def grad_hook(grad, i=i):
+            col = ref()
+            if col is not None and col.collecting:
+                col._backward(i, grad)
+
+        output.register_hook(grad_hook)
+
+    def _backward(self, i: int, grad: torch.Tensor):
+        g = grad.detach().to(self._stat_dtype(i))
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale = getattr(self.grad_scaler, "_scale", None)
+            if scale is not None:
+                g = g / scale.to(device=g.device, dtype=g.dtype)
+        if self.mode == "lowrank":
+            g = self._lowrank_g(self.layers[i], g)
+        # backward visits calls in reverse order; keep forward order for pairing
+        self._g.setdefault(i, []).insert(0, g)
+
+    # ------------------------------------------------------------------ full statistics
+    @staticmethod
+    def _batch(x: torch.Tensor) -> int:
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def _a_rows_one(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        x = x.to(dt)
+        if layer.kind == "conv2d":
+            m = layer.module
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            pad = m.padding if not isinstance(m.padding, str) else 0
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        if layer.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+        return rows
+
+    def _g_rows_one(self, layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
+        if layer.kind == "conv2d":
+            if g.dim() == 3:
+                g = g.unsqueeze(0)
+            return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        return g.reshape(-1, g.shape[-1])
+
+    def a_rows(self, i: int) -> Tuple[torch.Tensor, float]:
+        """(rows, scale) with A = scale * rows^T rows = E_{b,l}[a a^T]."""
+        rows = torch.cat([self._a_rows_one(self.layers[i], x) for x in self._a[i]], 0)
+        return rows, 1.0 / rows.shape[0]
+
+    def g_rows(self, i: int) -> Tuple[torch.Tensor, float]:
+        """(rows, scale) with G = scale * rows^T rows = (1/B) sum_{b,l} g g^T (g per example)."""
+        gs = self._g[i]
+        rows = torch.cat([self._g_rows_one(self.layers[i], g) for g in gs], 0)
+        batch = sum(self._batch(g) for g in gs)
+        scale = float(batch) if self.batch_averaged else 1.0 / batch
+        return rows, scale
+
+    # ------------------------------------------------------------------ low-rank statistics
+    def _groups(self, n: int):
+        k = max(1, min(self.rank, n))
+        return [idx for idx in torch.arange(n).tensor_split(k)]
+
+    def _group_means(self, x: torch.Tensor) -> torch.Tensor:
+        """[s', ...] means of contiguous example groups of x (dim 0 = examples)."""
+        n = x.shape[0]
+        k = max(1, min(self.rank, n))
+        if n % k == 0:
+            return x.reshape(k, n // k, *x.shape[1:]).mean(1)
+        return torch.stack([x[idx].mean(0) for idx in self._groups(n)])
+
+    def _lowrank_a(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+        if layer.kind == "conv2d":
+            m = layer.module
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            pad = m.padding if not isinstance(m.padding, str) else 0
+            xm = self._group_means(x)  # unfold is linear: mean of patches = patches of the mean
+            cols = F.unfold(xm, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+            mean = cols.mean(-1)
+        else:
+            x2 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+            mean = self._group_means(x2.mean(1))
+        if layer.bias is not None:
+            mean = torch.cat([mean, mean.new_ones(mean.shape[0], 1)], 1)
+        return mean
+
+    def _lowrank_g(self, layer: KFACLayer, g: torch.Tensor):
+        if layer.kind == "conv2d":
+            if g.dim() == 3:
+                g = g.unsqueeze(0)
+            positions = g.shape[2] * g.shape[3]
+            per_ex = g.mean((2, 3))
+        else:
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
+            positions = g3.shape[1]
+            per_ex = g3.mean(1)
+        return self._group_means(per_ex), g.shape[0] if g.dim() > 1 else 1, positions
+
+    def low_rank(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(YA, YG) with A ~ YA^T YA and G ~ YG^T YG from the s' group means (eqs. 11-12)."""
+        ya = torch.cat(self._a[i], 0) if len(self._a[i]) > 1 else self._a[i][0]
+        parts = self._g[i]
+        gm = torch.cat([p[0] for p in parts], 0) if len(parts) > 1 else parts[0][0]
+        batch = sum(p[1] for p in parts)
+        positions = parts[0][2]
+        k = ya.shape[0]
+        per_example = float(batch) if self.batch_averaged else 1.0  # grad_output -> per-example grad
+        ya = ya / math.sqrt(k)
+        yg = gm * (per_example * math.sqrt(positions / gm.shape[0]))
+        return ya, yg
+
+    # ------------------------------------------------------------------ bookkeeping
+    def ready(self, i: int) -> bool:
+        """True when layer i has matching forward and backward captures."""
+        return bool(self._a.get(i)) and len(self._a.get(i, [])) == len(self._g.get(i, []))
+
+    def clear(self) -> None:
+        self._a.clear()
+        self._g.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()

@@ -1,0 +1,164 @@
+"""K-FAC / ANG / IFANG ops: factor EMA, damped Kronecker apply, SMW low-rank apply, ANG combine.
+
+Layers are passed as lists of 2-D matrices: a layer's gradient is T = [dW | db] of shape
+(out, in [+1]) (conv kernels flattened to (out, C*kh*kw)). See the reference section in
+:mod:`natasha_ext.ops.reference` for the exact math (asymptotic-natural-gradient.md eqs. 7-14).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from natasha_ext.ops import reference
+from natasha_ext.ops._dispatch import check_tensor_list, contiguous, register_fake, use_fused
+
+__all__ = ["kfac_factor_ema_", "kfac_precondition", "kfac_smw_apply", "ang_combine_", "ang_coefficients"]
+
+ang_coefficients = reference.ang_coefficients
+
+
+def _fake(opname):
+    """register_fake only when the loaded library declares the op (an older build may not)."""
+    def deco(fn):
+        try:
+            getattr(torch.ops.natasha, opname)
+        except (AttributeError, RuntimeError):
+            return fn
+        return register_fake(opname)(fn)
+    return deco
+
+
+def _check_2d(name: str, ts: Sequence[torch.Tensor]):
+    for i, t in enumerate(ts):
+        if t.dim() != 2:
+            raise ValueError(f"{name}[{i}] must be a 2-D matrix, got shape {tuple(t.shape)}")
+
+
+def _check_len(ref_name, ref, name, other):
+    if len(ref) != len(other):
+        raise ValueError(f"{name} has {len(other)} entries but {ref_name} has {len(ref)}")
+
+
+def kfac_factor_ema_(factors: List[torch.Tensor], rows: List[torch.Tensor], scales: Sequence[float],
+                     decay: float, *, fused: Optional[bool] = None) -> None:
+    """factor_i <- decay * factor_i + (1 - decay) * scales[i] * rows_i^T rows_i (in place).
+
+    One call per factor kind (all A factors, or all G factors). The product runs in BLAS/cuBLAS
+    (addmm) with the EMA folded into its alpha/beta, so the factor is read and written once.
+    rows may be fp16/bf16 (AMP); factors are fp32 (or fp64)."""
+    check_tensor_list("factors", factors)
+    check_tensor_list("rows", rows, factors[0].device if factors else None)
+    _check_len("factors", factors, "rows", rows)
+    _check_len("factors", factors, "scales", scales)
+    _check_2d("rows", rows)
+    for i, (f, x) in enumerate(zip(factors, rows)):
+        if f.dim() != 2 or f.shape[0] != f.shape[1] or f.shape[0] != x.shape[1]:
+            raise ValueError(f"factors[{i}] has shape {tuple(f.shape)} but rows[{i}] has shape "
+                             f"{tuple(x.shape)}; expected factors[{i}] of shape ({x.shape[1]}, {x.shape[1]})")
+    if not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    if not factors:
+        return
+    if not use_fused(factors, fused) or any(not f.is_contiguous() for f in factors):
+        reference.kfac_factor_ema_(list(factors), list(rows), [float(s) for s in scales], float(decay))
+        return
+    torch.ops.natasha.kfac_factor_ema_(list(factors), contiguous(rows), [float(s) for s in scales], float(decay))
+
+
+def kfac_precondition(grads: List[torch.Tensor], g_inv: List[torch.Tensor], a_inv: List[torch.Tensor], *,
+                      fused: Optional[bool] = None):
+    """(U, reductions): U_i = G_inv_i T_i A_inv_i and the [L, 3] reductions
+    (<T,U>, ||U||^2, ||T||^2) that ANG and the KL clip need, computed in the same pass."""
+    check_tensor_list("grads", grads)
+    dev = grads[0].device if grads else None
+    check_tensor_list("g_inv", g_inv, dev)
+    check_tensor_list("a_inv", a_inv, dev)
+    _check_len("grads", grads, "g_inv", g_inv)
+    _check_len("grads", grads, "a_inv", a_inv)
+    _check_2d("grads", grads)
+    for i, (t, g, a) in enumerate(zip(grads, g_inv, a_inv)):
+        if g.shape != (t.shape[0], t.shape[0]) or a.shape != (t.shape[1], t.shape[1]):
+            raise ValueError(f"layer {i}: grads {tuple(t.shape)} needs g_inv ({t.shape[0]}, {t.shape[0]}) and "
+                             f"a_inv ({t.shape[1]}, {t.shape[1]}), got {tuple(g.shape)} and {tuple(a.shape)}")
+    if not grads or not use_fused(grads, fused):
+        return reference.kfac_precondition(list(grads), list(g_inv), list(a_inv))
+    outs, red = torch.ops.natasha.kfac_precondition(contiguous(grads), contiguous(g_inv), contiguous(a_inv))
+    return list(outs), red
+
+
+def kfac_smw_apply(grads: List[torch.Tensor], ya: List[torch.Tensor], yg: List[torch.Tensor],
+                   damping, *, fused: Optional[bool] = None):
+    """(U, reductions) with U_i = (lam I + YG_i^T YG_i)^-1 T_i (lam I + YA_i^T YA_i)^-1 applied by
+    Sherman-Morrison-Woodbury (rank k = rows of YA/YG; only k x k systems are solved).
+    ``damping`` is one float or one per layer."""
+    check_tensor_list("grads", grads)
+    dev = grads[0].device if grads else None
+    check_tensor_list("ya", ya, dev)
+    check_tensor_list("yg", yg, dev)
+    _check_len("grads", grads, "ya", ya)
+    _check_len("grads", grads, "yg", yg)
+    _check_2d("grads", grads)
+    _check_2d("ya", ya)
+    _check_2d("yg", yg)
+    if isinstance(damping, (int, float)):
+        damping = [float(damping)] * len(grads)
+    damping = [float(d) for d in damping]
+    _check_len("grads", grads, "damping", damping)
+    for i, (t, a, g, lam) in enumerate(zip(grads, ya, yg, damping)):
+        if a.shape[1] != t.shape[1] or g.shape[1] != t.shape[0] or a.shape[0] != g.shape[0]:
+            raise ValueError(f"layer {i}: grads {tuple(t.shape)} needs ya (k, {t.shape[1]}) and yg (k, {t.shape[0]}) "
+                             f"with the same k, got {tuple(a.shape)} and {tuple(g.shape)}")
+        if not lam > 0:
+            raise ValueError(f"damping[{i}] must be > 0 (SMW divides by it), got {lam!r}")
+    if not grads or not use_fused(grads, fused):
+        return reference.kfac_smw_apply(list(grads), list(ya), list(yg), damping)
+    outs, red = torch.ops.natasha.kfac_smw_apply(contiguous(grads), contiguous(ya), contiguous(yg), damping)
+    return list(outs), red
+
+
+def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions: torch.Tensor,
+                 scale: Optional[torch.Tensor] = None, lam: float = 0.0, per_layer: bool = False, *,
+                 fused: Optional[bool] = None) -> torch.Tensor:
+    """nat_i <- scale * (c1 nat_i + c2 grads_i): ANG's spherical blend (eq. 7) of the
+    preconditioned direction and the gradient, with the eq. 7 fallback (plain gradient) when
+    t^T G^-1 t <= 0. Returns the [L, 2] coefficients actually applied."""
+    check_tensor_list("nat", nat)
+    dev = nat[0].device if nat else None
+    check_tensor_list("grads", grads, dev)
+    _check_len("nat", nat, "grads", grads)
+    for i, (u, t) in enumerate(zip(nat, grads)):
+        if u.shape != t.shape:
+            raise ValueError(f"nat[{i}] has shape {tuple(u.shape)} but grads[{i}] has {tuple(t.shape)}")
+    if reductions.dim() != 2 or reductions.shape != (len(nat), 3):
+        raise ValueError(f"reductions must have shape ({len(nat)}, 3), got {tuple(reductions.shape)}")
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+    if scale is None:
+        scale = torch.ones((), dtype=reductions.dtype, device=reductions.device)
+    if not nat:
+        return reductions.new_zeros((0, 2))
+    if not use_fused(nat, fused) or any(not u.is_contiguous() for u in nat):
+        return reference.ang_combine_(list(nat), list(grads), reductions, scale, float(lam), bool(per_layer))
+    return torch.ops.natasha.ang_combine_(list(nat), contiguous(grads), reductions.contiguous(),
+                                          scale.reshape(()).to(reductions.dtype), float(lam), bool(per_layer))
+
+
+@_fake("kfac_factor_ema_")
+def _ema_fake(factors, rows, scales, decay):
+    return None
+
+
+@_fake("kfac_precondition")
+def _pre_fake(grads, g_inv, a_inv):
+    return [torch.empty_like(t) for t in grads], grads[0].new_empty((len(grads), 3), dtype=reference._acc_dtype(grads))
+
+
+@_fake("kfac_smw_apply")
+def _smw_fake(grads, ya, yg, damping):
+    return [torch.empty_like(t) for t in grads], grads[0].new_empty((len(grads), 3), dtype=reference._acc_dtype(grads))
+
+
+@_fake("ang_combine_")
+def _combine_fake(nat, grads, reductions, scale, lam, per_layer):
+    return reductions.new_empty((len(nat), 2))

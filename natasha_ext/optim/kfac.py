@@ -1,0 +1,530 @@
+"""K-FAC, Asymptotic Natural Gradient (ANG) and Inverse-Free ANG (IFANG).
+
+Paper: Tang et al., "AsymptoticNG: a regularized natural gradient optimization algorithm with
+look-ahead strategy" (asymptotic-natural-gradient.md), eqs. 1-14, Algorithms 1-2; K-FAC after
+Martens & Grosse (2015) and, for convolutions, Grosse & Martens (2016).
+
+Per supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient is the matrix T = [dW | db]
+(out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
+a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
+(:mod:`natasha_ext.curvature.kfac_factors`). Damping follows eq. 8: lam is added to *each*
+factor, so the preconditioned gradient is
+
+    U = (G + lam I)^-1 T (A + lam I)^-1      (= ((A + lam I) (x) (G + lam I))^-1 vec T).
+
+* :class:`KFAC`: EMA factors (``stat_decay``) refreshed every ``cov_every`` steps, damped inverses
+  (Cholesky or eigh) every ``inv_every`` steps, U applied matrix-free, KL clipping
+  nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, T_l>)), then heavy-ball momentum:
+  buf <- momentum buf + nu U;  p <- p - lr buf.
+* :class:`ANG`: K-FAC's U blended with T by the spherical interpolation of eq. 7,
+      d = ||t||_G ( sin((1-lam)W)/sin W * U/||t||_G + sin(lam W)/sin W * T/||t|| ),
+      cos W = t^T G^-1 t / (||t||_G ||t||),
+  with ||t||_G read as ||G^-1 t|| (the only reading under which W is the angle between the two
+  directions and the blend has unit norm before the amplitude, as the paper states), lam going
+  from 0 (natural gradient) toward 1 (Euclidean direction with the natural gradient's
+  amplitude) by ``lam_schedule``; eq. 7's fallback uses the plain gradient when t^T G^-1 t <= 0.
+  The KL clip factor is computed from t^T G^-1 t (the natural-gradient step), and scales d.
+* :class:`IFANG`: as ANG but with low-rank factors from the current minibatch (s' = ``rank``
+  group means of the rows of A and DS, eqs. 9-12) applied by Sherman-Morrison-Woodbury
+  (eqs. 11-13): only s' x s' systems (a scalar for s' = 1) are solved; no factor inverse or
+  eigendecomposition is ever formed. Algorithm 1's "M >= n" branch (dense inverse when the layer
+  is narrower than s') is not needed: the SMW form is exact for every n.
+
+Parameters of layers that cannot be preconditioned (norms, embeddings, grouped convs, and any
+parameter of a module without hooks) take the SGD-momentum update with the same lr, momentum
+and weight decay; they are listed in ``repr(opt)`` and ``opt.fallback_names``. Weight decay is
+added to the gradient before preconditioning (the natural gradient of the L2-regularised loss).
+
+``model_or_params``: an ``nn.Module`` (all its trainable parameters, one group), or an iterable
+of parameters / param groups together with ``model=`` (the module whose Linear/Conv2d layers are
+hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
+bias must share a group). Hyperparameters lr, momentum, damping, weight_decay are read per group
+at every step (LR schedulers work).
+
+Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)::
+
+    opt = KFAC(model, lr=0.01)
+    loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+
+``step(closure)`` also works: ``closure()`` returns the loss without calling backward and the
+optimizer differentiates it (setting ``.grad``). Statistics are captured only in forward passes
+run with grad enabled while ``opt.collecting`` is True (on steps that are multiples of
+``cov_every``), and they must be followed by a backward pass before ``step()``.
+
+Hooks: ``opt.remove_hooks()`` unregisters them (also done when the optimizer is garbage
+collected). A deep-copied or unpickled optimizer has no hooks until ``opt.attach(model)``.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from natasha_ext import ops
+from natasha_ext.curvature.hvp import evaluate_closure, gradients
+from natasha_ext.curvature.kfac_factors import FactorCollector, KFACLayer, layer_support
+from natasha_ext.optim import _validation as V
+from natasha_ext.optim._base import NatashaOptimizer
+
+__all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
+
+LAMBDA_SCHEDULES = ("linear", "exp", "cosine")
+
+
+def lambda_schedule(kind: Union[str, Callable[[int], float]], total_steps: Optional[int], rate: float = 5.0):
+    """lam(step) in [0, 1], from 0 at step 0 toward 1 at ``total_steps`` (then held at 1).
+
+    The paper (Sec. 2.2, 3.1 and Fig. 2) sets lam "by a linear or exponential strategy" and plots
+    three curves without formulas; ours are:
+      'linear':  lam = s,                                   s = step / total_steps
+      'exp':     lam = (1 - exp(-rate s)) / (1 - exp(-rate))  (concave: the Euclidean share grows fast)
+      'cosine':  lam = (1 - cos(pi s)) / 2                    (slow start and finish)
+    A callable gets the step index and must return a float in [0, 1]."""
+    if callable(kind):
+        return kind
+    V.choice("lam_schedule", kind, LAMBDA_SCHEDULES)
+    if total_steps is None:
+        raise ValueError(f"total_steps is required with lam_schedule={kind!r}")
+    V.positive_int("total_steps", total_steps)
+    T = float(total_steps)
+    if kind == "linear":
+        return lambda t: min(1.0, t / T)
+    if kind == "exp":
+        den = 1.0 - math.exp(-rate)
+        return lambda t: min(1.0, (1.0 - math.exp(-rate * min(t, T) / T)) / den)
+    return lambda t: 0.5 * (1.0 - math.cos(math.pi * min(t, T) / T))
+
+
+def _remove_handles(collector_box):
+    col = collector_box[0] if collector_box else None
+    if col is not None:
+        col.remove()
+
+
+class KFAC(NatashaOptimizer):
+    """K-FAC with damped Kronecker inverses, KL clipping and momentum (see the module docstring).
+
+    Args (defaults from the issue; Martens & Grosse's usual values):
+        model_or_params: nn.Module, or params / param groups together with ``model=``.
+        lr (0.01), momentum (0.9), damping (1e-3, added to each factor, eq. 8),
+        stat_decay (0.95, EMA of the factors), weight_decay (0), kl_clip (1e-3; None or 0 disables),
+        cov_every (10), inv_every (100), inverse ('cholesky' | 'eigh').
+        batch_averaged (True): the loss is a mean over the batch (per-example gradients are
+        grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
+        fused, seed, raise_on_nonfinite: as every optimizer of the package.
+    """
+
+    COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
+    _lowrank = False
+
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+                 stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
+                 cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
+                 model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
+                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False):
+        V.nonnegative("lr", lr)
+        V.in_range("momentum", momentum, 0.0, 1.0)
+        V.positive("damping", damping)
+        V.in_range("stat_decay", stat_decay, 0.0, 1.0)
+        V.nonnegative("weight_decay", weight_decay)
+        if kl_clip is not None:
+            V.nonnegative("kl_clip", kl_clip)
+        V.positive_int("cov_every", cov_every)
+        V.positive_int("inv_every", inv_every)
+        V.choice("inverse", inverse, ("cholesky", "eigh"))
+        if isinstance(model_or_params, nn.Module):
+            if model is not None and model is not model_or_params:
+                raise ValueError("model= given together with a different nn.Module as model_or_params")
+            model = model_or_params
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            if model is None:
+                raise TypeError(f"{type(self).__name__} needs the model to hook its layers: pass the nn.Module as "
+                                "the first argument, or params/param groups together with model=")
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            params = model_or_params
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        self.stat_decay = float(stat_decay)
+        self.kl_clip = None if not kl_clip else float(kl_clip)
+        self.cov_every = int(cov_every)
+        self.inv_every = int(inv_every)
+        self.inverse = inverse
+        self.batch_averaged = bool(batch_averaged)
+        self.rank = getattr(self, "rank", 1)
+        self._grad_scaler = grad_scaler
+        self._box = [None]
+        self.layer_names: List[str] = []
+        self.fallback_names: List[str] = []
+        self.attach(model)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, model: nn.Module) -> None:
+        """(Re-)register the hooks on ``model``'s supported layers whose weights this optimizer
+        updates (after a deepcopy/unpickle, or to move to another copy of the model)."""
+        self.remove_hooks()
+        owned = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        layers, names, fallback = [], [], []
+        covered = set()
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, torch.Tensor) or w not in owned:
+                if any(p in owned for p in mod.parameters(recurse=False)):
+                    fallback.append(f"{name or '<root>'} ({type(mod).__name__})")
+                continue
+            ok, why = layer_support(mod)
+            if not ok:
+                fallback.append(f"{name or '<root>'} ({why})")
+                continue
+            b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) and mod.bias in owned else None
+            if b is not None and owned[b] != owned[w]:
+                raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
+                                 "preconditions them together and needs one group")
+            layers.append(KFACLayer(name, mod, bias=b is not None))
+            names.append(name or "<root>")
+            covered.update(p for p in layers[-1].params())
+        if not layers:
+            raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
+                             f"weight is among the optimizer's parameters; nothing to precondition "
+                             f"(unsupported: {fallback or 'no layers with parameters'})")
+        self._layers = layers
+        self._layer_group = [owned[l.weight] for l in layers]
+        self._plain = [p for g in self.param_groups for p in g["params"] if p not in covered]
+        self.layer_names, self.fallback_names = names, fallback
+        col = FactorCollector(layers, mode="lowrank" if self._lowrank else "full", rank=self.rank,
+                              batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None))
+        col.collecting = self._due(self.cov_every)
+        self._box = [col]
+        self._finalizer = weakref.finalize(self, _remove_handles, self._box)
+
+    def remove_hooks(self) -> None:
+        """Unregister every hook this optimizer placed on the model."""
+        box = getattr(self, "_box", None)
+        if box and box[0] is not None:
+            box[0].remove()
+            box[0] = None
+
+    @property
+    def _collector(self) -> Optional[FactorCollector]:
+        box = getattr(self, "_box", None)
+        return box[0] if box else None
+
+    @property
+    def collecting(self) -> bool:
+        col = self._collector
+        return bool(col and col.collecting)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # torch's load_state_dict also calls __setstate__ (partial dict): keep live hooks then;
+        # after deepcopy/unpickle there are none, and attach(model) re-registers them
+        if "_box" not in self.__dict__:
+            self._box = [None]
+
+    def __repr__(self):
+        base = super().__repr__()
+        return (f"{base[:-1]}K-FAC layers ({len(self.layer_names)}): {', '.join(self.layer_names)}\n"
+                f"SGD fallback ({len(self.fallback_names)}): {', '.join(self.fallback_names) or '-'}\n)")
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts floating state to the parameter dtype; factors and momentum are kept
+        # in fp32 for fp16/bf16 parameters, so restore the saved dtypes (bit-exact resume).
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, entry in saved.items():
+            p = params[int(idx)]
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and k in self.state[p]:
+                    self.state[p][k] = v.detach().clone().to(device=p.device)
+        col = self._collector
+        if col is not None:
+            col.collecting = self._due(self.cov_every)
+
+    # ------------------------------------------------------------------ helpers
+    def _due(self, every: int) -> bool:
+        return int(self.counters["steps"]) % every == 0
+
+    def _stat_dtype(self, layer: KFACLayer) -> torch.dtype:
+        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+    def _update_statistics(self, ready: List[int]) -> None:
+        col = self._collector
+        decay_of = {}
+        fa, ra, sa, fg, rg, sg = [], [], [], [], [], []
+        for i in ready:
+            layer = self._layers[i]
+            st = self.state[layer.weight]
+            dt = self._stat_dtype(layer)
+            fresh = "kfac_A" not in st
+            if fresh:
+                st["kfac_A"] = torch.zeros(layer.a_dim, layer.a_dim, dtype=dt, device=layer.weight.device)
+                st["kfac_G"] = torch.zeros(layer.out_features, layer.out_features, dtype=dt, device=layer.weight.device)
+            decay_of[i] = 0.0 if fresh else self.stat_decay
+            a, s_a = col.a_rows(i)
+            g, s_g = col.g_rows(i)
+            fa.append(st["kfac_A"]); ra.append(a); sa.append(s_a)
+            fg.append(st["kfac_G"]); rg.append(g); sg.append(s_g)
+        # one call per kind and decay (the first update of a layer starts its EMA)
+        for decay in sorted(set(decay_of.values())):
+            sel = [j for j, i in enumerate(ready) if decay_of[i] == decay]
+            ops.kfac_factor_ema_([fa[j] for j in sel], [ra[j] for j in sel], [sa[j] for j in sel], decay, fused=self.fused)
+            ops.kfac_factor_ema_([fg[j] for j in sel], [rg[j] for j in sel], [sg[j] for j in sel], decay, fused=self.fused)
+        self.counters["factor_updates"] += 1
+
+    def _damped_inverses(self, mats: List[torch.Tensor], lams: List[float]) -> List[torch.Tensor]:
+        """(F + lam I)^-1 for each factor; same-size factors are batched. Cholesky falls back to
+        eigh (eigenvalues clamped at 0) for factors that are numerically indefinite."""
+        out: List[Optional[torch.Tensor]] = [None] * len(mats)
+        by_size = {}
+        for j, m in enumerate(mats):
+            by_size.setdefault((m.shape[0], m.dtype), []).append(j)
+        pending_eigh = []
+        infos = []
+        for (n, dt), idx in by_size.items():
+            eye = torch.eye(n, dtype=dt, device=mats[idx[0]].device)
+            stack = torch.stack([mats[j] + lams[j] * eye for j in idx])
+            if self.inverse == "cholesky":
+                L, info = torch.linalg.cholesky_ex(stack)
+                inv = torch.cholesky_inverse(L)
+                infos.append((idx, info))
+                for k, j in enumerate(idx):
+                    out[j] = inv[k]
+            else:
+                pending_eigh += idx
+        if infos:
+            bad = torch.cat([info for _, info in infos]) != 0
+            if bool(bad.any()):  # one host sync per inverse refresh
+                flat = [j for idx, _ in infos for j in idx]
+                pending_eigh += [flat[k] for k in torch.nonzero(bad).flatten().tolist()]
+        for j in pending_eigh:
+            m = mats[j]
+            evals, evecs = torch.linalg.eigh(0.5 * (m + m.t()))
+            out[j] = (evecs / (evals.clamp_min(0) + lams[j])) @ evecs.t()
+        return out
+
+    def _refresh_inverses(self, have: List[int]) -> None:
+        mats, lams = [], []
+        for i in have:
+            st = self.state[self._layers[i].weight]
+            lam = float(self.param_groups[self._layer_group[i]]["damping"])
+            mats += [st["kfac_A"], st["kfac_G"]]
+            lams += [lam, lam]
+        invs = self._damped_inverses(mats, lams)
+        for k, i in enumerate(have):
+            st = self.state[self._layers[i].weight]
+            st["kfac_A_inv"], st["kfac_G_inv"] = invs[2 * k], invs[2 * k + 1]
+        self.counters["inverse_updates"] += 1
+
+    def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
+        """(U list, [L, 3] reductions) for the layers idx (K-FAC: the stored damped inverses)."""
+        ginv = [self.state[self._layers[i].weight]["kfac_G_inv"] for i in idx]
+        ainv = [self.state[self._layers[i].weight]["kfac_A_inv"] for i in idx]
+        return ops.kfac_precondition(ts, ginv, ainv, fused=self.fused)
+
+    def _prepare(self, ready: List[int]) -> List[int]:
+        """Update statistics/inverses as scheduled; return the layers that can be preconditioned."""
+        if ready and self._due(self.cov_every):
+            self._update_statistics(ready)
+        have = [i for i in range(len(self._layers)) if "kfac_A" in self.state[self._layers[i].weight]]
+        missing_inv = [i for i in have if "kfac_A_inv" not in self.state[self._layers[i].weight]]
+        if have and (self._due(self.inv_every) or missing_inv):
+            self._refresh_inverses(have)
+        return have
+
+    def _direction(self, nat, ts, red, scale) -> None:
+        """K-FAC: d = nu U (KL clip)."""
+        if scale is not None:
+            torch._foreach_mul_(nat, scale.to(nat[0].dtype))
+
+    def _kl_scale(self, idx: List[int], red: torch.Tensor) -> Optional[torch.Tensor]:
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 t_l^T G_l^-1 t_l)) as a 0-dim tensor (1 when the
+        sum is not positive); None when clipping is off."""
+        if self.kl_clip is None:
+            return None
+        lr2 = torch.tensor([float(self.param_groups[self._layer_group[i]]["lr"]) ** 2 for i in idx],
+                           dtype=red.dtype).to(red.device, non_blocking=True)
+        vg = (red[:, 0] * lr2).sum()
+        nu = torch.sqrt(self.kl_clip / vg.clamp_min(torch.finfo(red.dtype).tiny)).clamp(max=1.0)
+        return torch.where(torch.isfinite(vg) & (vg > 0), nu, torch.ones_like(nu))
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._collector is None:
+            raise RuntimeError(f"{type(self).__name__} has no hooks (removed, or this optimizer was copied/"
+                               "unpickled): call opt.attach(model) first")
+        loss = None
+        params = [p for g in self.param_groups for p in g["params"]]
+        if closure is not None:
+            loss = evaluate_closure(closure)
+            live = [p for p in params if p.requires_grad]
+            for p, g in zip(live, gradients(loss, live)):
+                p.grad = g
+            loss = loss.detach()
+        self.check_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return loss
+        self.counters["gradients"] += 1
+        col = self._collector
+        if not self.all_finite(grads):
+            col.clear()
+            self.skip_nonfinite("gradients")
+            return loss
+
+        ready = [i for i in range(len(self._layers)) if col.ready(i)]
+        have = self._prepare(ready)
+        col.clear()
+        # layers whose weight has a gradient and that have curvature statistics
+        pre = [i for i in have if self._layers[i].weight.grad is not None]
+        directions = {}
+        if pre:
+            ts = []
+            for i in pre:
+                layer = self._layers[i]
+                wd = float(self.param_groups[self._layer_group[i]]["weight_decay"])
+                dt = self._stat_dtype(layer)
+                gb = None
+                if layer.bias is not None:
+                    gb = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
+                t = layer.grad_matrix(layer.weight.grad, gb, dt)
+                if wd:
+                    t = t + wd * layer.grad_matrix(layer.weight, layer.bias, dt)
+                ts.append(t)
+            nat, red = self._precondition(pre, ts)
+            scale = self._kl_scale(pre, red)
+            self._direction(nat, ts, red, scale)
+            for i, u in zip(pre, nat):
+                layer = self._layers[i]
+                w, b = layer.split(u)
+                directions[layer.weight] = w
+                if b is not None:
+                    directions[layer.bias] = b
+        self._apply(directions)
+        self.counters["steps"] += 1
+        col.collecting = self._due(self.cov_every)
+        return loss
+
+    def _apply(self, directions) -> None:
+        """Momentum and the parameter update; parameters without a preconditioned direction
+        (fallback layers, layers without statistics yet) take their (weight-decayed) gradient."""
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(p)
+                if d is None:
+                    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    d = p.grad.to(acc)
+                    if wd:
+                        d = d + wd * p.to(acc)
+                st = self.state[p]
+                if mom:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = d.clone().contiguous()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                if p.dtype == d.dtype:
+                    p.add_(d, alpha=-lr)
+                else:
+                    p.copy_(p.to(d.dtype) - lr * d)
+
+
+class ANG(KFAC):
+    """Asymptotic natural gradient: K-FAC's natural gradient blended with the Euclidean gradient
+    by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
+
+    Extra args: lam_schedule ('linear' | 'exp' | 'cosine' | callable(step) -> lam),
+    total_steps (steps over which lam reaches 1; required for the named schedules),
+    lam_rate (5.0, the 'exp' schedule's rate), per_layer (False: one angle W for the whole
+    parameter vector as eq. 7 is written; True: one per layer, Algorithm 2's per-layer loop).
+    The schedule's position is the optimizer's step counter, saved in ``state_dict``.
+    ``opt.last_coefficients`` holds the last [L, 2] (c1, c2) with d = c1 U + c2 T (device tensor).
+    """
+
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+                 stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
+                 cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
+                 lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 per_layer: bool = False, **kwargs):
+        V.positive("lam_rate", lam_rate)
+        self._lam_fn = lambda_schedule(lam_schedule, total_steps, lam_rate)
+        super().__init__(model_or_params, lr, momentum, damping, stat_decay, weight_decay, kl_clip,
+                         cov_every, inv_every, inverse, **kwargs)
+        self.lam_schedule = lam_schedule if isinstance(lam_schedule, str) else "callable"
+        self.total_steps = total_steps
+        self.lam_rate = float(lam_rate)
+        self.per_layer = bool(per_layer)
+        self.last_coefficients = None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_lam_fn" not in self.__dict__ and self.lam_schedule != "callable":
+            self._lam_fn = lambda_schedule(self.lam_schedule, self.total_steps, self.lam_rate)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("last_coefficients", None)
+        return state
+
+    def current_lambda(self) -> float:
+        """lam at the current step (the blend the next step() uses)."""
+        fn = getattr(self, "_lam_fn", None)
+        if fn is None:
+            raise RuntimeError("a callable lam_schedule does not survive deepcopy/pickle; set opt._lam_fn")
+        lam = float(fn(int(self.counters["steps"])))
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam_schedule returned {lam!r} at step {int(self.counters['steps'])}; must be in [0, 1]")
+        return lam
+
+    def _direction(self, nat, ts, red, scale) -> None:
+        self.last_coefficients = ops.ang_combine_(nat, ts, red, scale, self.current_lambda(), self.per_layer,
+                                                  fused=self.fused)
+
+
+class IFANG(ANG):
+    """Inverse-free ANG: ANG with per-minibatch low-rank factors applied by Sherman-Morrison-
+    Woodbury (eqs. 9-14, Algorithms 1-2). The M rows of a layer's A and DS are grouped into
+    s' = ``rank`` group means (contiguous example blocks), YA = means/sqrt(s'),
+    YG = sqrt(L/s') * means of per-example DS (L conv positions), and
+        U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1
+    with (lam I + Y^T Y)^-1 = lam^-1 [I - Y^T (lam I + Y Y^T)^-1 Y]: a scalar for s' = 1, a small
+    s' x s' Cholesky otherwise. The statistics come from the current minibatch (eqs. 9-10), so
+    ``cov_every`` defaults to 1 (a larger value reuses the last YA, YG); there is no EMA and no
+    inverse refresh (``stat_decay``, ``inv_every``, ``inverse`` do not apply).
+    """
+
+    _lowrank = True
+
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+                 weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
+                 rank: int = 1, **kwargs):
+        V.positive_int("rank", rank)
+        self.rank = int(rank)
+        super().__init__(model_or_params, lr, momentum, damping, 0.95, weight_decay, kl_clip, cov_every, 1,
+                         "cholesky", **kwargs)
+
+    def _prepare(self, ready: List[int]) -> List[int]:
+        col = self._collector
+        if ready and self._due(self.cov_every):
+            for i in ready:
+                ya, yg = col.low_rank(i)
+                st = self.state[self._layers[i].weight]
+                st["kfac_YA"], st["kfac_YG"] = ya.contiguous(), yg.contiguous()
+            self.counters["factor_updates"] += 1
+        return [i for i in range(len(self._layers)) if "kfac_YA" in self.state[self._layers[i].weight]]
+
+    def _precondition(self, idx, ts):
+        ya = [self.state[self._layers[i].weight]["kfac_YA"] for i in idx]
+        yg = [self.state[self._layers[i].weight]["kfac_YG"] for i in idx]
+        lams = [float(self.param_groups[self._layer_group[i]]["damping"]) for i in idx]
+        return ops.kfac_smw_apply(ts, ya, yg, lams, fused=self.fused)
