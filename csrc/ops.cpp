@@ -12,6 +12,16 @@ TORCH_LIBRARY(natasha, m) {
   // sqrt(sum_i ||t_i||^2) over the whole list, as a 0-dim fp32 (fp64 for fp64 input) tensor.
   m.def("global_norm(Tensor[] tensors) -> Tensor");
   // ---- natasha (svrg_step, oja_step) ---------------------------------------------------------
+  // Natasha1.5 inner step, in place (spec: reference.svrg_step): d = g [- snapshot_grads] [+ mu]
+  // + reg (x - anchor); avg_sum += x; x <- x - lr d, then the prox of prox_L max(0, ||x - center||
+  // - prox_radius)^2 when center is given; finalize = m > 0 ends a sub-epoch (x <- anchor <-
+  // (avg_sum + x) / m, avg_sum <- 0). Returns [sum d^2, ||z - center||^2, kappa].
+  m.def("svrg_step(Tensor(a!)[] params, Tensor[] grads, Tensor[]? snapshot_grads, Tensor[]? mu, "
+        "Tensor(b!)[] anchor, Tensor(c!)[] avg_sum, float lr, float reg, int finalize, Tensor[]? center, "
+        "float prox_L, float prox_radius) -> Tensor");
+  // Oja step with lazy normalisation, in place (spec: reference.oja_step): v <- scale (v - eta hv);
+  // returns [||v_new||, scale^2 <v, hv>].
+  m.def("oja_step(Tensor(a!)[] v, Tensor[] hv, Tensor scale, float eta) -> Tensor");
   // ---- adahessian (hutchinson_diag, adahessian_step) ----------------------------------------
   // ---- kfac / ang / ifang --------------------------------------------------------------------
   // ---- trust region (cg_step) ---------------------------------------------------------------

@@ -3,5 +3,6 @@ from a loss closure (and, as the optimizer families land, Hutchinson, Oja, K-FAC
 Steihaug CG)."""
 from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, finite_difference_hvp, gradients
 from natasha_ext.curvature.kfac_factors import FactorCollector, KFACLayer, layer_support
+from natasha_ext.curvature.oja import OjaResult, oja_min_eigenvector
 
-__all__ = ["FactorCollector", "KFACLayer", "layer_support", "HVP", "HVP_METHODS", "evaluate_closure", "finite_difference_hvp", "gradients"]
+__all__ = ["FactorCollector", "KFACLayer", "layer_support", "HVP", "HVP_METHODS", "evaluate_closure", "finite_difference_hvp", "gradients", "OjaResult", "oja_min_eigenvector"]

@@ -9,5 +9,6 @@ from natasha_ext.ops._dispatch import fused_available
 from natasha_ext.ops.foundation import global_norm, rademacher_
 from natasha_ext.ops.kfac import ang_combine_, kfac_factor_ema_, kfac_precondition, kfac_smw_apply
 from natasha_ext.ops.philox import PhiloxStream
+from natasha_ext.ops.natasha import oja_step, svrg_step
 
-__all__ = ["ang_combine_", "kfac_factor_ema_", "kfac_precondition", "kfac_smw_apply", "fused_available", "global_norm", "rademacher_", "PhiloxStream"]
+__all__ = ["ang_combine_", "kfac_factor_ema_", "kfac_precondition", "kfac_smw_apply", "fused_available", "global_norm", "rademacher_", "PhiloxStream", "oja_step", "svrg_step"]

@@ -193,3 +193,7 @@ def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions:
         acc = _acc_dtype([u])
         u.copy_(coef[i, 0].to(acc) * u.to(acc) + coef[i, 1].to(acc) * t.to(acc))
     return coef
+
+
+# =============================================================================================
+# natasha: svrg_step (Natasha1.5 inner step), oja_step (one Oja / power iteration on I - eta H)

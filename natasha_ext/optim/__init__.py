@@ -1,5 +1,6 @@
 """The optimizers, one module per family; all are torch.optim.Optimizer subclasses."""
 from natasha_ext.optim._base import NatashaOptimizer, NonFiniteError
 from natasha_ext.optim.kfac import ANG, IFANG, KFAC
+from natasha_ext.optim.natasha import Natasha2, Natasha15
 
-__all__ = ["ANG", "IFANG", "KFAC", "NatashaOptimizer", "NonFiniteError"]
+__all__ = ["ANG", "IFANG", "KFAC", "NatashaOptimizer", "NonFiniteError", "Natasha15", "Natasha2"]

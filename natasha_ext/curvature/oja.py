@@ -1,0 +1,71 @@
+"""Oja's algorithm for the minimum eigenvector of a Hessian from Hessian-vector products.
+
+Natasha2 (Allen-Zhu 2018; natasha2-pytorch-report Alg. 1 lines 13-18, Alg. 3 lines 3-9) runs
+Oja's algorithm -- the online power method -- on I - eta H:
+
+    v_0 = random unit vector,   v_{t+1} = (I - eta H) v_t / ||(I - eta H) v_t||,
+
+whose top eigenvector is H's minimum eigenvector when eta * |lambda(H)| <= 1. Normalising every
+step keeps fp32 from overflowing (report, Sec. 3.3). The fused :func:`natasha_ext.ops.oja_step`
+folds the normalisation into the *next* step (H is linear, so H(w/||w||) = Hw/||w||): one pass
+reads w and Hw once, writes w, and returns ||w_new|| and the Rayleigh quotient of w/||w||; the
+norm stays a device tensor, so the loop has no host sync.
+
+Choices (documented): the start vector is a Rademacher vector / sqrt(d) from the caller's Philox
+stream (a random unit vector whose norm is known exactly, so no reduction is needed); every
+iteration uses the same minibatch Hessian (the closure convention fixes one minibatch per
+``step``), so this is the power method on the minibatch Hessian; the Rayleigh quotient that
+decides Natasha2's kick is v_T^T H v_T with one more HVP at the final unit vector.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from natasha_ext import ops
+from natasha_ext.ops import PhiloxStream
+
+
+@dataclass
+class OjaResult:
+    """``vector``: unit vector (fp32 list, fp64 for fp64 params); ``rayleigh``: v^T H v as a
+    0-dim tensor (no sync); ``hvps``: Hessian-vector products spent; ``iterations``: Oja steps."""
+    vector: List[torch.Tensor]
+    rayleigh: torch.Tensor
+    hvps: int
+    iterations: int
+
+
+def _acc(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]], like: Sequence[torch.Tensor], *,
+                        eta: float, iters: int, rng: PhiloxStream, fused: Optional[bool] = None) -> OjaResult:
+    """Run ``iters`` steps of Oja's algorithm on I - eta H and return the unit vector and its
+    Rayleigh quotient. ``hvp(v)`` returns H v for a list shaped like ``like`` (e.g. a
+    :class:`natasha_ext.curvature.HVP`); ``rng`` draws the start vector (and advances)."""
+    like = list(like)
+    if not like:
+        raise ValueError("oja_min_eigenvector needs at least one tensor")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    acc = _acc(like[0])
+    w = [torch.empty(p.shape, dtype=acc, device=p.device) for p in like]
+    rng.rademacher_(w, fused=fused)
+    d = sum(p.numel() for p in like)
+    scale = torch.full((), 1.0 / math.sqrt(d), dtype=acc, device=like[0].device)
+    as_param = (lambda ts: [t.to(p.dtype) for t, p in zip(ts, like)]) if like[0].dtype != acc else (lambda ts: ts)
+    for _ in range(iters):
+        hw = hvp(as_param(w))
+        out = ops.oja_step(w, hw, scale, eta, fused=fused)
+        scale = out[0].reciprocal()
+    v = torch._foreach_mul(w, scale)
+    hv = hvp(as_param(v))
+    rq = torch.zeros((), dtype=acc, device=like[0].device)
+    for vi, hi in zip(v, hv):
+        rq = rq + torch.dot(vi.reshape(-1), hi.reshape(-1).to(acc))
+    return OjaResult(v, rq, iters + 1, iters)
