@@ -19,6 +19,7 @@ if $PY -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
   [ -n "$NVRTC" ] && ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
   [ -d "$SITE/nvidia/cu13/include" ] && ARGS+=(-DCMAKE_CXX_FLAGS="-I$SITE/nvidia/cu13/include")
 fi
+mkdir -p "$B"
 cmake -S . -B "$B" "${ARGS[@]}" > "$B.configure.log" 2>&1 || { cat "$B.configure.log"; exit 1; }
 cmake --build "$B" -j"${MAX_JOBS:-2}"
 ctest --test-dir "$B" --output-on-failure
