@@ -34,7 +34,10 @@ How the loops map onto ``step(closure)`` calls (one call per minibatch, nothing 
     accumulate mu = (1/N) sum grad f_{S_j}(x_tilde) over their minibatches (the parameters do not
     move) -- that is how a user supplies a larger snapshot batch |S| = N * batch size with an
     ordinary training loop. At t = 0 of the first sub-epoch x_0 = x_tilde, so d = mu exactly and
-    no second gradient is needed; the last snapshot call takes that step.
+    no second gradient is needed; the last snapshot call takes that step. A one-minibatch mu
+    steers the whole epoch towards that minibatch's gradient (the correction terms only cancel
+    the noise *relative to* x_tilde): with an unshuffled loader whose period divides the epoch
+    length every epoch starts on the same batch -- prefer snapshot_batches of several minibatches.
   * Natasha2's Oja phase happens in the first call of each outer iteration, on that call's
     minibatch (all Oja iterations use the same minibatch Hessian); when it does not kick, the
     gradient at y_k it already computed starts the Natasha1.5 epoch in the same call.
