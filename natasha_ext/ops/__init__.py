@@ -10,5 +10,6 @@ from natasha_ext.ops.foundation import global_norm, rademacher_
 from natasha_ext.ops.kfac import ang_combine_, kfac_factor_ema_, kfac_precondition, kfac_smw_apply
 from natasha_ext.ops.philox import PhiloxStream
 from natasha_ext.ops.natasha import oja_step, svrg_step
+from natasha_ext.ops.trust_region import cg_dots, cg_step_, tr_cg_init_
 
-__all__ = ["ang_combine_", "kfac_factor_ema_", "kfac_precondition", "kfac_smw_apply", "fused_available", "global_norm", "rademacher_", "PhiloxStream", "oja_step", "svrg_step"]
+__all__ = ["cg_dots", "cg_step_", "tr_cg_init_", "ang_combine_", "kfac_factor_ema_", "kfac_precondition", "kfac_smw_apply", "fused_available", "global_norm", "rademacher_", "PhiloxStream", "oja_step", "svrg_step"]

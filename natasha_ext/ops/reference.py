@@ -197,3 +197,85 @@ def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions:
 
 # =============================================================================================
 # natasha: svrg_step (Natasha1.5 inner step), oja_step (one Oja / power iteration on I - eta H)
+
+
+
+# =============================================================================================
+# trust region: tr_cg_init_, cg_dots, cg_step_ (preconditioned Steihaug-Toint CG in the A-norm)
+# =============================================================================================
+# Modes of the ellipsoid A = diag(a) (paper eqs. 2-3, diagonal versions):
+TR_SPHERICAL, TR_RMSPROP, TR_ADAGRAD = 0, 1, 2
+
+
+def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tensor], r: List[torch.Tensor],
+                p: List[torch.Tensor], grads: List[torch.Tensor], beta: float, eps: float,
+                mode: int) -> torch.Tensor:
+    """Ellipsoid update fused with the CG start, per element:
+
+    mode 0 (spherical): a = 1 (v untouched);
+    mode 1 (RMSProp, eq. 3): v = beta v + (1 - beta) g^2, a = v + eps;
+    mode 2 (Adagrad, eq. 2): v = v + g^2, a = v + eps;
+    then s = 0, r = g, p = -a^{-1} g.
+
+    Returns [g^T A^{-1} g, g^T g] (fp32; fp64 for fp64 lists) as a 1-D tensor of 2.
+    """
+    acc = _acc_dtype(grads)
+    dev = grads[0].device if grads else None
+    tot = torch.zeros(2, dtype=acc, device=dev)
+    for vi, ai, si, ri, pi, gi in zip(v, a, s, r, p, grads):
+        g = gi.to(acc)
+        if mode == TR_SPHERICAL:
+            av = torch.ones_like(g)
+        else:
+            vv = vi.to(acc)
+            vv = beta * vv + (1.0 - beta) * g * g if mode == TR_RMSPROP else vv + g * g
+            vi.copy_(vv)
+            av = vv + eps
+        ai.copy_(av)
+        si.zero_()
+        ri.copy_(g)
+        z = g / av
+        pi.copy_(-z)
+        tot = tot + torch.stack([(g * z).sum(), (g * g).sum()])
+    return tot
+
+
+def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor],
+            a: List[torch.Tensor]) -> torch.Tensor:
+    """The reductions a CG iteration needs after its curvature product Bp:
+    [p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (the last two give
+    r_{k+1}^T A^{-1} r_{k+1} = rz + 2 alpha u + alpha^2 w before r is updated)."""
+    acc = _acc_dtype(p)
+    dev = p[0].device if p else None
+    tot = torch.zeros(4, dtype=acc, device=dev)
+    for pi, bi, ri, ai in zip(p, Bp, r, a):
+        pp, bb, rr, aa = pi.to(acc), bi.to(acc), ri.to(acc), ai.to(acc)
+        ba = bb / aa
+        tot = tot + torch.stack([(pp * bb).sum(), (rr * pp).sum(), (rr * ba).sum(), (bb * ba).sum()])
+    return tot
+
+
+def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], Bp: List[torch.Tensor],
+             a: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """One CG iteration's vector work in one pass, per element:
+
+    s += alpha p;  r += alpha Bp;  z = r / a;  p = -z + beta p
+
+    Returns [r^T z, s^T A s, s^T A p, p^T A p] of the updated vectors (1-D tensor of 4): the
+    next residual and the A-norm quantities of the boundary test ||s + tau p||_A = radius.
+    """
+    acc = _acc_dtype(s)
+    dev = s[0].device if s else None
+    tot = torch.zeros(4, dtype=acc, device=dev)
+    for si, ri, pi, bi, ai in zip(s, r, p, Bp, a):
+        pp, aa = pi.to(acc), ai.to(acc)
+        ss = si.to(acc) + alpha * pp
+        rr = ri.to(acc) + alpha * bi.to(acc)
+        z = rr / aa
+        pn = -z + beta * pp
+        si.copy_(ss)
+        ri.copy_(rr)
+        pi.copy_(pn)
+        sa = ss * aa
+        tot = tot + torch.stack([(rr * z).sum(), (sa * ss).sum(), (sa * pn).sum(), (pn * aa * pn).sum()])
+    return tot

@@ -1,0 +1,113 @@
+"""Trust-region ops: the vector work of preconditioned Steihaug-Toint CG in the A-norm.
+
+A CG iteration on the model m(s) = g^T s + 1/2 s^T B s inside ||s||_A <= radius costs one
+curvature product Bp plus two list-wide passes:
+
+* :func:`cg_dots` (reads p, Bp, r, a): p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp;
+* :func:`cg_step_` (reads s, r, p, Bp, a; writes s, r, p): s += alpha p, r += alpha Bp,
+  z = r/a, p = -z + beta p, and the dot products of the next iteration's tests.
+
+beta = r_{k+1}^T z_{k+1} / r_k^T z_k is known *before* the pass from the recurrence
+r_{k+1}^T A^{-1} r_{k+1} = rz + 2 alpha u + alpha^2 w (u, w from cg_dots), which is what lets the
+direction update share the pass with the s and r updates. :func:`tr_cg_init_` fuses the
+RMSProp/Adagrad diagonal update (paper eqs. 2-3) with the CG start s = 0, r = g, p = -A^{-1} g.
+
+State lists (v, a, s, r, p) are fp32 (fp64 for fp64 parameters); grads and Bp may be fp16/bf16.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from natasha_ext.ops import reference
+from natasha_ext.ops._dispatch import check_same_numels, check_tensor_list, register_fake, use_fused
+
+TR_MODES = {"spherical": reference.TR_SPHERICAL, "rmsprop": reference.TR_RMSPROP,
+            "adagrad": reference.TR_ADAGRAD}
+
+
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.natasha, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fused_ok(name: str, state: List[torch.Tensor], inputs: List[torch.Tensor], fused: Optional[bool]) -> bool:
+    """Kernels take one state dtype (fp32, or fp64 for fp64 inputs) and one input dtype."""
+    if not state or not use_fused(state, fused):
+        return False
+    sd = {t.dtype for t in state}
+    idt = {t.dtype for t in inputs}
+    ok = (len(sd) == 1 and len(idt) <= 1 and _has_op(name)
+          and all(t.is_contiguous() for t in state + inputs))
+    if ok and idt:
+        (i,) = idt
+        ok = next(iter(sd)) == (torch.float64 if i == torch.float64 else torch.float32)
+    if fused is True and not ok:
+        raise RuntimeError(f"{name}: fused=True but the arguments do not fit the kernel (one fp32/fp64 state "
+                           "dtype matching the inputs, contiguous tensors, op built)")
+    return ok
+
+
+def _check(name, lists):
+    ref_name, ref = lists[0]
+    for n, ts in lists:
+        check_tensor_list(n, ts)
+        if ts is not ref:
+            check_same_numels(ref_name, ref, n, ts)
+    devs = {t.device for _, ts in lists for t in ts}
+    if len(devs) > 1:
+        raise RuntimeError(f"{name}: all tensors must share one device, got {sorted(map(str, devs))}")
+
+
+def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tensor], r: List[torch.Tensor],
+                p: List[torch.Tensor], grads: List[torch.Tensor], beta: float, eps: float, mode: str | int,
+                *, fused: Optional[bool] = None) -> torch.Tensor:
+    """Ellipsoid update (mode 'spherical' a=1, 'rmsprop' v=beta v+(1-beta)g^2, 'adagrad' v+=g^2;
+    a = v + eps) fused with s=0, r=g, p=-g/a. Returns [g^T A^{-1} g, g^T g]."""
+    m = TR_MODES.get(mode, -1) if isinstance(mode, str) else int(mode)
+    if m not in (0, 1, 2):
+        raise ValueError(f"mode must be one of {tuple(TR_MODES)}, got {mode!r}")
+    _check("tr_cg_init_", [("grads", grads), ("v", v), ("a", a), ("s", s), ("r", r), ("p", p)])
+    if _fused_ok("tr_cg_init_", list(v) + list(a) + list(s) + list(r) + list(p), list(grads), fused):
+        return torch.ops.natasha.tr_cg_init_(v, a, s, r, p, grads, float(beta), float(eps), m)
+    return reference.tr_cg_init_(v, a, s, r, p, grads, beta, eps, m)
+
+
+def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor], a: List[torch.Tensor],
+            *, fused: Optional[bool] = None) -> torch.Tensor:
+    """[p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (no host sync)."""
+    _check("cg_dots", [("p", p), ("Bp", Bp), ("r", r), ("a", a)])
+    if _fused_ok("cg_dots", list(p) + list(r) + list(a), list(Bp), fused):
+        return torch.ops.natasha.cg_dots(p, Bp, r, a)
+    return reference.cg_dots(p, Bp, r, a)
+
+
+def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], Bp: List[torch.Tensor],
+             a: List[torch.Tensor], alpha: float, beta: float, *, fused: Optional[bool] = None) -> torch.Tensor:
+    """s += alpha p; r += alpha Bp; p = -r/a + beta p. Returns [r^T A^{-1} r, s^T A s, s^T A p, p^T A p]."""
+    _check("cg_step_", [("s", s), ("r", r), ("p", p), ("Bp", Bp), ("a", a)])
+    if _fused_ok("cg_step_", list(s) + list(r) + list(p) + list(a), list(Bp), fused):
+        return torch.ops.natasha.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
+    return reference.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
+
+
+def _acc_like(ts):
+    return ts[0].new_empty((), dtype=reference._acc_dtype(ts)) if ts else torch.empty(())
+
+
+if _has_op("cg_step_"):
+    @register_fake("tr_cg_init_")
+    def _tr_cg_init_fake(v, a, s, r, p, grads, beta, eps, mode):
+        return grads[0].new_empty((2,), dtype=reference._acc_dtype(grads))
+
+    @register_fake("cg_dots")
+    def _cg_dots_fake(p, Bp, r, a):
+        return p[0].new_empty((4,), dtype=reference._acc_dtype(p))
+
+    @register_fake("cg_step_")
+    def _cg_step_fake(s, r, p, Bp, a, alpha, beta):
+        return s[0].new_empty((4,), dtype=reference._acc_dtype(s))

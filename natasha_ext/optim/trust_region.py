@@ -1,0 +1,484 @@
+"""Stochastic ellipsoidal trust region (Algorithm 1 of "Adaptive norms for deep learning with
+regularized Newton methods") and adaptive cubic regularisation (Cartis, Gould & Toint 2011) in
+the same adaptive norms.
+
+Both minimise a second-order model of the minibatch loss around the current weights w,
+
+    TR  (eq. 7):  min_s g^T s + 1/2 s^T B s            s.t. ||s||_A <= radius
+    ARC:          min_s g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3
+
+with ||s||_A = sqrt(s^T A s) and A = diag(a) the ellipsoid:
+
+* ``norm='rmsprop'`` (eq. 3, diagonal): a = v + eps, v <- beta v + (1 - beta) g^2 (no bias
+  correction, as in eq. 3);
+* ``norm='adagrad'`` (eq. 2, diagonal): a = v + eps, v <- v + g^2;
+* ``norm='spherical'``: a = 1 (A = I, the usual spherical region).
+
+The ellipsoid is updated with the current gradient before the subproblem (Alg. 1, line 5), so
+ellipsoidal and spherical runs differ only by A. B is the minibatch Hessian through
+Hessian-vector products (``curvature='hessian'``, engines ``hvp='exact'`` double backward or
+``'finite_difference'``) or the generalised Gauss-Newton matrix (``curvature='gauss_newton'``,
+PSD). rho = (L(w) - L(w + s)) / (m(0) - m(s)) uses one extra loss evaluation on the same batch
+(the closure is called again under ``torch.no_grad``).
+
+Closure: ``closure()`` evaluates the current minibatch and returns the loss without calling
+backward; with ``curvature='gauss_newton'`` it returns ``(loss, outputs)`` (the network output
+the loss is computed from; see :mod:`natasha_ext.curvature.gauss_newton`). Tuples are also
+accepted with ``curvature='hessian'`` (the outputs are then ignored).
+
+Rejected steps restore the parameters by copying a saved copy back (bit-identical, no
+subtraction). The trust-region hyperparameters are global (one subproblem over all parameters):
+groups may differ only in ``norm``, ``beta`` and ``eps``.
+
+Progress is measured as in the paper, in backpropagations: a gradient counts 1, a Hessian-vector
+product 1 (Pearlmutter's cost model; finite differences: one more gradient), a Gauss-Newton
+product 2. After each step ``optimizer.last_step`` holds rho, radius (or sigma), CG/Lanczos
+iterations, accepted, the curvature products and backprops of that step and the stop reason;
+``optimizer.counters`` accumulates them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from natasha_ext import ops
+from natasha_ext.curvature.gauss_newton import GaussNewton
+from natasha_ext.curvature.hvp import HVP, HVP_METHODS
+from natasha_ext.curvature.lanczos import Lanczos, cubic_tridiag, flatten, leftmost, unflatten
+from natasha_ext.curvature.steihaug import cubic_cg, steihaug_cg
+from natasha_ext.optim import _validation as V
+from natasha_ext.optim._base import NatashaOptimizer
+
+NORMS = ("rmsprop", "adagrad", "spherical")
+CURVATURES = ("hessian", "gauss_newton")
+
+
+def _loss_only(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _RegularisedNewton(NatashaOptimizer):
+    COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "backprops", "loss_evals", "accepted",
+                "rejected", "subproblem_iters")
+    _GLOBAL: tuple = ()
+    _PER_GROUP = ("norm", "beta", "eps")
+
+    def __init__(self, params, defaults, fused, seed, raise_on_nonfinite):
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        self.last_step: Dict[str, object] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def _check_group(self, group: dict) -> None:
+        V.choice("norm", group["norm"], NORMS)
+        V.in_range("beta", group["beta"], 0.0, 1.0, low_open=True, high_open=True)
+        V.positive("eps", group["eps"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        self._check_group(g)
+        first = self.param_groups[0]
+        for k in self._GLOBAL:
+            if g[k] != first[k]:
+                raise ValueError(f"{k} is a global hyperparameter of {type(self).__name__} (one subproblem over all "
+                                 f"parameters); param groups may differ only in {self._PER_GROUP}")
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _oracle(self, closure, params):
+        g0 = self.param_groups[0]
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure: closure() must evaluate the model on the "
+                               "current minibatch and return the loss (or (loss, outputs) with "
+                               "curvature='gauss_newton') without calling backward")
+        if g0["curvature"] == "gauss_newton":
+            return GaussNewton(closure, params), 2
+        return HVP(lambda: _loss_only(closure()), params, method=g0["hvp"], fd_eps=g0["fd_eps"]), 1
+
+    def _buffers(self, params):
+        """Per-parameter ellipsoid state (persisted) and CG scratch (not persisted)."""
+        work = getattr(self, "_work", None)
+        if work is None or work["ids"] != [id(p) for p in params]:
+            sd = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
+            mk = lambda: [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, sd)]
+            work = {"ids": [id(p) for p in params], "a": mk(), "s": mk(), "r": mk(), "p": mk()}
+            self._work = work
+        return work
+
+    def _init_subproblem(self, params, grads):
+        """Ellipsoid update fused with the CG start; returns (work, [g^T A^-1 g, g^T g]) tensor."""
+        work = self._buffers(params)
+        idx = {id(p): i for i, p in enumerate(params)}
+        total = None
+        for group in self.param_groups:
+            ii = [idx[id(p)] for p in group["params"] if id(p) in idx]
+            if not ii:
+                continue
+            mode = group["norm"]
+            v = []
+            for i in ii:
+                st = self.state[params[i]]
+                if mode != "spherical":
+                    if "square_avg" not in st:
+                        st["square_avg"] = torch.zeros_like(work["a"][i])
+                    v.append(st["square_avg"])
+                else:
+                    v.append(work["a"][i])  # unused by the spherical mode
+            sel = lambda key: [work[key][i] for i in ii]
+            out = ops.tr_cg_init_(v, sel("a"), sel("s"), sel("r"), sel("p"), [grads[i] for i in ii],
+                                  group["beta"], group["eps"], mode, fused=self.fused)
+            total = out if total is None else total + out.to(total.dtype)
+        return work, total
+
+    def _ellipsoid_backup(self, params):
+        return [(st["square_avg"], st["square_avg"].clone()) for p in params
+                for st in [self.state.get(p, {})] if "square_avg" in st]
+
+    @staticmethod
+    def _restore_ellipsoid(backup):
+        for t, b in backup:
+            t.copy_(b)
+
+    def _trial(self, closure, params, step: List[torch.Tensor]):
+        """Move to w + s, evaluate the loss (no graph), return (loss, saved weights)."""
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, step):
+                p.add_(s.to(p.dtype))
+            loss = _loss_only(closure())
+        self.counters["loss_evals"] += 1
+        return float(loss), saved
+
+    @staticmethod
+    def _restore(params, saved):
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)  # restore by copy: bit-identical
+
+    def _finish(self, oracle, backprops_per_product, info):
+        self.counters["steps"] += 1
+        self.counters["gradients"] += oracle.n_grad
+        self.counters["hvps"] += oracle.n_hvp
+        bp = oracle.n_grad + backprops_per_product * oracle.n_hvp
+        self.counters["backprops"] += bp
+        self.counters["subproblem_iters"] += info.get("iters", 0)
+        info.update(hvps=oracle.n_hvp, backprops=bp)
+        self.last_step = info
+        oracle.release()
+
+    def _eigenpoint(self, matvec, params, a, grads, radius: float, iters: int):
+        """Assumption 2's eigenpoint: ||s||_A = radius along the leftmost eigenvector of
+        A^{-1/2} B A^{-1/2} (Lanczos from a Philox Rademacher start). None without negative curvature."""
+        if iters <= 0:
+            return None
+        asq = flatten(a).rsqrt()
+        start = [torch.empty_like(t) for t in a]
+        self.rng.rademacher_(start, fused=self.fused)
+        lz = Lanczos(lambda x: asq * flatten(matvec(unflatten(asq * x, a)), asq.dtype), flatten(start, asq.dtype))
+        for _ in range(iters):
+            lz.step()
+            if lz.broke_down:
+                break
+        theta, u = leftmost(lz.T())
+        if theta >= 0:
+            return None
+        s = asq * lz.combine(u.to(asq.dtype)) * radius
+        gs = float(torch.dot(flatten(grads, s.dtype), s))
+        if gs > 0:
+            s, gs = -s, -gs
+        return unflatten(s, a), gs + 0.5 * theta * radius * radius, len(lz.alphas)
+
+    def extra_state(self) -> dict:
+        st = super().extra_state()
+        st["last_step"] = {k: v for k, v in self.last_step.items() if isinstance(v, (int, float, str, bool))}
+        return st
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.last_step = dict(state.get("last_step", {}))
+
+
+class TrustRegion(_RegularisedNewton):
+    r"""Stochastic ellipsoidal (or spherical) trust region, Algorithm 1 of the paper.
+
+    Args:
+        params: parameters or param groups.
+        radius: initial radius Delta_0 (default 1e-4, in the A-norm).
+        max_radius: upper bound of the radius (default 10).
+        eta: acceptance threshold; a step with rho >= eta is accepted (default 0.01).
+        eta_very_successful: rho >= this enlarges the radius (default 0.95).
+        gamma: radius factor > 1 (default 2.0). Update (Alg. 1 with the usual very-successful
+            refinement): rho < eta: reject, radius /= gamma; eta <= rho < eta_very_successful:
+            accept, radius kept; rho >= eta_very_successful: accept, radius = min(gamma radius,
+            max_radius). ``eta_very_successful=eta`` is Alg. 1 verbatim (every success enlarges).
+            The appendix table of the paper is not part of the text this implementation was
+            written from; gamma=2 is the common choice in the TR literature (Conn et al. 2000).
+        norm: 'rmsprop' (eq. 3), 'adagrad' (eq. 2) or 'spherical' (A = I). Per group.
+        beta: RMSProp decay of eq. 3 (default 0.8). Per group.
+        eps: epsilon of eqs. 2-3 (default 1e-8); keeps A uniformly equivalent (Lemma 2). Per group.
+        cg_max_iters: Steihaug-CG iterations (= curvature products) per step (default 50).
+        cg_tol: relative residual ||r||_{A^-1} <= cg_tol ||g||_{A^-1} stops CG (default 0.1).
+        curvature: 'hessian' or 'gauss_newton' (closure returns (loss, outputs)).
+        hvp: Hessian-vector-product engine, 'exact' or 'finite_difference'; fd_eps its step.
+        grad_tol: epsilon_g of Alg. 1 line 4: if ||g|| <= grad_tol the gradient is set to 0 and
+            the step is the eigenpoint (default 0: only an exactly vanishing gradient).
+        eigen_iters: Lanczos iterations for the eigenpoint when the gradient vanishes (default
+            10; 0 disables it, then a stationary point ends the progress).
+        fused, seed, raise_on_nonfinite: see :class:`NatashaOptimizer`.
+
+    ``step(closure)`` returns the loss at the current point (before the step).
+    """
+
+    _GLOBAL = ("radius", "max_radius", "eta", "eta_very_successful", "gamma", "cg_max_iters", "cg_tol",
+               "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters")
+
+    def __init__(self, params, radius: float = 1e-4, max_radius: float = 10.0, eta: float = 0.01,
+                 eta_very_successful: float = 0.95, gamma: float = 2.0, norm: str = "rmsprop",
+                 beta: float = 0.8, eps: float = 1e-8, cg_max_iters: int = 50, cg_tol: float = 0.1,
+                 curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
+                 eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
+                 raise_on_nonfinite: bool = False):
+        V.positive("radius", radius)
+        V.positive("max_radius", max_radius)
+        if max_radius < radius:
+            raise ValueError(f"invalid max_radius: {max_radius!r} (must be >= radius={radius!r})")
+        V.in_range("eta", eta, 0.0, 1.0, low_open=True)
+        V.in_range("eta_very_successful", eta_very_successful, eta, 1.0)
+        V.greater_than("gamma", gamma, 1.0)
+        V.choice("norm", norm, NORMS)
+        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
+        V.positive("eps", eps)
+        V.positive_int("cg_max_iters", cg_max_iters)
+        V.positive("cg_tol", cg_tol)
+        V.choice("curvature", curvature, CURVATURES)
+        V.choice("hvp", hvp, HVP_METHODS)
+        V.positive("fd_eps", fd_eps)
+        V.nonnegative("grad_tol", grad_tol)
+        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
+        defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
+                        gamma=gamma, norm=norm, beta=beta, eps=eps, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
+                        curvature=curvature, hvp=hvp, fd_eps=fd_eps, grad_tol=grad_tol, eigen_iters=eigen_iters)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite)
+        self.radius = float(radius)
+
+    def step(self, closure: Callable = None):
+        params = self._params()
+        self.check_grads(params)
+        g0 = self.param_groups[0]
+        oracle, bp_per = self._oracle(closure, params)
+        loss0 = oracle.loss
+        grads = oracle.grads
+        info = {"radius": self.radius, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
+        if not self.all_finite(grads + [loss0.reshape(1)]):
+            self.skip_nonfinite("gradients")
+            info["reason"] = "nonfinite_gradient"
+            self._finish(oracle, bp_per, info)
+            return loss0
+        backup = self._ellipsoid_backup(params)
+        work, tot = self._init_subproblem(params, grads)
+        rz0, gg = tot.tolist()
+        matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
+        s = work["s"]
+        if math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0:
+            eig = self._eigenpoint(matvec, params, work["a"], grads, self.radius, g0["eigen_iters"])
+            if eig is None:
+                info["reason"] = "stationary"
+                self._finish(oracle, bp_per, info)
+                return loss0
+            step_vec, model, iters = eig
+            reason = "eigenpoint"
+        else:
+            res = steihaug_cg(matvec, grads, s, work["r"], work["p"], work["a"], rz0, self.radius,
+                              g0["cg_max_iters"], g0["cg_tol"], fused=self.fused)
+            step_vec, model, iters, reason = s, res.model, res.iters, res.reason
+            if reason == "nonfinite":
+                self._restore_ellipsoid(backup)
+                self.skip_nonfinite("curvature")
+                info.update(reason="nonfinite_curvature", iters=iters)
+                self._finish(oracle, bp_per, info)
+                return loss0
+        pred = -model
+        info.update(iters=iters, reason=reason, predicted=pred)
+        if not pred > 0:
+            info["reason"] = "stationary"
+            self._finish(oracle, bp_per, info)
+            return loss0
+        trial, saved = self._trial(closure, params, step_vec)
+        rho = (float(loss0) - trial) / pred
+        if not math.isfinite(rho):
+            rho = -math.inf
+        accepted = rho >= g0["eta"]
+        if not accepted:
+            self._restore(params, saved)
+            self.radius = self.radius / g0["gamma"]
+            self.counters["rejected"] += 1
+        else:
+            self.counters["accepted"] += 1
+            if rho >= g0["eta_very_successful"]:
+                self.radius = min(self.radius * g0["gamma"], g0["max_radius"])
+        info.update(rho=rho, accepted=accepted, trial_loss=trial, radius=self.radius)
+        self._finish(oracle, bp_per, info)
+        return loss0
+
+    def extra_state(self) -> dict:
+        st = super().extra_state()
+        st["radius"] = self.radius
+        return st
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.radius = float(state["radius"])
+
+
+class ARC(_RegularisedNewton):
+    r"""Adaptive cubic regularisation (Cartis, Gould & Toint 2011) in the adaptive norm:
+    m(s) = g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3, rho = (L(w) - L(w+s)) / (L(w) - m(s)).
+
+    Args:
+        sigma: initial regularisation (default 1.0).
+        eta1: acceptance threshold (default 0.1); eta2: very successful threshold (default 0.9).
+        gamma: factor > 1 (default 2.0). Update (Cartis et al. 2011, gamma_1 = gamma_2 = gamma):
+            rho >= eta2: sigma = max(sigma / gamma, sigma_min); eta1 <= rho < eta2: kept;
+            rho < eta1: rejected (weights restored bit-exactly), sigma = gamma sigma.
+        sigma_min: lower bound of sigma (default 1e-8).
+        norm: 'rmsprop' | 'adagrad' | 'spherical' (as :class:`TrustRegion`); beta, eps likewise.
+        subproblem: 'lanczos' (Krylov subspace of A^{-1/2} B A^{-1/2} from A^{-1/2} g, the cubic
+            model minimised on the tridiagonal by the secular equation; stops when the model
+            gradient beta_k |y_k| <= subproblem_tol ||g||_{A^-1}) or 'cg' (truncated PCG with
+            exact line minimisation of the cubic model, the fused CG sweep).
+        subproblem_max_iters: Krylov dimension / CG iterations per step (default 25).
+        subproblem_tol: relative tolerance (default 0.1).
+        curvature, hvp, fd_eps, grad_tol, eigen_iters: as :class:`TrustRegion` (with a vanishing
+            gradient Lanczos starts from a Philox Rademacher vector, which finds the escape
+            direction -theta_min/sigma along the leftmost eigenvector).
+    """
+
+    _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
+               "subproblem_tol", "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters")
+
+    def __init__(self, params, sigma: float = 1.0, eta1: float = 0.1, eta2: float = 0.9, gamma: float = 2.0,
+                 norm: str = "rmsprop", subproblem: str = "lanczos", beta: float = 0.8, eps: float = 1e-8,
+                 sigma_min: float = 1e-8, subproblem_max_iters: int = 25, subproblem_tol: float = 0.1,
+                 curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
+                 eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
+                 raise_on_nonfinite: bool = False):
+        V.positive("sigma", sigma)
+        V.in_range("eta1", eta1, 0.0, 1.0, low_open=True)
+        V.in_range("eta2", eta2, eta1, 1.0)
+        V.greater_than("gamma", gamma, 1.0)
+        V.nonnegative("sigma_min", sigma_min)
+        V.choice("norm", norm, NORMS)
+        V.choice("subproblem", subproblem, ("lanczos", "cg"))
+        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
+        V.positive("eps", eps)
+        V.positive_int("subproblem_max_iters", subproblem_max_iters)
+        V.positive("subproblem_tol", subproblem_tol)
+        V.choice("curvature", curvature, CURVATURES)
+        V.choice("hvp", hvp, HVP_METHODS)
+        V.positive("fd_eps", fd_eps)
+        V.nonnegative("grad_tol", grad_tol)
+        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
+        defaults = dict(sigma=sigma, eta1=eta1, eta2=eta2, gamma=gamma, sigma_min=sigma_min, norm=norm,
+                        subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
+                        subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
+                        grad_tol=grad_tol, eigen_iters=eigen_iters)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite)
+        self.sigma = float(sigma)
+
+    def _lanczos_step(self, matvec, params, a, grads, gnorm_zero: bool, g0):
+        asq = flatten(a).rsqrt()
+        b = asq * flatten(grads, asq.dtype)
+        gn = 0.0 if gnorm_zero else float(b.norm())
+        if gn == 0.0:
+            start = [torch.empty_like(t) for t in a]
+            self.rng.rademacher_(start, fused=self.fused)
+            b0 = flatten(start, asq.dtype)
+            kmax = max(g0["eigen_iters"], 1)
+        else:
+            b0, kmax = b, g0["subproblem_max_iters"]
+        lz = Lanczos(lambda x: asq * flatten(matvec(unflatten(asq * x, a)), asq.dtype), b0)
+        y = val = None
+        for _ in range(kmax):
+            lz.step()
+            y, val, _ = cubic_tridiag(lz.T(), gn, self.sigma)
+            if lz.broke_down:
+                break
+            if gn > 0 and lz.betas[-1] * abs(float(y[-1])) <= g0["subproblem_tol"] * gn:
+                break
+        if gn == 0.0 and not lz.broke_down:
+            y, val, _ = cubic_tridiag(lz.T(), 0.0, self.sigma)
+        x = lz.combine(y.to(asq.dtype))
+        if gn == 0.0:  # pick the escape direction's sign against the (tiny) gradient
+            if float(torch.dot(flatten(grads, asq.dtype), asq * x)) > 0:
+                x = -x
+        return unflatten(asq * x, a), val, len(lz.alphas)
+
+    def step(self, closure: Callable = None):
+        params = self._params()
+        self.check_grads(params)
+        g0 = self.param_groups[0]
+        oracle, bp_per = self._oracle(closure, params)
+        loss0, grads = oracle.loss, oracle.grads
+        info = {"sigma": self.sigma, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
+        if not self.all_finite(grads + [loss0.reshape(1)]):
+            self.skip_nonfinite("gradients")
+            info["reason"] = "nonfinite_gradient"
+            self._finish(oracle, bp_per, info)
+            return loss0
+        backup = self._ellipsoid_backup(params)
+        work, tot = self._init_subproblem(params, grads)
+        rz0, gg = tot.tolist()
+        matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
+        zero_g = math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0
+        try:
+            if g0["subproblem"] == "lanczos" or zero_g:
+                step_vec, model, iters = self._lanczos_step(matvec, params, work["a"], grads, zero_g, g0)
+                reason = "lanczos"
+            else:
+                res = cubic_cg(matvec, grads, work["s"], work["r"], work["p"], work["a"], rz0, self.sigma,
+                               g0["subproblem_max_iters"], g0["subproblem_tol"], fused=self.fused)
+                step_vec, model, iters, reason = work["s"], res.model, res.iters, res.reason
+        except (RuntimeError, ValueError) as exc:
+            if "nan" not in str(exc).lower() and "finite" not in str(exc).lower():
+                raise
+            model, iters, reason = float("nan"), 0, "nonfinite"
+        if not math.isfinite(model):
+            self._restore_ellipsoid(backup)
+            self.skip_nonfinite("curvature")
+            info.update(reason="nonfinite_curvature", iters=iters)
+            self._finish(oracle, bp_per, info)
+            return loss0
+        pred = -model
+        info.update(iters=iters, reason=reason, predicted=pred)
+        if not pred > 0:
+            info["reason"] = "stationary"
+            self._finish(oracle, bp_per, info)
+            return loss0
+        trial, saved = self._trial(closure, params, step_vec)
+        rho = (float(loss0) - trial) / pred
+        if not math.isfinite(rho):
+            rho = -math.inf
+        accepted = rho >= g0["eta1"]
+        if not accepted:
+            self._restore(params, saved)
+            self.sigma = self.sigma * g0["gamma"]
+            self.counters["rejected"] += 1
+        else:
+            self.counters["accepted"] += 1
+            if rho >= g0["eta2"]:
+                self.sigma = max(self.sigma / g0["gamma"], g0["sigma_min"])
+        info.update(rho=rho, accepted=accepted, trial_loss=trial, sigma=self.sigma)
+        self._finish(oracle, bp_per, info)
+        return loss0
+
+    def extra_state(self) -> dict:
+        st = super().extra_state()
+        st["sigma"] = self.sigma
+        return st
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.sigma = float(state["sigma"])
