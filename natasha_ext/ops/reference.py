@@ -199,7 +199,6 @@ def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions:
 # natasha: svrg_step (Natasha1.5 inner step), oja_step (one Oja / power iteration on I - eta H)
 
 
-
 # =============================================================================================
 # trust region: tr_cg_init_, cg_dots, cg_step_ (preconditioned Steihaug-Toint CG in the A-norm)
 # =============================================================================================
