@@ -163,3 +163,21 @@ def test_natasha_ops_cuda_match_cpu_reference():
     for x, y in zip(dc["params"], d["params"]):
         torch.testing.assert_close(x.cpu(), y, rtol=4e-5, atol=4e-5)
     torch.testing.assert_close(oc.cpu(), orf, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_foreach_references_match_spec():
+    from benchmarks.ops_natasha import oja_foreach, svrg_foreach
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(7, 3), (100,), (2, 2, 2)]
+    d = _svrg_inputs(shapes, "cpu", torch.float64, gen)
+    a, b = _clone(d), _clone(d)
+    out = svrg_foreach(a["params"], a["grads"], a["snap"], a["mu"], a["anchor"], a["avg"], 0.1, 0.4)
+    ref = R.svrg_step(b["params"], b["grads"], b["snap"], b["mu"], b["anchor"], b["avg"], 0.1, 0.4, 0, None, 0.0, 0.0)
+    for x, y in zip(a["params"] + a["avg"], b["params"] + b["avg"]):
+        torch.testing.assert_close(x, y)
+    torch.testing.assert_close(out, ref[0])
+    w = [t.clone() for t in d["mu"]]
+    w2 = [t.clone() for t in w]
+    s = torch.tensor(0.5, dtype=torch.float64)
+    torch.testing.assert_close(oja_foreach(w, d["grads"], s, 0.2), R.oja_step(w2, d["grads"], s, 0.2))
