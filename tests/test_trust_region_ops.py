@@ -11,6 +11,15 @@ requires_tr_kernels = pytest.mark.skipif(not (ops.fused_available() and _has_op(
 CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny problems: intra-op threads only add contention on the shared test machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _lists(sizes, dtype, device="cpu", seed=0, positive=False):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable, List, Sequence
 
+import numpy as np
 import torch
 
 
@@ -87,50 +88,49 @@ class Lanczos:
 
 def cubic_tridiag(T: torch.Tensor, gn: float, sigma: float):
     """argmin_y gn*y_1 + 1/2 y^T T y + sigma/3 ||y||^3 (global minimiser, fp64). Returns
-    (y, model value, lam) with lam = sigma ||y|| the secular-equation multiplier."""
-    theta, U = torch.linalg.eigh(T)
-    c = gn * U[0, :]  # U^T (gn e_1)
+    (y, model value, lam) with lam = sigma ||y|| the secular-equation multiplier.
+
+    The minimiser satisfies (T + lam I) y = -gn e_1, T + lam I PSD, lam = sigma ||y||
+    (Cartis et al. 2011, Thm 3.1). On T = U diag(theta) U^T, ||y(lam)|| = ||c / (theta + lam)||
+    with c = gn U^T e_1, and phi(lam) = ||y(lam)|| - lam/sigma decreases on (-theta_min, inf):
+    the root is bracketed and found by bisection (numpy, the matrix is tiny). Hard case (c has
+    no component on the leftmost eigenvector, e.g. gn = 0): lam = -theta_min and the leftmost
+    eigenvector is added to reach ||y|| = lam / sigma."""
+    Tn = T.detach().cpu().double().numpy()
+    theta, U = np.linalg.eigh(Tn)
+    c = gn * U[0, :]
     lo = max(0.0, -float(theta[0]))
+    scale = max(1.0, float(np.abs(theta).max()))
 
     def ynorm(lam):
         d = theta + lam
-        return float(torch.linalg.vector_norm(c / d))
+        keep = np.abs(d) > 0
+        return float(np.linalg.norm(c[keep] / d[keep]))
 
-    def y_of(lam):
-        return -(U @ (c / (theta + lam)))
-
-    hard = abs(float(c[0])) <= 1e-12 * max(abs(gn), 1e-300) and -float(theta[0]) >= 0
-    if hard and (lo == 0.0 or ynorm_safe(theta, c, lo) <= lo / sigma):
-        # hard case: the shift sits at -theta_min; add the eigenvector to reach ||y|| = lam/sigma
-        mask = (theta - theta[0]).abs() > 1e-12 * max(1.0, float(theta.abs().max()))
-        y = -(U[:, mask] @ (c[mask] / (theta[mask] + lo))) if bool(mask.any()) else torch.zeros_like(c)
+    left = np.abs(theta - theta[0]) <= 1e-12 * scale
+    hard = float(np.linalg.norm(c[left])) <= 1e-12 * max(abs(gn), 1e-300)
+    if hard and (lo == 0.0 or ynorm(lo) <= lo / sigma):
+        d = theta[~left] + lo
+        y = -(U[:, ~left] @ (c[~left] / d)) if (~left).any() else np.zeros_like(c)
         extra = max((lo / sigma) ** 2 - float(y @ y), 0.0)
-        y = y + math.sqrt(extra) * U[:, 0]
+        y = y + np.sqrt(extra) * U[:, 0]
         lam = lo
     else:
-        # phi(lam) = ||y(lam)|| - lam/sigma decreases on (lo, inf): bisection
-        a_ = lo
-        b_ = lo + 1.0
+        a_, b_ = lo, lo + 1.0
         while ynorm(b_) - b_ / sigma > 0:
             b_ = 2 * b_ + 1.0
         for _ in range(200):
             mid = 0.5 * (a_ + b_)
-            if mid == a_ or mid == b_:
+            if mid <= a_ or mid >= b_:
                 break
             if ynorm(mid) - mid / sigma > 0:
                 a_ = mid
             else:
                 b_ = mid
         lam = b_
-        y = y_of(lam)
-    val = gn * float(y[0]) + 0.5 * float(y @ (T @ y)) + sigma / 3 * float(y.norm()) ** 3
-    return y, val, lam
-
-
-def ynorm_safe(theta, c, lam):
-    d = theta + lam
-    keep = d.abs() > 1e-300
-    return float(torch.linalg.vector_norm(c[keep] / d[keep]))
+        y = -(U @ (c / (theta + lam)))
+    val = gn * float(y[0]) + 0.5 * float(y @ (Tn @ y)) + sigma / 3 * float(np.linalg.norm(y)) ** 3
+    return torch.from_numpy(y), val, lam
 
 
 def leftmost(T: torch.Tensor):
