@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from natasha_ext import cli_optimizers, data, models
 
-__all__ = ["build_parser", "parse_args", "run", "train_one", "evaluate", "summarize", "format_table",
+__all__ = ["build_parser", "parse_args", "run", "train_one", "make_optimizer", "hyperparameters", "evaluate", "summarize", "format_table",
            "EpochContext", "HISTORY_COLUMNS", "main"]
 
 #: columns of history.csv, one row per (optimizer, seed, epoch); epoch 0 is the initial model
@@ -59,19 +59,21 @@ _GENERAL = {"optimizer", "model", "model_arg", "dataset", "subset", "data_seed",
 
 # ---------------------------------------------------------------------------------------- CLI
 def _parse_seeds(text: str) -> List[int]:
+    """'0' -> [0]; '0,1,2' -> [0, 1, 2]; '0-9' -> [0..9]; parts combine: '0-2,7'."""
     seeds: List[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-            lo, hi = int(a), int(b)
-            if hi < lo:
-                raise argparse.ArgumentTypeError(f"seed range {part!r} is empty")
-            seeds.extend(range(lo, hi + 1))
-        else:
-            seeds.append(int(part))
+    try:
+        for part in str(text).replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            if sep:
+                if int(hi) < int(lo):
+                    raise argparse.ArgumentTypeError(f"seed range {part!r} is empty")
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like 0 or 0,1,2 or 0-9 (non-negative), got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
     return seeds
@@ -202,6 +204,24 @@ def hyperparameters(args: argparse.Namespace, name: str) -> Dict[str, Any]:
     return out
 
 
+def make_optimizer(name: str, model: torch.nn.Module, params=None, *, seed: int = 0,
+                   args: Optional[argparse.Namespace] = None, **hparams):
+    """Build registered optimizer ``name`` for ``model`` as the CLI would (its defaults, then
+    ``args``' flags, then ``hparams``); returns ``(optimizer, spec)``. ``spec.closure`` says
+    whether ``step``'s closure must call backward (``"backward"``) or not (``"loss"``).
+
+    >>> opt, spec = make_optimizer("adam", model, lr=3e-4)
+    """
+    spec = cli_optimizers.get_spec(name)
+    args = args if args is not None else parse_args([], optimizer=[name])
+    unknown = set(hparams) - set(spec.flags)
+    if unknown:
+        raise TypeError(f"{name} has no hyperparameter(s) {sorted(unknown)}; it takes {sorted(spec.flags)}")
+    hp = argparse.Namespace(**{**vars(args), **hyperparameters(args, name), **hparams, "seed": seed})
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    return spec.build(model, params, hp), spec
+
+
 # ---------------------------------------------------------------------------------- training
 def _loss_fn(task: str, recon_loss: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     if task == "reconstruction":
@@ -270,12 +290,9 @@ def train_one(args: argparse.Namespace, name: str, model: torch.nn.Module, split
     ``args.epochs`` epochs; returns one history row per epoch (epoch 0 = before training)."""
     from tqdm.auto import tqdm
 
-    spec = cli_optimizers.get_spec(name)
-    hp = argparse.Namespace(**{**vars(args), **hyperparameters(args, name), "seed": seed})
     loss_fn = _loss_fn(task, args.recon_loss)
-    params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    optimizer = spec.build(model, params, hp)
+    optimizer, spec = make_optimizer(name, model, seed=seed, args=args)
     gen = torch.Generator().manual_seed(seed)          # same minibatch order for every optimizer
     (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
     ev = lambda x, y: evaluate(model, loss_fn, x, y, args.eval_batch_size, task)

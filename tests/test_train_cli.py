@@ -169,6 +169,15 @@ def test_hyperparameter_defaults_per_optimizer():
     assert args.seeds == [0, 1, 2, 7]
 
 
+def test_make_optimizer_for_other_programs():
+    model = torch.nn.Linear(3, 2)
+    opt, spec = train.make_optimizer("adam", model, lr=3e-4)
+    assert isinstance(opt, torch.optim.Adam) and spec.closure == "backward"
+    assert opt.param_groups[0]["lr"] == 3e-4 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(TypeError, match="no hyperparameter"):
+        train.make_optimizer("sgd", model, beta1=0.5)
+
+
 def test_cli_lists_only_registered_optimizers(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--optimizer", "lbfgs"])
