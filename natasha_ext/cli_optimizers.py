@@ -85,7 +85,44 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         flags={"lr": 0.001, **_BETAS, "eps": Flag(1e-8, "denominator epsilon"), "weight_decay": 0.0},
         build=lambda model, params, a: torch.optim.Adam(params, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
                                                         weight_decay=a.weight_decay)),
+    # ---- natasha (Natasha1.5 / Natasha2; defaults: natasha2-pytorch-report appendix, LeNet/MNIST)
+    "natasha15": OptimizerSpec(
+        help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging; alpha 0.01, B 27, p 9, sigma 0.5 "
+             "(report appendix); --no-variance-reduction = the report's simplified Alg. 2",
+        flags={"lr": 0.01, "sigma": Flag(0.5, "Natasha regulariser weight sigma"),
+               "epoch_size": Flag(27, "Natasha epoch length B (inner steps)"),
+               "subepochs": Flag(9, "Natasha sub-epochs p (m = B/p)"),
+               "variance_reduction": Flag(True, "Natasha1.5: faithful variance-reduced estimator"),
+               "snapshot_batches": Flag(0, "Natasha: minibatches averaged into mu per epoch (0: the first one)")},
+        build=lambda model, params, a: _natasha().Natasha15(
+            params, lr=a.lr, sigma=a.sigma, epoch_size=a.epoch_size, subepochs=a.subepochs,
+            variance_reduction=a.variance_reduction, snapshot_batches=a.snapshot_batches or None, seed=a.seed),
+        closure="loss"),
+    "natasha2": OptimizerSpec(
+        help="Natasha2 (Allen-Zhu 2018): Oja's algorithm on I - eta H, kick along negative curvature, else a "
+             "Natasha1.5 epoch; --hvp exact|finite_difference, --variant faithful|simplified (report Alg. 3-4)",
+        flags={"lr": 0.01, "sigma": Flag(0.5, "Natasha regulariser weight sigma"),
+               "epoch_size": Flag(27, "Natasha epoch length B (inner steps)"),
+               "subepochs": Flag(9, "Natasha sub-epochs p (m = B/p)"),
+               "snapshot_batches": Flag(0, "Natasha: minibatches averaged into mu per epoch (0: the first one)"),
+               "delta": Flag(0.2, "Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2)"),
+               "oja_eta": Flag(0.01, "Natasha2 Oja step eta (power method on I - eta H)"),
+               "oja_iters": Flag(0, "Natasha2 Oja iterations (0: ceil(1/delta^2), capped at 1000)"),
+               "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
+               "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
+               "variant": Flag("faithful", "Natasha2 variant", choices=("faithful", "simplified"))},
+        build=lambda model, params, a: _natasha().Natasha2(
+            params, lr=a.lr, sigma=a.sigma, epoch_size=a.epoch_size, subepochs=a.subepochs, delta=a.delta,
+            eta=a.oja_eta, oja_iters=a.oja_iters or None, hvp=a.hvp, fd_eps=a.fd_eps, variant=a.variant,
+            snapshot_batches=a.snapshot_batches or None, seed=a.seed),
+        closure="loss"),
 }
+
+
+def _natasha():
+    from natasha_ext.optim import natasha
+
+    return natasha
 
 
 def get_spec(name: str) -> OptimizerSpec:
