@@ -410,6 +410,8 @@ def format_table(summary: Sequence[Dict[str, Any]], task: str = "classification"
         mu, sd = s[m + "_mean"], s[m + "_std"]
         if mu is None or math.isnan(mu):
             return "-"
+        if s["seeds"] < 2:
+            return fmt.format(mu * scale)
         return f"{fmt.format(mu * scale)} ± {fmt.format(sd * scale)}"
     if task == "classification":
         cols = [("train acc %", "train_acc", 100.0, "{:.2f}"), ("val acc %", "val_acc", 100.0, "{:.2f}"),
@@ -580,7 +582,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     files = write_outputs(out, args, rows, summary, meta, task)
     table = format_table(summary, task)
     if log:
-        log("\n" + table + "\n")
+        log(f"\nfinal epoch, {'mean ± std over ' + str(len(args.seeds)) + ' seeds' if len(args.seeds) > 1 else '1 seed'}:")
+        log(table + "\n")
         log(f"results in {out}/ ({', '.join(Path(f).name for f in files.values())})")
     return {"history": rows, "summary": summary, "table": table, "files": files, "out": str(out), "task": task}
 
