@@ -44,6 +44,22 @@ def _cuda_wanted():
     return True, nvcc
 
 
+def _cpu_simd_flags():
+    """at::vec compiles to its generic (scalar-loop) Vectorized unless a CPU capability is set, as
+    ATen does per kernel file. Build the CPU kernels for AVX2+FMA when the build machine has them
+    (x86-64 since 2013); NATASHA_EXT_PORTABLE=1 keeps the generic baseline."""
+    if os.environ.get("NATASHA_EXT_PORTABLE", "0") not in ("", "0"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    if "avx2" in flags and "fma" in flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -52,7 +68,7 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(root, "csrc", "include")]
-    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"]
+    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags()
     # pip's cu13 torch wheels ship the CUDA headers (cusparse.h ...) that torch's headers include.
     nv = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")
     if os.path.isdir(nv):

@@ -16,12 +16,12 @@ LR, REG, ETA = 0.01, 1.0, 0.1
 
 
 def svrg_foreach(x, g, gs, mu, a, s, lr, reg):
-    """d = g - gs + mu + reg (x - a); s += x; x -= lr d, as torch._foreach_* calls."""
+    """d = g - gs + mu + reg (x - a); s += x - a; x -= lr d, as torch._foreach_* calls."""
     d = torch._foreach_sub(g, gs)
     torch._foreach_add_(d, mu)
     diff = torch._foreach_sub(x, a)
     torch._foreach_add_(d, diff, alpha=reg)
-    torch._foreach_add_(s, x)
+    torch._foreach_add_(s, diff)
     torch._foreach_add_(x, d, alpha=-lr)
     return torch.stack(torch._foreach_norm(d)).square().sum()
 

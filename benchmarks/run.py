@@ -26,7 +26,7 @@ from tqdm import tqdm
 from benchmarks.common import copy_bandwidth, machine_info, make_params, model_shapes, time_fn
 
 # Modules that contribute rows (each defines cases() -> list[Case]). Families add theirs here.
-MODULES = ["benchmarks.ops_foundation", "benchmarks.ops_natasha"]
+MODULES = ["benchmarks.ops_foundation", "benchmarks.ops_natasha", "benchmarks.ops_trust_region"]
 
 
 def collect_cases(only=None):

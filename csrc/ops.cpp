@@ -13,9 +13,10 @@ TORCH_LIBRARY(natasha, m) {
   m.def("global_norm(Tensor[] tensors) -> Tensor");
   // ---- natasha (svrg_step, oja_step) ---------------------------------------------------------
   // Natasha1.5 inner step, in place (spec: reference.svrg_step): d = g [- snapshot_grads] [+ mu]
-  // + reg (x - anchor); avg_sum += x; x <- x - lr d, then the prox of prox_L max(0, ||x - center||
-  // - prox_radius)^2 when center is given; finalize = m > 0 ends a sub-epoch (x <- anchor <-
-  // (avg_sum + x) / m, avg_sum <- 0). Returns [sum d^2, ||z - center||^2, kappa].
+  // + reg (x - anchor); avg_sum += x - anchor; x <- x - lr d, then the prox of prox_L max(0,
+  // ||x - center|| - prox_radius)^2 when center is given; finalize = m > 0 ends a sub-epoch
+  // (x <- anchor <- anchor + (avg_sum + x - anchor) / m, avg_sum <- 0). Returns [sum d^2,
+  // ||z - center||^2, kappa].
   m.def("svrg_step(Tensor(a!)[] params, Tensor[] grads, Tensor[]? snapshot_grads, Tensor[]? mu, "
         "Tensor(b!)[] anchor, Tensor(c!)[] avg_sum, float lr, float reg, int finalize, Tensor[]? center, "
         "float prox_L, float prox_radius) -> Tensor");
@@ -23,7 +24,25 @@ TORCH_LIBRARY(natasha, m) {
   // returns [||v_new||, scale^2 <v, hv>].
   m.def("oja_step(Tensor(a!)[] v, Tensor[] hv, Tensor scale, float eta) -> Tensor");
   // ---- adahessian (hutchinson_diag, adahessian_step) ----------------------------------------
+  // diag = (accumulate ? diag : 0) + alpha * z * hz, z regenerated from the Philox stream
+  // (seed, offset) over the concatenated list (the rademacher_ draw the probe came from).
+  m.def("hutchinson_diag_(Tensor(a!)[] diag, Tensor[] hz, int seed, int offset, float alpha, bool accumulate) -> ()");
+  // One AdaHessian update in place: spatial mean of |D| over runs of group_sizes[i] elements
+  // (conv kernels / blocks), both moments, bias corrections, Hessian power, decoupled weight
+  // decay. curv_mode 0: no new curvature, 1: curv = Hz of the probe at (seed, offset), 2: curv = D.
+  m.def("adahessian_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_hess_sq, "
+        "Tensor[] curv, int[] group_sizes, int curv_mode, bool abs_first, int seed, int offset, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, float hessian_power, float bias_correction1, "
+        "float bias_correction2) -> ()");
   // ---- kfac / ang / ifang --------------------------------------------------------------------
+  // factor_i <- decay factor_i + (1 - decay) scales[i] rows_i^T rows_i (EMA folded into addmm).
+  m.def("kfac_factor_ema_(Tensor(a!)[] factors, Tensor[] rows, float[] scales, float decay) -> ()");
+  // U_i = g_inv_i @ grads_i @ a_inv_i and per-layer reductions [L, 3] = (<T,U>, |U|^2, |T|^2).
+  m.def("kfac_precondition(Tensor[] grads, Tensor[] g_inv, Tensor[] a_inv) -> (Tensor[], Tensor)");
+  // U_i = (lam I + yg^T yg)^-1 grads_i (lam I + ya^T ya)^-1 by SMW (rank k), reductions as above.
+  m.def("kfac_smw_apply(Tensor[] grads, Tensor[] ya, Tensor[] yg, float[] damping) -> (Tensor[], Tensor)");
+  // ANG slerp (eq. 7): nat_i <- scale (c1 nat_i + c2 grads_i); returns the [L, 2] coefficients.
+  m.def("ang_combine_(Tensor(a!)[] nat, Tensor[] grads, Tensor reductions, Tensor scale, float lam, bool per_layer) -> Tensor");
   // ---- trust region (cg_step) ---------------------------------------------------------------
   // Preconditioned Steihaug-Toint CG in the A-norm, A = diag(a); see natasha/trust_region.h.
   // State lists (v, a, s, r, p) are fp32 (fp64 for fp64 inputs); grads / Bp any float dtype.

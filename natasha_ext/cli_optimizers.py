@@ -67,6 +67,42 @@ class OptimizerSpec:
 
 _BETAS = {"beta1": Flag(0.9, "first-moment decay"), "beta2": Flag(0.999, "second-moment decay")}
 
+# ---- K-FAC / ANG / IFANG helpers (natasha_ext.optim.kfac) ------------------------------------
+_KFAC_FLAGS = {
+    "lr": Flag(0.01, "learning rate"), "momentum": 0.9,
+    "damping": Flag(1e-3, "K-FAC damping added to each Kronecker factor (eq. 8)"),
+    "stat_decay": Flag(0.95, "K-FAC: EMA decay of the factors"), "weight_decay": 0.0,
+    "kl_clip": Flag(1e-3, "K-FAC KL clipping (0 disables)"),
+    "cov_every": Flag(10, "steps between statistics refreshes"),
+    "inv_every": Flag(100, "K-FAC: steps between inverse refreshes"),
+    "inverse": Flag("cholesky", "K-FAC damped inverse", choices=("cholesky", "eigh")),
+}
+_ANG_FLAGS = {
+    "lam_schedule": Flag("linear", "ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)",
+                         choices=("linear", "exp", "cosine")),
+    "total_steps": Flag(0, "ANG: steps over which lambda reaches 1 (0: the whole run)"),
+}
+
+
+def _kfac_build(kind: str, model, a):
+    from natasha_ext import data
+    from natasha_ext.optim import ANG, IFANG, KFAC
+
+    kw = dict(lr=a.lr, momentum=a.momentum, damping=a.damping, weight_decay=a.weight_decay,
+              kl_clip=a.kl_clip or None, cov_every=a.cov_every)
+    if kind != "ifang":
+        kw.update(stat_decay=a.stat_decay, inv_every=a.inv_every, inverse=a.inverse)
+    if kind == "kfac":
+        return KFAC(model, **kw)
+    total = a.total_steps
+    if not total:
+        n_train, n_val, _ = data.parse_subset(getattr(a, "subset", "1200/200/200"))
+        n_train = n_train if n_train is not None else 60000 - n_val
+        total = a.epochs * -(-n_train // a.batch_size)
+    kw.update(lam_schedule=a.lam_schedule, total_steps=total)
+    return IFANG(model, rank=a.rank, **kw) if kind == "ifang" else ANG(model, **kw)
+
+
 # Defaults of the first-order baselines: the AdaHessian/Hybrid paper's grid-searched values
 # (ResNet-18, 1200 MNIST images, batch 100, 15 epochs).
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -115,6 +151,25 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
             params, lr=a.lr, sigma=a.sigma, epoch_size=a.epoch_size, subepochs=a.subepochs, delta=a.delta,
             eta=a.oja_eta, oja_iters=a.oja_iters or None, hvp=a.hvp, fd_eps=a.fd_eps, variant=a.variant,
             snapshot_batches=a.snapshot_batches or None, seed=a.seed),
+        closure="loss"),
+    # K-FAC / ANG / IFANG (asymptotic-natural-gradient.md): these hook the model's Linear/Conv2d
+    # layers, so build() passes the model; closure="loss" (the optimizer differentiates).
+    "kfac": OptimizerSpec(
+        help="K-FAC (Martens & Grosse): EMA Kronecker factors, damped inverses, KL clip, momentum",
+        flags=_KFAC_FLAGS,
+        build=lambda model, params, a: _kfac_build("kfac", model, a),
+        closure="loss"),
+    "ang": OptimizerSpec(
+        help="Asymptotic natural gradient (Tang et al., eq. 7): K-FAC slerped toward the Euclidean gradient",
+        flags={**_KFAC_FLAGS, **_ANG_FLAGS},
+        build=lambda model, params, a: _kfac_build("ang", model, a),
+        closure="loss"),
+    "ifang": OptimizerSpec(
+        help="Inverse-free ANG (eqs. 9-14): rank-s' group-mean factors applied by Sherman-Morrison-Woodbury",
+        flags={**{k: v for k, v in _KFAC_FLAGS.items() if k not in ("stat_decay", "inv_every", "inverse")},
+               "cov_every": Flag(1, "steps between statistics refreshes"), **_ANG_FLAGS,
+               "rank": Flag(1, "IFANG: number s' of row groups (rank of the factors)")},
+        build=lambda model, params, a: _kfac_build("ifang", model, a),
         closure="loss"),
 }
 

@@ -98,9 +98,26 @@ def _closure(case, pb, model, i, mode, value, rng):
     return closure
 
 
+# Bugs this suite found that are still open (strict xfail: fixing one makes its test fail here)
+KNOWN_BUGS = {
+    "fuzz:arc": "ARC: a NaN Hessian-vector product makes Lanczos' tridiagonal eigh raise _LinAlgError "
+                "instead of skipping the step",
+    "trial:natasha15": "Natasha1.5: the snapshot gradient grad f_i(x_tilde) is not checked for NaN/inf "
+                       "before the SVRG step",
+    "trial:natasha2": "Natasha2: the snapshot gradient grad f_i(x_tilde) is not checked for NaN/inf "
+                      "before the SVRG step",
+}
+
+
+def _known(request, key):
+    if key in KNOWN_BUGS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_BUGS[key], strict=True))
+
+
 @pytest.mark.parametrize("raise_on_nonfinite", [False, True], ids=["skip", "raise"])
 @case_params()
-def test_nonfinite_fuzz(case, raise_on_nonfinite, monkeypatch):
+def test_nonfinite_fuzz(case, raise_on_nonfinite, monkeypatch, request):
+    _known(request, f"fuzz:{case.name}")
     rng = random.Random(hash(case.name) % 1000 + raise_on_nonfinite)
     poison = _HVPPoison(monkeypatch)
     modes = ["data", "grad"] + (["hvp"] if case.uses_hvp else [])
@@ -147,9 +164,10 @@ def test_nonfinite_fuzz(case, raise_on_nonfinite, monkeypatch):
 
 
 @case_params()
-def test_nonfinite_loss_only_in_trial_point_is_not_fatal(case):
+def test_nonfinite_loss_only_in_trial_point_is_not_fatal(case, request):
     """A closure whose loss becomes non-finite after the parameters move (e.g. a trust-region
     trial point, a Natasha snapshot evaluation) never leaves NaN in the parameters or state."""
+    _known(request, f"trial:{case.name}")
     pb = Problem()
     m = pb.model()
     opt = case.make(m)

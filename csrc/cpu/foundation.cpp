@@ -36,16 +36,26 @@ template <typename scalar_t, typename acc_t>
 acc_t sumsq_chunk(const scalar_t* p, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    Vec acc(0);
+    // Four independent accumulators hide the FMA latency.
+    constexpr int64_t W = Vec::size();
+    Vec a0(0), a1(0), a2(0), a3(0);
     int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec x = Vec::loadu(p + i);
-      acc = at::vec::fmadd(x, x, acc);
+    for (; i + 4 * W <= n; i += 4 * W) {
+      const Vec x0 = Vec::loadu(p + i), x1 = Vec::loadu(p + i + W);
+      const Vec x2 = Vec::loadu(p + i + 2 * W), x3 = Vec::loadu(p + i + 3 * W);
+      a0 = at::vec::fmadd(x0, x0, a0);
+      a1 = at::vec::fmadd(x1, x1, a1);
+      a2 = at::vec::fmadd(x2, x2, a2);
+      a3 = at::vec::fmadd(x3, x3, a3);
     }
-    acc_t buf[Vec::size()];
-    acc.store(buf);
+    for (; i + W <= n; i += W) {
+      const Vec x = Vec::loadu(p + i);
+      a0 = at::vec::fmadd(x, x, a0);
+    }
+    acc_t buf[W];
+    ((a0 + a1) + (a2 + a3)).store(buf);
     acc_t tot = 0;
-    for (int j = 0; j < Vec::size(); ++j) tot += buf[j];
+    for (int64_t j = 0; j < W; ++j) tot += buf[j];
     for (; i < n; ++i) tot += p[i] * p[i];
     return tot;
   } else {

@@ -16,7 +16,8 @@ namespace cpu {
 namespace {
 
 // ------------------------------------------------------------------------------ svrg_step
-// MODE 0: x <- z; 1: finalize without prox (x <- a <- (s + x + z)/m, s <- 0); 2: prox pass 1
+// s sums deviations x_t - x_hat (exact for parameters that do not move).
+// MODE 0: x <- z; 1: finalize without prox (x <- a <- a + (s + x - a + z - a)/m, s <- 0); 2: prox pass 1
 // (x <- z, accumulate ||z - c||^2; the prox and the finalize happen in pass 2).
 template <typename scalar_t, typename acc_t>
 struct SvrgPtrs {
@@ -46,10 +47,10 @@ void svrg_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t lr, acc_t r
       if constexpr (MU) d = d + Vec::loadu(p.mu + i);
       d = at::vec::fmadd(vreg, x - a, d);
       const Vec z = x - vlr * d;
-      const Vec s = Vec::loadu(p.s + i) + x;
+      const Vec s = Vec::loadu(p.s + i) + (x - a);
       vd2 = at::vec::fmadd(d, d, vd2);
       if constexpr (MODE == 1) {
-        const Vec xh = (s + z) * vinv;
+        const Vec xh = a + (s + (z - a)) * vinv;
         xh.store(p.x + i);
         xh.store(p.a + i);
         zero.store(p.s + i);
@@ -74,10 +75,11 @@ void svrg_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t lr, acc_t r
     const acc_t mu = MU ? p.mu[i] : acc_t(0);
     const acc_t d = svrg_direction<acc_t>(static_cast<acc_t>(p.g[i]), gs, mu, reg, x, p.a[i]);
     const acc_t z = x - lr * d;
-    const acc_t s = p.s[i] + x;
+    const acc_t a = p.a[i];
+    const acc_t s = p.s[i] + (x - a);
     d2 += d * d;
     if constexpr (MODE == 1) {
-      const acc_t xh = (s + z) * inv_m;
+      const acc_t xh = a + (s + (z - a)) * inv_m;
       p.x[i] = static_cast<scalar_t>(xh);
       p.a[i] = xh;
       p.s[i] = acc_t(0);
@@ -101,7 +103,8 @@ void prox_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t kappa, acc_
     const acc_t c = p.c[i];
     const acc_t y = c + kappa * (static_cast<acc_t>(p.x[i]) - c);
     if (fin) {
-      const acc_t xh = (p.s[i] + y) * inv_m;
+      const acc_t a = p.a[i];
+      const acc_t xh = a + (p.s[i] + (y - a)) * inv_m;
       p.x[i] = static_cast<scalar_t>(xh);
       p.a[i] = xh;
       p.s[i] = acc_t(0);

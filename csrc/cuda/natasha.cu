@@ -20,7 +20,8 @@ constexpr int kILP = 4;
 // ------------------------------------------------------------------------------ svrg_step
 // List slots: 0 x (scalar_t), 1 g, 2 g_snap (scalar_t), 3 mu, 4 anchor, 5 avg_sum, 6 center
 // (acc_t). Absent optional lists are filled with a present list of the same dtype and never read.
-// MODE 0: x <- z; 1: finalize (x <- a <- (s + x + z)/m, s <- 0); 2: prox pass 1 (x <- z,
+// s sums deviations x_t - x_hat (exact for parameters that do not move).
+// MODE 0: x <- z; 1: finalize (x <- a <- a + (s + x - a + z - a)/m, s <- 0); 2: prox pass 1 (x <- z,
 // partial ||z - c||^2; the shrink and the finalize follow in ProxOp).
 template <typename scalar_t, typename acc_t, bool SNAP, bool MU, int MODE>
 struct SvrgOp {
@@ -55,10 +56,10 @@ struct SvrgOp {
         if (i < c.n) {
           const acc_t d = svrg_direction<acc_t>(rg[j], acc_t(0), acc_t(0), reg, rx[j], ra[j]);
           const acc_t z = rx[j] - lr * d;
-          const acc_t sum = rs[j] + rx[j];
+          const acc_t sum = rs[j] + (rx[j] - ra[j]);
           red[0] += d * d;
           if (MODE == 1) {
-            const acc_t xh = (sum + z) * inv_m;
+            const acc_t xh = ra[j] + (sum + (z - ra[j])) * inv_m;
             x[i] = static_cast<scalar_t>(xh);
             a[i] = xh;
             s[i] = acc_t(0);
@@ -97,7 +98,8 @@ struct ProxOp {
       const acc_t cc = ctr[i];
       const acc_t y = cc + kappa * (static_cast<acc_t>(x[i]) - cc);
       if (fin) {
-        const acc_t xh = (s[i] + y) * inv_m;
+        const acc_t aa = a[i];
+        const acc_t xh = aa + (s[i] + (y - aa)) * inv_m;
         x[i] = static_cast<scalar_t>(xh);
         a[i] = xh;
         s[i] = acc_t(0);

@@ -10,6 +10,11 @@ Multi-process: while an optimizer with a process group runs ``step()`` (see
 the ranks (one bucketed collective each); graph-carrying gradients (``create_graph=True``) are
 left local, since what is differentiated afterwards is averaged instead.
 
+Loss scaling (fp16 training): inside ``loss_scale(S)`` the engines differentiate ``S * loss``
+and divide the result by ``S`` (``natasha_ext.amp.scaled_step`` drives it from a
+``torch.amp.GradScaler``); an overflow shows up as inf/NaN in the unscaled gradient, which the
+optimizers' non-finite check turns into a skipped step.
+
 Engines:
   * ``'exact'``: double backward, Hv = d(g.v)/dx on the graph of g (one extra backward).
   * ``'finite_difference'``: Hv ~ (g(x + q v) - g(x)) / q, one extra gradient; the parameters
@@ -17,6 +22,8 @@ Engines:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -24,6 +31,18 @@ import torch
 from natasha_ext import distributed
 
 HVP_METHODS = ("exact", "finite_difference")
+
+_LOSS_SCALE: contextvars.ContextVar = contextvars.ContextVar("natasha_ext_loss_scale", default=None)
+
+
+@contextlib.contextmanager
+def loss_scale(scale: Optional[float]):
+    """Differentiate ``scale * loss`` inside the block (gradients returned unscaled)."""
+    token = _LOSS_SCALE.set(None if scale is None or float(scale) == 1.0 else float(scale))
+    try:
+        yield
+    finally:
+        _LOSS_SCALE.reset(token)
 
 
 def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "step") -> torch.Tensor:
@@ -48,9 +67,12 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
               retain_graph: Optional[bool] = None) -> List[torch.Tensor]:
     """d loss / d params; parameters the loss does not reach get zeros. Averaged across the
     active process group unless ``create_graph``."""
-    gs = torch.autograd.grad(loss, list(params), create_graph=create_graph,
+    scale = _LOSS_SCALE.get()
+    gs = torch.autograd.grad(loss if scale is None else loss * scale, list(params), create_graph=create_graph,
                              retain_graph=retain_graph, allow_unused=True)
     gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    if scale is not None:  # unscale (differentiably when the graph is kept, so H v comes out unscaled)
+        gs = [g / scale for g in gs]
     if create_graph:
         return gs
     return distributed.all_reduce_mean(gs)

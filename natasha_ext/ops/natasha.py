@@ -41,10 +41,10 @@ def svrg_step(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: Lis
               avg_sum: List[torch.Tensor], *, lr: float, reg: float, snapshot_grads: Optional[List[torch.Tensor]] = None,
               mu: Optional[List[torch.Tensor]] = None, finalize: int = 0, center: Optional[List[torch.Tensor]] = None,
               prox_L: float = 0.0, prox_radius: float = 0.0, fused: Optional[bool] = None) -> torch.Tensor:
-    """One pass over the list: d = g [- g_snap] [+ mu] + reg (x - anchor); avg_sum += x;
+    """One pass over the list: d = g [- g_snap] [+ mu] + reg (x - anchor); avg_sum += x - anchor;
     x <- x - lr d, then the closed-form prox of prox_L max(0, ||x - center|| - prox_radius)^2 when
-    ``center`` is given; ``finalize=m`` ends a sub-epoch (x <- anchor <- (avg_sum + x)/m,
-    avg_sum <- 0). Returns [sum d^2, ||z - center||^2, kappa] without a host sync.
+    ``center`` is given; ``finalize=m`` ends a sub-epoch (x <- anchor <- anchor + (avg_sum + x -
+    anchor)/m, the mean of the sub-epoch's iterates; avg_sum <- 0). Returns [sum d^2, ||z - center||^2, kappa] without a host sync.
 
     ``params``/``grads``/``snapshot_grads`` share the parameter dtype; the state lists (mu, anchor,
     avg_sum, center) are fp32 for fp16/bf16/fp32 params and fp64 for fp64 params.

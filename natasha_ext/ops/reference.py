@@ -82,6 +82,270 @@ def global_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
 
 
 # =============================================================================================
+# natasha: svrg_step (Natasha1.5 inner step), oja_step (one Oja / power iteration on I - eta H)
+# =============================================================================================
+def _opt(lst, i):
+    return None if lst is None else lst[i]
+
+
+def svrg_step(params: List[torch.Tensor], grads: List[torch.Tensor], snapshot_grads, mu,
+              anchor: List[torch.Tensor], avg_sum: List[torch.Tensor], lr: float, reg: float,
+              finalize: int, center, prox_L: float, prox_radius: float) -> torch.Tensor:
+    """One inner step of Natasha1.5 over the whole parameter list (natasha2-pytorch-report Alg. 1
+    lines 29-30, Alg. 2 lines 7-8), in place.
+
+    Per element, with x = params, a = anchor (x_hat), accumulation in fp32 (fp64 for fp64):
+        d   = g [- g_snap] [+ mu] + reg * (x - a)        (optional terms when the list is given)
+        z   = x - lr * d
+        avg_sum += x - a                                  (running sum of x_t - x_hat, t = 0 .. m-1)
+    Without ``center``: x <- z. With ``center`` c (Natasha2's F^k regulariser
+    psi(y) = prox_L * max(0, ||y - c|| - prox_radius)^2), x <- prox_{lr psi}(z) = c + kappa (z - c),
+        dist = ||z - c|| over the whole list,
+        kappa = 1 if dist <= r else (1 + 2 lr L r / dist) / (1 + 2 lr L)
+    (z is first rounded to the parameter dtype, as the kernels store it between their two passes).
+    ``finalize = m > 0`` marks the last step of a sub-epoch: the new iterate x_{m-1} joins the
+    sum and x <- a <- a + (avg_sum + x_{m-1} - a) / m = mean(x_0 .. x_{m-1}), avg_sum <- 0
+    (sub-epoch averaging). Summing deviations from x_hat keeps a parameter that does not move
+    bit-identical and avoids cancellation in fp32.
+
+    Returns a 3-element tensor (acc dtype): [sum d^2, dist^2 (0 without center), kappa (1 without)].
+    State lists (mu, anchor, avg_sum, center) may be fp32 for fp16/bf16 params.
+    """
+    acc = _acc_dtype(params)
+    dev = params[0].device if params else None
+    sum_d2 = torch.zeros((), dtype=acc, device=dev)
+    dist2 = torch.zeros((), dtype=acc, device=dev)
+    zs = []
+    for i, p in enumerate(params):
+        x = p.detach().to(acc)
+        d = grads[i].to(acc).clone()
+        if snapshot_grads is not None:
+            d = d - snapshot_grads[i].to(acc)
+        if mu is not None:
+            d = d + mu[i].to(acc)
+        d = d + reg * (x - anchor[i].to(acc))
+        z = x - lr * d
+        sum_d2 = sum_d2 + d.square().sum()
+        avg_sum[i].copy_(avg_sum[i].to(acc) + (x - anchor[i].to(acc)))
+        if center is not None:
+            dist2 = dist2 + (z - center[i].to(acc)).square().sum()
+            z = z.to(p.dtype).to(acc)
+        zs.append(z)
+    kappa = torch.ones((), dtype=acc, device=dev)
+    if center is not None:
+        dist = dist2.sqrt()
+        two_al = 2.0 * lr * prox_L
+        shrunk = (1.0 + two_al * prox_radius / dist.clamp_min(torch.finfo(acc).tiny)) / (1.0 + two_al)
+        kappa = torch.where(dist <= prox_radius, kappa, shrunk)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            z = zs[i]
+            if center is not None:
+                c = center[i].to(acc)
+                z = c + kappa * (z - c)
+            if finalize > 0:
+                a = anchor[i].to(acc)
+                xh = a + (avg_sum[i].to(acc) + (z - a)) / finalize
+                p.copy_(xh.view_as(p))
+                anchor[i].copy_(xh.view_as(anchor[i]))
+                avg_sum[i].zero_()
+            else:
+                p.copy_(z.view_as(p))
+    return torch.stack([sum_d2, dist2, kappa])
+
+
+def oja_step(v: List[torch.Tensor], hv: List[torch.Tensor], scale: torch.Tensor, eta: float) -> torch.Tensor:
+    """One step of Oja's algorithm (power method on I - eta H) with lazy normalisation, in place.
+
+    ``v`` holds an unnormalised iterate w whose unit vector is scale * w (``scale`` = 1/||w||, a
+    0-dim tensor, so no host sync); ``hv`` = H w. Because H is linear,
+        w <- scale * (w - eta * H w)      (= u - eta H u for the unit vector u = scale w)
+    Returns [||w_new||, scale^2 * <w, H w>] (acc dtype): the norm for the next step's scale and
+    the Rayleigh quotient u^T H u of the unit input vector.
+    """
+    acc = _acc_dtype(v)
+    dev = v[0].device if v else scale.device
+    s = scale.to(device=dev, dtype=acc)
+    dot = torch.zeros((), dtype=acc, device=dev)
+    nrm2 = torch.zeros((), dtype=acc, device=dev)
+    with torch.no_grad():
+        for vi, hi in zip(v, hv):
+            w = vi.to(acc)
+            h = hi.to(acc)
+            dot = dot + (w * h).sum()
+            w = s * (w - eta * h)
+            nrm2 = nrm2 + w.square().sum()
+            vi.copy_(w.view_as(vi))
+    return torch.stack([nrm2.sqrt(), s * s * dot])
+
+
+# =============================================================================================
+# adahessian: hutchinson_diag_, adahessian_step (see natasha/adahessian.h)
+# =============================================================================================
+@torch.no_grad()
+def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int, offset: int,
+                     alpha: float, accumulate: bool) -> None:
+    """Hutchinson's product D = z * (Hz) (paper eq. 8), z regenerated from the Philox stream.
+
+    ``diag[i] = (diag[i] if accumulate else 0) + alpha * z_i * hz[i]`` where z is the Rademacher
+    draw ``rademacher_(hz-shaped list, seed, offset)`` made (element k of the concatenated list
+    uses the stream's element k). Averaging n probes: call it n times with alpha = 1/n."""
+    total = sum(h.numel() for h in hz)
+    if total == 0:
+        return
+    zs = rademacher_values(seed, offset, 0, total, hz[0].device).split([h.numel() for h in hz])
+    for d, h, z in zip(diag, hz, zs):
+        if h.numel():
+            acc = torch.float64 if torch.float64 in (d.dtype, h.dtype) else torch.float32
+            val = (z.to(acc).view(h.shape) * h.to(acc)) * alpha
+            if accumulate:
+                val = d.to(acc) + val
+            d.copy_(val.view(d.shape))
+
+
+def _group_mean(x: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean of each run of ``g`` consecutive elements of flat ``x`` (the last run may be
+    shorter), broadcast back to every element of the run."""
+    n = x.numel()
+    if g <= 1 or n == 0:
+        return x
+    full = (n // g) * g
+    parts = []
+    if full:
+        parts.append(x[:full].view(-1, g).mean(dim=1).repeat_interleave(g))
+    if full < n:
+        parts.append(x[full:].mean().expand(n - full))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def adahessian_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg: List[torch.Tensor],
+                    exp_hess_sq: List[torch.Tensor], curv: List[torch.Tensor], group_sizes: List[int],
+                    curv_mode: int, abs_first: bool, seed: int, offset: int, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float, hessian_power: float,
+                    bias_correction1: float, bias_correction2: float) -> None:
+    """One AdaHessian update of every tensor (Yao et al. 2020; paper eqs. 8-10), in place.
+
+    Per tensor i with flat elements j and spatial group size G = group_sizes[i]:
+
+      curv_mode 1: D_j = z_j * curv_j with z regenerated from (seed, offset) (curv = Hz);
+      curv_mode 2: D_j = curv_j (a precomputed estimate, e.g. averaged over probes);
+      curv_mode 0: no new curvature: exp_hess_sq is left as is.
+      D^(s)_j = mean over j's group of |D|       (abs_first, the reference implementation)
+              = |mean over j's group of D|       (not abs_first)
+      m  <- beta1 m + (1 - beta1) g
+      v  <- beta2 v + (1 - beta2) D^(s)^2        (curv_mode != 0)
+      p  <- p - lr (m / bc1 / ((sqrt(v) / sqrt(bc2))^k + eps) + weight_decay p)
+
+    bc1 = 1 - beta1^t and bc2 = 1 - beta2^h are passed in (t: steps, h: curvature updates).
+    Groups are runs of G consecutive elements (conv kernels: G = prod(shape[2:])). exp_avg and
+    exp_hess_sq hold fp32 (fp64 for fp64 params); the math runs in their dtype."""
+    first = 0
+    sbc2 = bias_correction2 ** 0.5
+    for i, p in enumerate(params):
+        n = p.numel()
+        m, v = exp_avg[i], exp_hess_sq[i]
+        acc = m.dtype
+        if n:
+            m.mul_(beta1).add_(grads[i].to(acc).view(m.shape), alpha=1 - beta1)
+            if curv_mode:
+                c = curv[i].to(acc).reshape(-1)
+                if curv_mode == 1 and not abs_first:
+                    c = c * rademacher_values(seed, offset, first, n, c.device).to(acc)
+                ds = _group_mean(c.abs(), group_sizes[i]) if abs_first else _group_mean(c, group_sizes[i]).abs()
+                v.mul_(beta2).add_((ds * ds).view(v.shape), alpha=1 - beta2)
+            denom = (v.sqrt() / sbc2)
+            if hessian_power != 1.0:
+                denom = denom.pow(hessian_power)
+            denom = denom + eps
+            pa = p.detach().to(acc).view(m.shape)
+            new = pa - lr * (m / bias_correction1 / denom + weight_decay * pa)
+            p.copy_(new.view(p.shape))
+        first += n
+
+
+# =============================================================================================
+# trust region: tr_cg_init_, cg_dots, cg_step_ (preconditioned Steihaug-Toint CG in the A-norm)
+# =============================================================================================
+# Modes of the ellipsoid A = diag(a) (paper eqs. 2-3, diagonal versions):
+TR_SPHERICAL, TR_RMSPROP, TR_ADAGRAD = 0, 1, 2
+
+
+def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tensor], r: List[torch.Tensor],
+                p: List[torch.Tensor], grads: List[torch.Tensor], beta: float, eps: float,
+                mode: int) -> torch.Tensor:
+    """Ellipsoid update fused with the CG start, per element:
+
+    mode 0 (spherical): a = 1 (v untouched);
+    mode 1 (RMSProp, eq. 3): v = beta v + (1 - beta) g^2, a = v + eps;
+    mode 2 (Adagrad, eq. 2): v = v + g^2, a = v + eps;
+    then s = 0, r = g, p = -a^{-1} g.
+
+    Returns [g^T A^{-1} g, g^T g] (fp32; fp64 for fp64 lists) as a 1-D tensor of 2.
+    """
+    acc = _acc_dtype(grads)
+    dev = grads[0].device if grads else None
+    tot = torch.zeros(2, dtype=acc, device=dev)
+    for vi, ai, si, ri, pi, gi in zip(v, a, s, r, p, grads):
+        g = gi.to(acc)
+        if mode == TR_SPHERICAL:
+            av = torch.ones_like(g)
+        else:
+            vv = vi.to(acc)
+            vv = beta * vv + (1.0 - beta) * g * g if mode == TR_RMSPROP else vv + g * g
+            vi.copy_(vv)
+            av = vv + eps
+        ai.copy_(av)
+        si.zero_()
+        ri.copy_(g)
+        z = g / av
+        pi.copy_(-z)
+        tot = tot + torch.stack([(g * z).sum(), (g * g).sum()])
+    return tot
+
+
+def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor],
+            a: List[torch.Tensor]) -> torch.Tensor:
+    """The reductions a CG iteration needs after its curvature product Bp:
+    [p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (the last two give
+    r_{k+1}^T A^{-1} r_{k+1} = rz + 2 alpha u + alpha^2 w before r is updated)."""
+    acc = _acc_dtype(p)
+    dev = p[0].device if p else None
+    tot = torch.zeros(4, dtype=acc, device=dev)
+    for pi, bi, ri, ai in zip(p, Bp, r, a):
+        pp, bb, rr, aa = pi.to(acc), bi.to(acc), ri.to(acc), ai.to(acc)
+        ba = bb / aa
+        tot = tot + torch.stack([(pp * bb).sum(), (rr * pp).sum(), (rr * ba).sum(), (bb * ba).sum()])
+    return tot
+
+
+def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], Bp: List[torch.Tensor],
+             a: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """One CG iteration's vector work in one pass, per element:
+
+    s += alpha p;  r += alpha Bp;  z = r / a;  p = -z + beta p
+
+    Returns [r^T z, s^T A s, s^T A p, p^T A p] of the updated vectors (1-D tensor of 4): the
+    next residual and the A-norm quantities of the boundary test ||s + tau p||_A = radius.
+    """
+    acc = _acc_dtype(s)
+    dev = s[0].device if s else None
+    tot = torch.zeros(4, dtype=acc, device=dev)
+    for si, ri, pi, bi, ai in zip(s, r, p, Bp, a):
+        pp, aa = pi.to(acc), ai.to(acc)
+        ss = si.to(acc) + alpha * pp
+        rr = ri.to(acc) + alpha * bi.to(acc)
+        z = rr / aa
+        pn = -z + beta * pp
+        si.copy_(ss)
+        ri.copy_(rr)
+        pi.copy_(pn)
+        sa = ss * aa
+        tot = tot + torch.stack([(rr * z).sum(), (sa * ss).sum(), (sa * pn).sum(), (pn * aa * pn).sum()])
+    return tot
+
+
+# =============================================================================================
 # kfac / ang / ifang: factor EMA, damped Kronecker apply, SMW (low-rank) apply, ANG slerp combine
 # (asymptotic-natural-gradient.md eqs. 7-14). Every layer's gradient is one 2-D matrix
 # T = [dW | db] of shape (out, in [+1]); its factors are A (in+1 square) and G (out square).
@@ -193,88 +457,3 @@ def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions:
         acc = _acc_dtype([u])
         u.copy_(coef[i, 0].to(acc) * u.to(acc) + coef[i, 1].to(acc) * t.to(acc))
     return coef
-
-
-# =============================================================================================
-# natasha: svrg_step (Natasha1.5 inner step), oja_step (one Oja / power iteration on I - eta H)
-
-
-# =============================================================================================
-# trust region: tr_cg_init_, cg_dots, cg_step_ (preconditioned Steihaug-Toint CG in the A-norm)
-# =============================================================================================
-# Modes of the ellipsoid A = diag(a) (paper eqs. 2-3, diagonal versions):
-TR_SPHERICAL, TR_RMSPROP, TR_ADAGRAD = 0, 1, 2
-
-
-def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tensor], r: List[torch.Tensor],
-                p: List[torch.Tensor], grads: List[torch.Tensor], beta: float, eps: float,
-                mode: int) -> torch.Tensor:
-    """Ellipsoid update fused with the CG start, per element:
-
-    mode 0 (spherical): a = 1 (v untouched);
-    mode 1 (RMSProp, eq. 3): v = beta v + (1 - beta) g^2, a = v + eps;
-    mode 2 (Adagrad, eq. 2): v = v + g^2, a = v + eps;
-    then s = 0, r = g, p = -a^{-1} g.
-
-    Returns [g^T A^{-1} g, g^T g] (fp32; fp64 for fp64 lists) as a 1-D tensor of 2.
-    """
-    acc = _acc_dtype(grads)
-    dev = grads[0].device if grads else None
-    tot = torch.zeros(2, dtype=acc, device=dev)
-    for vi, ai, si, ri, pi, gi in zip(v, a, s, r, p, grads):
-        g = gi.to(acc)
-        if mode == TR_SPHERICAL:
-            av = torch.ones_like(g)
-        else:
-            vv = vi.to(acc)
-            vv = beta * vv + (1.0 - beta) * g * g if mode == TR_RMSPROP else vv + g * g
-            vi.copy_(vv)
-            av = vv + eps
-        ai.copy_(av)
-        si.zero_()
-        ri.copy_(g)
-        z = g / av
-        pi.copy_(-z)
-        tot = tot + torch.stack([(g * z).sum(), (g * g).sum()])
-    return tot
-
-
-def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor],
-            a: List[torch.Tensor]) -> torch.Tensor:
-    """The reductions a CG iteration needs after its curvature product Bp:
-    [p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (the last two give
-    r_{k+1}^T A^{-1} r_{k+1} = rz + 2 alpha u + alpha^2 w before r is updated)."""
-    acc = _acc_dtype(p)
-    dev = p[0].device if p else None
-    tot = torch.zeros(4, dtype=acc, device=dev)
-    for pi, bi, ri, ai in zip(p, Bp, r, a):
-        pp, bb, rr, aa = pi.to(acc), bi.to(acc), ri.to(acc), ai.to(acc)
-        ba = bb / aa
-        tot = tot + torch.stack([(pp * bb).sum(), (rr * pp).sum(), (rr * ba).sum(), (bb * ba).sum()])
-    return tot
-
-
-def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], Bp: List[torch.Tensor],
-             a: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """One CG iteration's vector work in one pass, per element:
-
-    s += alpha p;  r += alpha Bp;  z = r / a;  p = -z + beta p
-
-    Returns [r^T z, s^T A s, s^T A p, p^T A p] of the updated vectors (1-D tensor of 4): the
-    next residual and the A-norm quantities of the boundary test ||s + tau p||_A = radius.
-    """
-    acc = _acc_dtype(s)
-    dev = s[0].device if s else None
-    tot = torch.zeros(4, dtype=acc, device=dev)
-    for si, ri, pi, bi, ai in zip(s, r, p, Bp, a):
-        pp, aa = pi.to(acc), ai.to(acc)
-        ss = si.to(acc) + alpha * pp
-        rr = ri.to(acc) + alpha * bi.to(acc)
-        z = rr / aa
-        pn = -z + beta * pp
-        si.copy_(ss)
-        ri.copy_(rr)
-        pi.copy_(pn)
-        sa = ss * aa
-        tot = tot + torch.stack([(rr * z).sum(), (sa * ss).sum(), (sa * pn).sum(), (pn * aa * pn).sum()])
-    return tot

@@ -1,0 +1,189 @@
+// CPU kernels of the AdaHessian ops: hutchinson_diag_ and adahessian_step (spec:
+// natasha_ext/ops/reference.py). Tensors are cut into chunks that never split a spatial group
+// (conv kernel / block), so each chunk runs its whole update in cache: pass A forms the group
+// means of |z * Hz| and updates v, pass B (vectorised) updates m and the parameters.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../tensor_lists.h"
+#include "chunks.h"
+#include "natasha/adahessian.h"
+#include "natasha/philox.h"
+
+namespace natasha {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------ hutchinson_diag_
+void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, int64_t offset, double alpha,
+                         bool accumulate) {
+  check_list("hutchinson_diag_", "diag", diag, c10::Device(c10::kCPU));
+  check_list("hutchinson_diag_", "hz", hz, c10::Device(c10::kCPU));
+  check_same_shape("hutchinson_diag_", "hz", hz, "diag", diag);
+  check_same_dtype("hutchinson_diag_", "hz", hz);
+  check_same_dtype("hutchinson_diag_", "diag", diag);
+  if (hz.empty()) return;
+  const auto chunks = make_chunks(hz);
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hz[0].scalar_type(), "hutchinson_diag_", [&] {
+    using h_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, diag[0].scalar_type(), "hutchinson_diag_", [&] {
+      using d_t = scalar_t;
+      using acc_t = std::conditional_t<std::is_same_v<h_t, double> || std::is_same_v<d_t, double>, double, float>;
+      const acc_t a = static_cast<acc_t>(alpha);
+      for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+        const h_t* h = hz[c.tensor].data_ptr<h_t>() + c.start;
+        d_t* d = diag[c.tensor].data_ptr<d_t>() + c.start;
+        RademacherWalker z(s, o);
+        const uint64_t k0 = static_cast<uint64_t>(c.base + c.start);
+        for (int64_t j = 0; j < c.n; ++j) {
+          acc_t val = (static_cast<acc_t>(z(k0 + j)) * static_cast<acc_t>(h[j])) * a;
+          if (accumulate) val = static_cast<acc_t>(d[j]) + val;
+          d[j] = static_cast<d_t>(val);
+        }
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ adahessian_step
+struct GChunk {
+  int tensor;
+  int64_t start, n, base, group;
+};
+
+// Chunks of about kChunk elements holding whole groups of each tensor's group size.
+std::vector<GChunk> make_group_chunks(at::TensorList ts, at::IntArrayRef groups) {
+  std::vector<GChunk> out;
+  int64_t base = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const int64_t n = ts[i].numel(), g = groups[i];
+    const int64_t len = std::max<int64_t>(g, (kChunk / g) * g);
+    for (int64_t s = 0; s < n; s += len) out.push_back(GChunk{static_cast<int>(i), s, std::min(len, n - s), base, g});
+    base += n;
+  }
+  return out;
+}
+
+template <typename scalar_t, typename acc_t, typename curv_t>
+void second_moment_groups(const GChunk& c, const curv_t* cv, acc_t* v, bool signed_probe, bool abs_first,
+                          uint64_t seed, uint64_t offset, const AdaHessianCoef<acc_t>& k) {
+  const int64_t G = c.group;
+  if (G == 1) {  // |z * c| = |c|: no probe needed
+    for (int64_t j = 0; j < c.n; ++j) v[j] = adahessian_second_moment<acc_t>(v[j], static_cast<acc_t>(cv[j]), k);
+    return;
+  }
+  RademacherWalker z(seed, offset);
+  const uint64_t k0 = static_cast<uint64_t>(c.base + c.start);
+  for (int64_t s = 0; s < c.n; s += G) {
+    const int64_t e = std::min(c.n, s + G);
+    acc_t sum = 0;
+    if (abs_first) {
+      // |z * c| = |c| since z = +-1
+      for (int64_t j = s; j < e; ++j) sum += std::abs(static_cast<acc_t>(cv[j]));
+    } else if (signed_probe) {
+      for (int64_t j = s; j < e; ++j) sum += static_cast<acc_t>(z(k0 + j)) * static_cast<acc_t>(cv[j]);
+    } else {
+      for (int64_t j = s; j < e; ++j) sum += static_cast<acc_t>(cv[j]);
+    }
+    const acc_t ds = std::abs(sum / static_cast<acc_t>(e - s));
+    for (int64_t j = s; j < e; ++j) v[j] = adahessian_second_moment<acc_t>(v[j], ds, k);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void update_chunk(int64_t n, scalar_t* p, const scalar_t* g, acc_t* m, const acc_t* v, const AdaHessianCoef<acc_t>& k) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Vec b1(k.beta1), omb1(k.one_minus_beta1), isbc2(k.inv_sqrt_bc2), pw(k.power), eps(k.eps), lr(k.lr),
+        wd(k.weight_decay), ibc1(k.inv_bc1);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec mv = b1 * Vec::loadu(m + j) + omb1 * Vec::loadu(g + j);
+      mv.store(m + j);
+      Vec den = Vec::loadu(v + j).sqrt() * isbc2;
+      if (!k.power_one) den = den.pow(pw);
+      den = den + eps;
+      const Vec pv = Vec::loadu(p + j);
+      (pv - lr * ((mv * ibc1) / den + wd * pv)).store(p + j);
+    }
+  }
+  for (; j < n; ++j) {
+    const acc_t mj = adahessian_first_moment<acc_t>(m[j], static_cast<acc_t>(g[j]), k);
+    m[j] = mj;
+    p[j] = static_cast<scalar_t>(adahessian_param<acc_t>(static_cast<acc_t>(p[j]), mj, v[j], k));
+  }
+}
+
+void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                         at::TensorList exp_hess_sq, at::TensorList curv, at::IntArrayRef group_sizes,
+                         int64_t curv_mode, bool abs_first, int64_t seed, int64_t offset, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, double hessian_power, double bc1,
+                         double bc2) {
+  const char* op = "adahessian_step";
+  const c10::Device cpu(c10::kCPU);
+  check_list(op, "params", params, cpu);
+  check_list(op, "grads", grads, cpu);
+  check_list(op, "exp_avg", exp_avg, cpu);
+  check_list(op, "exp_hess_sq", exp_hess_sq, cpu);
+  check_same_shape(op, "params", params, "grads", grads);
+  check_same_shape(op, "params", params, "exp_avg", exp_avg);
+  check_same_shape(op, "params", params, "exp_hess_sq", exp_hess_sq);
+  TORCH_CHECK(curv_mode >= 0 && curv_mode <= 2, op, ": curv_mode must be 0, 1 or 2, got ", curv_mode);
+  TORCH_CHECK(static_cast<size_t>(group_sizes.size()) == params.size(), op, ": group_sizes has ",
+              group_sizes.size(), " entries but params has ", params.size());
+  for (auto g : group_sizes) TORCH_CHECK(g >= 1, op, ": group_sizes must be >= 1");
+  if (params.empty()) return;
+  check_same_dtype(op, "params", params);
+  check_same_dtype(op, "grads", grads);
+  TORCH_CHECK(grads[0].scalar_type() == params[0].scalar_type(), op, ": grads dtype differs from params dtype");
+  const auto acc = acc_dtype(params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(exp_avg[i].scalar_type() == acc && exp_hess_sq[i].scalar_type() == acc, op, ": exp_avg[", i,
+                "]/exp_hess_sq[", i, "] must be ", acc);
+  }
+  if (curv_mode) {
+    check_list(op, "curv", curv, cpu);
+    check_same_shape(op, "params", params, "curv", curv);
+    const auto want = curv_mode == kCurvHz ? params[0].scalar_type() : acc;
+    for (size_t i = 0; i < curv.size(); ++i)
+      TORCH_CHECK(curv[i].scalar_type() == want, op, ": curv[", i, "] must be ", want, " for curv_mode ", curv_mode);
+  }
+  const auto chunks = make_group_chunks(params, group_sizes);
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bc1, bc2);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t ci = b; ci < e; ++ci) {
+        const GChunk& c = chunks[ci];
+        acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
+        acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
+        if (curv_mode == kCurvHz) {
+          second_moment_groups<scalar_t, acc_t, scalar_t>(c, curv[c.tensor].data_ptr<scalar_t>() + c.start, v,
+                                                          true, abs_first, s, o, k);
+        } else if (curv_mode == kCurvDiag) {
+          second_moment_groups<scalar_t, acc_t, acc_t>(c, curv[c.tensor].data_ptr<acc_t>() + c.start, v, false,
+                                                       abs_first, s, o, k);
+        }
+        update_chunk<scalar_t, acc_t>(c.n, params[c.tensor].data_ptr<scalar_t>() + c.start,
+                                      grads[c.tensor].data_ptr<scalar_t>() + c.start, m, v, k);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(natasha, CPU, m) {
+  m.impl("hutchinson_diag_", &hutchinson_diag_cpu);
+  m.impl("adahessian_step", &adahessian_step_cpu);
+}
+
+}  // namespace cpu
+}  // namespace natasha

@@ -1,0 +1,371 @@
+"""AdaHessian (Yao et al. 2020) and the hybrid SGD-momentum -> AdaHessian optimizer of Attias,
+Cadei and Novakovic ("Discussion on the viability of a modern second order method ...",
+``papers/adahessian-hybrid-resnet18-mnist.md``).
+
+AdaHessian preconditions Adam's bias-corrected first moment with a running root-mean-square of
+the spatially averaged Hessian diagonal:
+
+    D      = z * (H z),  z ~ Rademacher                      (eq. 8, Hutchinson; n probes averaged)
+    D^(s)  = mean of |D| over each conv kernel / block of b   (eq. 9)
+    m_t    = beta1 m + (1 - beta1) g,       m^ = m_t / (1 - beta1^t)            (eq. 3)
+    v_h    = beta2 v + (1 - beta2) D^(s)^2, v^ = v_h / (1 - beta2^h)            (eq. 10)
+    x     <- x - lr (m^ / (v^^(k/2) + eps) + weight_decay x)   (Hessian power k, decoupled decay)
+
+Paper defaults: AdaHessian lr=0.1 (ours 0.15, the original implementation's), betas=(0.9, 0.999);
+Hybrid tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from natasha_ext.curvature.hutchinson import rademacher_probe
+from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, gradients
+from natasha_ext.ops import adahessian as aops
+from natasha_ext.optim import _validation as V
+from natasha_ext.optim._base import NatashaOptimizer
+
+
+class _GraphHVP:
+    """H v from gradients that carry their graph (``loss.backward(create_graph=True)``)."""
+
+    def __init__(self, graph_grads: List[torch.Tensor], params: List[torch.Tensor]):
+        self.g, self.params = graph_grads, params
+
+    def __call__(self, v: List[torch.Tensor]) -> List[torch.Tensor]:
+        live = [(g, vi) for g, vi in zip(self.g, v) if g.requires_grad]
+        if not live:
+            return [torch.zeros_like(p) for p in self.params]
+        with torch.enable_grad():
+            hv = torch.autograd.grad([g for g, _ in live], self.params, [vi for _, vi in live],
+                                     retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv)]
+
+    def release(self) -> None:
+        self.g = None
+
+
+class AdaHessian(NatashaOptimizer):
+    r"""AdaHessian with a fused update kernel and Hutchinson probes from the optimizer's Philox stream.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 0.15; the paper tuned 0.1 for ResNet-18 on MNIST).
+        betas: (beta1, beta2) of the gradient and Hessian-diagonal moments (default (0.9, 0.999)).
+        eps: added to the preconditioner (default 1e-4).
+        weight_decay: decoupled weight decay (AdamW-style, default 0).
+        hessian_power: k in v^(k/2), in (0, 1] (default 1).
+        update_each: recompute the Hessian diagonal every ``update_each`` steps; in between the
+            second moment is reused as is (only the first moment and the parameters move), which
+            amortises the HVP. The second moment's bias correction counts curvature updates.
+        n_samples: Hutchinson probes averaged per curvature update (default 1).
+        block_size: the paper's block average b for 1-D/2-D tensors (default None: none). Conv
+            weights (3-D and more) always average over their kernel dims.
+        hvp: 'exact' (double backward) or 'finite_difference' (one extra gradient per probe;
+            closure mode only).
+        abs_before_average: True (the original implementation): D^(s) = mean |D|;
+            False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
+        seed: seed of the probes' Philox stream (None: drawn from torch's global generator).
+        fused: None (kernels when available), True (require them), False (pure PyTorch).
+
+    Two ways to call it:
+      * ``opt.step(closure)`` with ``closure()`` returning the loss *without* calling backward;
+        the optimizer differentiates and frees every graph before returning (returns the loss).
+      * drop-in: ``loss.backward(create_graph=True); opt.step()``; the HVP uses the graph left in
+        ``p.grad`` and the optimizer detaches ``p.grad`` afterwards, so no graph outlives the step.
+        ``opt.needs_create_graph`` says whether the next step computes curvature (with
+        ``update_each > 1`` the other steps need only ``loss.backward()``).
+
+    Steps whose gradient or probes hold NaN/inf are skipped (``counters['skipped_steps']``).
+    """
+
+    COUNTERS = ("steps", "gradients", "hvps", "hessian_updates", "skipped_steps")
+
+    def __init__(self, params, lr: float = 0.15, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
+                 weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
+                 block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
+                 fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
+                 raise_on_nonfinite: bool = False, _extra_defaults: Optional[dict] = None):
+        V.positive("lr", lr)
+        V.betas(betas)
+        V.positive("eps", eps)
+        V.nonnegative("weight_decay", weight_decay)
+        V.in_range("hessian_power", hessian_power, 0.0, 1.0, low_open=True, high_open=False)
+        V.positive_int("update_each", update_each)
+        V.positive_int("n_samples", n_samples)
+        if block_size is not None:
+            V.positive_int("block_size", block_size)
+        V.choice("hvp", hvp, HVP_METHODS)
+        V.positive("fd_eps", fd_eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        hessian_power=hessian_power, block_size=block_size)
+        defaults.update(_extra_defaults or {})
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
+        self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
+
+    # ------------------------------------------------------------------ schedule
+    def _schedule_steps(self) -> int:
+        """Steps counted by the ``update_each`` schedule."""
+        return int(self.counters["steps"])
+
+    def _curvature_due(self, params: List[torch.Tensor]) -> bool:
+        if self._schedule_steps() % self.update_each == 0:
+            return True
+        # a parameter without a second moment yet (new group, grad None until now) needs one
+        return any(int(self.state[p].get("hessian_step", 0)) == 0 for p in params)
+
+    @property
+    def needs_create_graph(self) -> bool:
+        """Whether the next ``step()`` computes curvature (drop-in users pass it to backward)."""
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return self._curvature_due(params)
+
+    # ------------------------------------------------------------------ step
+    def _active(self, with_closure: bool) -> List[Tuple[dict, List[torch.Tensor]]]:
+        out = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if (p.requires_grad if with_closure else p.grad is not None)]
+            if ps:
+                out.append((group, ps))
+        return out
+
+    def _units(self, groups) -> List[Tuple[dict, List[int]]]:
+        """Kernel calls: params of one group that share their step counts (bias corrections);
+        indices into the flat active list."""
+        units, k = [], 0
+        for group, ps in groups:
+            buckets: Dict[Tuple[int, int], List[int]] = {}
+            for p in ps:
+                st = self.state[p]
+                key = (int(st.get("step", 0)), int(st.get("hessian_step", 0)))
+                buckets.setdefault(key, []).append(k)
+                k += 1
+            units += [(group, idx) for idx in buckets.values()]
+        return units
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """One AdaHessian step; see the class docstring for the closure and drop-in modes."""
+        groups = self._active(closure is not None)
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return evaluate_closure(closure).detach() if closure is not None else None
+        due = self._curvature_due(params)
+        loss, grads, curv, offsets, engine = self._gradients_and_curvature(closure, groups, params, due)
+        if not self.all_finite(grads + curv):
+            self.skip_nonfinite("gradients or Hessian-vector products" if due else "gradients")
+            return loss
+        self._apply(groups, params, grads, curv, offsets, due)
+        self.counters["steps"] += 1
+        if due:
+            self.counters["hessian_updates"] += 1
+        return loss
+
+    def _gradients_and_curvature(self, closure, groups, params, due):
+        """Gradient, and on curvature steps the Hz (one probe) or averaged D (several probes) per
+        parameter, with the Philox offset of each unit's probe. Leaves no graph alive."""
+        engine, loss, n = None, None, self.n_samples
+        curv: List[torch.Tensor] = []
+        offsets: Dict[int, int] = {}
+        try:
+            if closure is not None:
+                if due:
+                    engine = HVP(closure, params, method=self.hvp, fd_eps=self.fd_eps)
+                    grads, loss = engine.grads, engine.loss
+                else:
+                    out = evaluate_closure(closure)
+                    grads, loss = gradients(out, params), out.detach()
+                    del out
+                self.counters["gradients"] += 1
+            else:
+                self.check_grads(params)
+                raw = [p.grad for p in params]
+                if due:
+                    if not any(g.requires_grad for g in raw):
+                        raise RuntimeError(
+                            f"{type(self).__name__}.step() without a closure needs the gradient's graph on "
+                            "curvature steps: call loss.backward(create_graph=True) (see "
+                            "opt.needs_create_graph), or pass step(closure)")
+                    engine = _GraphHVP(raw, params)
+                grads = [g.detach() for g in raw]
+                del raw
+            if due:
+                units = self._units(groups)
+                if n > 1:
+                    curv = [torch.zeros(p.shape, dtype=aops.state_dtype(p.dtype), device=p.device) for p in params]
+                for s in range(n):
+                    z = [None] * len(params)
+                    for ui, (_, idx) in enumerate(units):
+                        zu, off = rademacher_probe([params[i] for i in idx], self.rng, self.fused)
+                        offsets[ui] = off
+                        for i, zi in zip(idx, zu):
+                            z[i] = zi
+                    hz = engine(z)
+                    del z  # regenerated from (seed, offset) by the kernels
+                    if n == 1:
+                        curv = [h.detach() for h in hz]
+                    else:
+                        for ui, (_, idx) in enumerate(units):
+                            aops.hutchinson_diag_([curv[i] for i in idx], [hz[i].detach() for i in idx],
+                                                  self.rng.seed, offsets[ui], alpha=1.0 / n, accumulate=s > 0,
+                                                  fused=self.fused)
+                    del hz
+                self.counters["hvps"] += n
+                if self.hvp == "finite_difference" and closure is not None:
+                    self.counters["gradients"] += n
+        finally:
+            if engine is not None:
+                engine.release()
+            if closure is None:
+                # drop-in mode: cut the create_graph=True graph out of p.grad (it refers back to
+                # the parameters and would otherwise live until the next zero_grad)
+                for p in params:
+                    if p.grad is not None and p.grad.grad_fn is not None:
+                        p.grad = p.grad.detach()
+        return loss, grads, curv, offsets, engine
+
+    @torch.no_grad()
+    def _apply(self, groups, params, grads, curv, offsets, due) -> None:
+        mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
+        for ui, (group, idx) in enumerate(self._units(groups)):
+            ps = [params[i] for i in idx]
+            for p in ps:
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    sdt = aops.state_dtype(p.dtype)
+                    st["step"] = torch.tensor(0.0)
+                    st["hessian_step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                    st["exp_hessian_diag_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                st["step"] += 1
+                if due:
+                    st["hessian_step"] += 1
+            st = self.state[ps[0]]
+            t, h = int(st["step"]), int(st["hessian_step"])
+            beta1, beta2 = group["betas"]
+            aops.adahessian_step(
+                ps, [grads[i] for i in idx], [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_hessian_diag_sq"] for p in ps], [curv[i] for i in idx] if due else [],
+                [aops.spatial_group_size(p.shape, group["block_size"]) for p in ps],
+                curv_mode=mode, abs_first=self.abs_before_average, seed=self.rng.seed, offset=offsets.get(ui, 0),
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+                bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
+
+
+class HybridSGDAdaHessian(AdaHessian):
+    r"""SGD with momentum until the validation loss falls below ``switch_threshold``, then AdaHessian.
+
+    The paper's HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
+    poorly conditioned there), second-order steps once the validation loss the user reports via
+    :meth:`report_validation_loss` drops strictly below tl (``switch_threshold``, default 1.0).
+
+    SGD phase: ``buf <- momentum buf + g`` (torch.optim.SGD's form; ``buf = g`` at the first step),
+    ``x <- x - sgd_lr buf``. AdaHessian phase: fresh moments, :class:`AdaHessian` with ``lr``,
+    ``betas`` ... (paper: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
+    ``switch_step`` / ``switch_epoch`` record when the switch happened (None before); both and
+    the phase survive ``state_dict`` round trips.
+    """
+
+    COUNTERS = AdaHessian.COUNTERS + ("sgd_steps",)
+
+    def __init__(self, params, switch_threshold: float = 1.0, sgd_lr: float = 0.005, momentum: float = 0.9,
+                 lr: float = 0.001, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
+                 weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
+                 block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
+                 fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
+                 raise_on_nonfinite: bool = False):
+        V._num("switch_threshold", switch_threshold)
+        V.positive("sgd_lr", sgd_lr)
+        V.in_range("momentum", momentum, 0.0, 1.0)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
+                         block_size=block_size, hvp=hvp, abs_before_average=abs_before_average, fd_eps=fd_eps,
+                         seed=seed, fused=fused, raise_on_nonfinite=raise_on_nonfinite,
+                         _extra_defaults=dict(sgd_lr=sgd_lr, momentum=momentum))
+        self.switch_threshold = float(switch_threshold)
+        self.phase = "sgd"
+        self.switch_step: Optional[int] = None
+        self.switch_epoch: Optional[int] = None
+        self.validation_reports = 0
+
+    def report_validation_loss(self, loss, epoch: Optional[int] = None) -> bool:
+        """Tell the optimizer the current validation loss; switches to AdaHessian (and returns
+        True) the first time it is strictly below ``switch_threshold``. ``epoch`` defaults to
+        the number of reports so far (this one included)."""
+        self.validation_reports += 1
+        value = float(loss)
+        if self.phase == "sgd" and value < self.switch_threshold:
+            self.phase = "adahessian"
+            self.switch_step = int(self.counters["steps"])
+            self.switch_epoch = int(epoch) if epoch is not None else self.validation_reports
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p].pop("momentum_buffer", None)
+            return True
+        return False
+
+    def _schedule_steps(self) -> int:
+        return int(self.counters["steps"]) - (self.switch_step or 0)
+
+    @property
+    def needs_create_graph(self) -> bool:
+        return self.phase == "adahessian" and super().needs_create_graph
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        if self.phase == "adahessian":
+            return super().step(closure)
+        groups = self._active(closure is not None)
+        params = [p for _, ps in groups for p in ps]
+        loss = None
+        if closure is not None:
+            out = evaluate_closure(closure)
+            grads, loss = (gradients(out, params) if params else []), out.detach()
+            del out
+        else:
+            self.check_grads(params)
+            grads = [p.grad.detach() for p in params]
+            for p in params:
+                if p.grad.grad_fn is not None:
+                    p.grad = p.grad.detach()
+        if not params:
+            return loss
+        self.counters["gradients"] += 1
+        if not self.all_finite(grads):
+            self.skip_nonfinite("gradients")
+            return loss
+        k = 0
+        with torch.no_grad():
+            for group, ps in groups:
+                gs = grads[k:k + len(ps)]
+                k += len(ps)
+                if group["weight_decay"]:
+                    gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
+                bufs = []
+                for p, g in zip(ps, gs):
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = g.detach().clone()
+                    else:
+                        st["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                    bufs.append(st["momentum_buffer"])
+                torch._foreach_add_(ps, bufs, alpha=-float(group["sgd_lr"]))
+        self.counters["steps"] += 1
+        self.counters["sgd_steps"] += 1
+        return loss
+
+    def extra_state(self) -> dict:
+        sd = super().extra_state()
+        sd["hybrid"] = {"phase": self.phase, "switch_step": -1 if self.switch_step is None else self.switch_step,
+                        "switch_epoch": -1 if self.switch_epoch is None else self.switch_epoch,
+                        "validation_reports": self.validation_reports}
+        return sd
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        h = state["hybrid"]
+        self.phase = h["phase"]
+        self.switch_step = None if h["switch_step"] < 0 else int(h["switch_step"])
+        self.switch_epoch = None if h["switch_epoch"] < 0 else int(h["switch_epoch"])
+        self.validation_reports = int(h["validation_reports"])

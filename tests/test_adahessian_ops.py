@@ -1,0 +1,200 @@
+"""hutchinson_diag_ and adahessian_step: reference semantics, spatial averaging, fused vs reference."""
+import pytest
+import torch
+
+from natasha_ext import ops
+from natasha_ext.curvature import spatial_average
+from natasha_ext.ops import adahessian as aops
+from natasha_ext.ops import reference
+
+CUDA = torch.cuda.is_available()
+HAVE_KERNELS = ops.fused_available() and aops._HAS_STEP and aops._HAS_HUTCHINSON
+requires_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="adahessian kernels not built")
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if CUDA and ops.fused_available("cuda") else [])
+
+
+# ------------------------------------------------------------------ spatial averaging, 1-D .. 5-D
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (4, 3, 5), (4, 3, 3, 3), (2, 3, 2, 3, 4), (2, 2, 2, 1, 3, 2)])
+def test_spatial_average_shapes(shape):
+    d = torch.randn(shape, dtype=torch.float64)
+    got = spatial_average(d)
+    if len(shape) <= 2:
+        want = d.abs()
+    else:  # mean of |D| over every kernel dim, the same value for the whole kernel
+        want = d.abs().mean(dim=tuple(range(2, len(shape))), keepdim=True).expand(shape)
+    torch.testing.assert_close(got, want)
+    # |mean D| variant
+    got2 = spatial_average(d, abs_first=False)
+    want2 = d if len(shape) <= 2 else d.mean(dim=tuple(range(2, len(shape))), keepdim=True).expand(shape)
+    torch.testing.assert_close(got2, want2.abs())
+
+
+@pytest.mark.parametrize("shape,b", [((10,), 3), ((4, 5), 4), ((6,), 6), ((5,), 8)])
+def test_block_average_eq9(shape, b):
+    d = torch.randn(shape, dtype=torch.float64)
+    flat = d.abs().reshape(-1)
+    want = torch.empty_like(flat)
+    for i in range(0, flat.numel(), b):  # eq. 9; the last block averages the elements it has
+        want[i:i + b] = flat[i:i + b].mean()
+    torch.testing.assert_close(spatial_average(d, block_size=b), want.view(shape))
+    # conv kernels ignore block_size
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(spatial_average(w, block_size=b), spatial_average(w))
+
+
+def test_group_sizes():
+    assert aops.spatial_group_size((64,)) == 1
+    assert aops.spatial_group_size((10, 512), block_size=32) == 32
+    assert aops.spatial_group_size((64, 3, 7)) == 7
+    assert aops.spatial_group_size((64, 3, 7, 7), block_size=32) == 49
+    assert aops.spatial_group_size((8, 4, 3, 3, 3)) == 27
+    assert aops.spatial_group_size(()) == 1
+
+
+# ------------------------------------------------------------------ hutchinson_diag_ semantics
+def test_hutchinson_diag_reference_uses_the_stream_draw():
+    shapes = [(3, 4), (0,), (130,), (2, 1, 3, 3)]
+    hz = [torch.randn(s) for s in shapes]
+    z = [torch.empty(s) for s in shapes]
+    ops.rademacher_(z, 77, 5, fused=False)
+    out = [torch.full(s, 2.0) for s in shapes]
+    reference.hutchinson_diag_(out, hz, 77, 5, 0.5, False)
+    for o, zi, h in zip(out, z, hz):
+        torch.testing.assert_close(o, 0.5 * zi * h, rtol=0, atol=0)
+    reference.hutchinson_diag_(out, hz, 77, 5, 0.5, True)
+    for o, zi, h in zip(out, z, hz):
+        torch.testing.assert_close(o, zi * h)
+
+
+def test_adahessian_step_reference_one_tensor():
+    torch.manual_seed(1)
+    p = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    g, hz = torch.randn_like(p), torch.randn_like(p)
+    m, v = torch.randn_like(p), torch.rand_like(p)
+    p0, m0, v0 = p.clone(), m.clone(), v.clone()
+    lr, b1, b2, eps, wd, k, bc1, bc2 = 0.1, 0.9, 0.99, 1e-3, 0.01, 0.5, 0.3, 0.05
+    reference.adahessian_step([p], [g], [m], [v], [hz], [4], 1, True, 3, 0, lr, b1, b2, eps, wd, k, bc1, bc2)
+    ds = hz.abs().mean(dim=(2, 3), keepdim=True).expand_as(hz)
+    m1 = b1 * m0 + (1 - b1) * g
+    v1 = b2 * v0 + (1 - b2) * ds * ds
+    p1 = p0 - lr * (m1 / bc1 / ((v1 / bc2).sqrt() ** k + eps) + wd * p0)
+    torch.testing.assert_close(m, m1)
+    torch.testing.assert_close(v, v1)
+    torch.testing.assert_close(p, p1)
+
+
+# ------------------------------------------------------------------ fused vs reference
+SIZES = [(0,), (1,), (22,), (4097,), (65537,), (8, 3, 3, 3), (16, 8, 3), (4, 2, 3, 3, 3), (33, 7)]
+
+
+def _lists(shapes, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda s, scale=1.0: (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    sdt = aops.state_dtype(dtype)
+    params = [mk(s) for s in shapes]
+    grads = [mk(s) for s in shapes]
+    hz = [mk(s) for s in shapes]
+    m = [mk(s, 0.1).to(sdt) for s in shapes]
+    v = [mk(s).abs().to(sdt) for s in shapes]
+    d = [mk(s).to(sdt) for s in shapes]
+    return params, grads, hz, m, v, d
+
+
+def _clone(ts):
+    return [t.clone() for t in ts]
+
+
+def _tol(dtype):
+    return {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=4e-5, atol=4e-5),
+            torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+@requires_kernels
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_hutchinson_fused_vs_reference(device, dtype, accumulate):
+    shapes = SIZES + [(3,)] * 115  # > 110 tensors
+    _, _, hz, _, _, d = _lists(shapes, device, dtype)
+    a, b = _clone(d), _clone(d)
+    ops.hutchinson_diag_(a, hz, 1234567, 9, alpha=0.25, accumulate=accumulate, fused=True)
+    reference.hutchinson_diag_(b, hz, 1234567, 9, 0.25, accumulate)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **_tol(dtype))
+
+
+@requires_kernels
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,abs_first,block,k", [(1, True, None, 1.0), (1, False, None, 0.5), (2, True, 5, 1.0),
+                                                    (2, False, 3, 0.7), (0, True, None, 1.0), (1, False, 128, 1.0)])
+def test_adahessian_step_fused_vs_reference(device, dtype, mode, abs_first, block, k):
+    shapes = SIZES + ([(5, 3)] * 112 if mode == 1 else [])
+    params, grads, hz, m, v, d = _lists(shapes, device, dtype)
+    curv = hz if mode == 1 else d if mode == 2 else []
+    gs = [aops.spatial_group_size(s, block) for s in shapes]
+    kw = dict(curv_mode=mode, abs_first=abs_first, seed=2**40 + 3, offset=17, lr=0.05, beta1=0.9, beta2=0.999,
+              eps=1e-4, weight_decay=0.01, hessian_power=k, bias_correction1=1 - 0.9 ** 3,
+              bias_correction2=1 - 0.999 ** 2)
+    P, M, Vv = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(P, grads, M, Vv, curv, gs, fused=True, **kw)
+    Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(Pr, grads, Mr, Vr, curv, gs, fused=False, **kw)
+    for a, b in zip(P + M + Vv, Pr + Mr + Vr):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+
+
+@requires_kernels
+@pytest.mark.parametrize("device", _devices())
+def test_adahessian_step_noncontiguous(device):
+    base = torch.randn(6, 4, 3, 3, device=device)
+    p = base.transpose(0, 1)  # non-contiguous param and state
+    g, hz = torch.randn_like(p), torch.randn_like(p)
+    m, v = torch.zeros(4, 6, 3, 3, device=device).transpose(0, 1) * 0, torch.rand(6, 4, 3, 3, device=device).transpose(0, 1)
+    kw = dict(curv_mode=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-4, bias_correction1=0.1, bias_correction2=0.001)
+    P, M, Vv = p.clone(), m.clone(), v.clone()
+    ops.adahessian_step([p], [g], [m], [v], [hz], [9], fused=True, **kw)
+    ops.adahessian_step([P], [g], [M], [Vv], [hz], [9], fused=False, **kw)
+    # the kernel sees contiguous copies: the groups follow the contiguous (logical) layout
+    for a, b in ((p, P), (m, M), (v, Vv)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adahessian_step_cuda_half(dtype):
+    shapes = SIZES
+    params, grads, hz, m, v, d = _lists(shapes, "cuda", dtype)
+    gs = [aops.spatial_group_size(s) for s in shapes]
+    kw = dict(curv_mode=1, abs_first=True, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-4, bias_correction1=0.271,
+              bias_correction2=0.002)
+    P, M, Vv = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(P, grads, M, Vv, hz, gs, fused=True, **kw)
+    Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(Pr, grads, Mr, Vr, hz, gs, fused=False, **kw)
+    for a, b in zip(P + M + Vv, Pr + Mr + Vr):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+
+
+@pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
+def test_hutchinson_cpu_cuda_bit_identical_probe():
+    hz = [torch.randn(s) for s in [(4097,), (3, 3, 3, 3)]]
+    a = ops.hutchinson_diag(hz, 99, 4, fused=True)
+    b = ops.hutchinson_diag([h.cuda() for h in hz], 99, 4, fused=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y.cpu())
+
+
+def test_invalid_arguments():
+    p = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="curv_mode"):
+        ops.adahessian_step(p, p, p, p, p, [1], curv_mode=3, lr=1, beta1=0.9, beta2=0.9, eps=1,
+                            bias_correction1=1, bias_correction2=1)
+    with pytest.raises(ValueError, match="grads"):
+        ops.adahessian_step(p, [torch.zeros(4)], p, p, p, [1], curv_mode=1, lr=1, beta1=0.9, beta2=0.9, eps=1,
+                            bias_correction1=1, bias_correction2=1)
+    with pytest.raises(ValueError, match="diag"):
+        ops.hutchinson_diag_([torch.zeros(2)], p, 0, 0)
