@@ -48,6 +48,12 @@ def _peers():
         out["torch_optimizer.Adahessian"] = lambda model, params: torch_optimizer.Adahessian(params, lr=0.15)
     except Exception:
         pass
+    try:
+        import pytorch_optimizer  # benchmark-only peer
+
+        out["pytorch_optimizer.AdaHessian"] = lambda model, params: pytorch_optimizer.AdaHessian(params, lr=0.15)
+    except Exception:
+        pass
     return out
 
 
@@ -77,7 +83,7 @@ def run_e2e(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
                         style = spec.closure
                     else:
                         opt = _peers()[name](model, params)
-                        style = "create_graph" if "Adahessian" in name else "backward"
+                        style = "create_graph" if "adahessian" in name.lower() else "backward"
 
                     def step():
                         if style == "loss":
