@@ -149,7 +149,7 @@ def plot_hvp(rows, out_dir):
     plt.close(fig)
 
 
-def write_summary(rows, bw, out_dir, meta, hvp_rows=None, e2e_rows=None):
+def write_summary(rows, bw, out_dir, meta, hvp_rows=None, e2e_rows=None, tta_rows=None):
     lines = [f"# Benchmark summary ({meta['date']})", ""]
     for d, b in bw.items():
         info = machine_info(d)
@@ -172,6 +172,10 @@ def write_summary(rows, bw, out_dir, meta, hvp_rows=None, e2e_rows=None):
         for r in e2e_rows:
             lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | {r['ms_per_step']:.2f} | "
                          f"{r['x_sgd']:.2f} | {r['state_MB']:.2f} |" + (f" {r['error']}" if r["error"] else ""))
+    if tta_rows:
+        from benchmarks.time_to_accuracy import markdown
+
+        lines += ["", markdown(tta_rows)]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -186,6 +190,9 @@ def main(argv=None):
     ap.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
     ap.add_argument("--hvp", action="store_true", help="also benchmark the HVP engines (LeNet-5, ResNet-18)")
     ap.add_argument("--e2e", action="store_true", help="also time a training step of every optimizer")
+    ap.add_argument("--tta", action="store_true",
+                    help="also train every optimizer on MNIST to a target accuracy (minutes; part of --all)")
+    ap.add_argument("--target", type=float, default=0.90, help="training accuracy target of --tta")
     ap.add_argument("--out", default="results/benchmarks")
     args = ap.parse_args(argv)
 
@@ -222,7 +229,15 @@ def main(argv=None):
         print()
         print_e2e(e2e_rows)
         write_csv_json("end_to_end", e2e_rows, args.out, meta)
-    write_summary(rows, bw, args.out, meta, hvp_rows, e2e_rows)
+    tta_rows = None
+    if args.tta or args.all:
+        from benchmarks.time_to_accuracy import print_tta, run_tta
+
+        tta_rows = run_tta(devices, args.quick, args.target, args.out)
+        print()
+        print_tta(tta_rows)
+        write_csv_json("time_to_accuracy", tta_rows, args.out, meta)
+    write_summary(rows, bw, args.out, meta, hvp_rows, e2e_rows, tta_rows)
     print(f"wrote {args.out}/: ops.json/csv, ops_speedup.png, ops_bandwidth.png"
           + (", hvp.json/csv, hvp.png" if hvp_rows else "") + ", summary.md")
 
