@@ -5,6 +5,9 @@ Engines (each includes the gradient the optimizer needs anyway):
   exact (double bwd) gradient with create_graph=True + one Hessian-vector product
   finite difference  gradient + one gradient at x + q v (natasha_ext.curvature default fallback)
   torch.func fwd-over-rev  jvp of the gradient function (exact, no graph kept)
+  Gauss-Newton       gradient + one J^T H_out J v product (curvature.GaussNewton; B >= 0)
+  ... each further   the marginal cost of one more product on the same graph (what every CG /
+                     Lanczos / Oja iteration after the first pays): (t(1 + 4 products) - t(1 + 1)) / 3
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import time_fn
-from natasha_ext.curvature import HVP, gradients
+from natasha_ext.curvature import HVP, GaussNewton, gradients
 
 
 def _models(quick: bool):
@@ -55,11 +58,20 @@ def run_hvp(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
             def fwd_bwd():
                 return gradients(closure(), params)
 
-            def exact():
-                h = HVP(closure, params, "exact")
-                out = h(v)
-                h.release()
-                return out
+            def products(engine, k):
+                def run():
+                    h = engine()
+                    for _ in range(k):
+                        out = h(v)
+                    h.release()
+                    return out
+                return run
+
+            exact = products(lambda: HVP(closure, params, "exact"), 1)
+            exact4 = products(lambda: HVP(closure, params, "exact"), 4)
+            gn_closure = lambda: (lambda out: (F.cross_entropy(out, y), out))(model(x))
+            gn = products(lambda: GaussNewton(gn_closure, params), 1)
+            gn4 = products(lambda: GaussNewton(gn_closure, params), 4)
 
             def fd():
                 return HVP(closure, params, "finite_difference")(v)
@@ -74,20 +86,27 @@ def run_hvp(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
                 return torch.func.jvp(grad_fn, (base,), ({n: vi for n, vi in zip(names, v)},))[1]
 
             unit = time_fn(fwd_bwd, device, min_time)
+            timed = {}
             for engine, fn in (("fwd+bwd", fwd_bwd), ("exact (double backward)", exact),
-                               ("finite difference", fd), ("torch.func fwd-over-rev", func_fwd_over_rev)):
+                               ("exact: each further HVP", exact4), ("finite difference", fd),
+                               ("torch.func fwd-over-rev", func_fwd_over_rev), ("Gauss-Newton", gn),
+                               ("Gauss-Newton: each further product", gn4)):
                 try:
                     t = unit if engine == "fwd+bwd" else time_fn(fn, device, min_time)
                     err = ""
                 except Exception as exc:  # e.g. a model torch.func cannot transform
                     t, err = float("nan"), f"{type(exc).__name__}: {exc}"[:160]
+                timed[engine] = t
+                if "each further" in engine:   # marginal cost from the 1- and 4-product timings
+                    first = timed["exact (double backward)" if engine.startswith("exact") else "Gauss-Newton"]
+                    t = (t - first) / 3
                 rows.append({"device": device, "model": name, "batch": shape[0], "engine": engine,
                              "ms": t * 1e3, "x_fwd_bwd": t / unit, "error": err})
     return rows
 
 
 def print_hvp(rows):
-    print(f"{'device':6} {'model':9} {'batch':>5} {'engine':26} {'ms':>9} {'x fwd+bwd':>9}")
+    print(f"{'device':6} {'model':9} {'batch':>5} {'engine':36} {'ms':>9} {'x fwd+bwd':>9}")
     for r in rows:
-        print(f"{r['device']:6} {r['model']:9} {r['batch']:5d} {r['engine']:26} {r['ms']:9.2f} {r['x_fwd_bwd']:9.2f}"
+        print(f"{r['device']:6} {r['model']:9} {r['batch']:5d} {r['engine']:36} {r['ms']:9.2f} {r['x_fwd_bwd']:9.2f}"
               + (f"  ({r['error']})" if r["error"] else ""))
