@@ -134,7 +134,6 @@ _TR_BAD = [("radius", 0.0), ("radius", -1.0), ("radius", float("nan")), ("eta", 
            ("gamma", 0.5), ("max_radius", 1e-9), ("norm", "l7"), ("beta", 1.0), ("eps", 0.0), ("cg_max_iters", 0),
            ("cg_tol", 0.0), ("curvature", "fisher"), ("hvp", "magic")]
 _KFAC_PENDING = "K-FAC factor statistics are not all-reduced yet (hook pending in kfac.py)"
-_GN_PENDING = "the Gauss-Newton oracle does not average its gradient/products yet"
 
 _ARC_BAD = [("sigma", 0.0), ("sigma", -1.0), ("sigma", float("nan")), ("eta1", 0.0), ("eta1", 1.0), ("eta2", 1.5),
             ("gamma", 1.0), ("subproblem", "qr"), ("norm", "l7"), ("subproblem_max_iters", 0)]
@@ -185,7 +184,7 @@ ZOO: List[Case] = [
          group_key=None, lr_key=None),
     Case("trust_region_gauss_newton", "TrustRegion",
          dict(radius=0.05, norm="adagrad", curvature="gauss_newton", cg_max_iters=5, seed=43),
-         group_key="eps", group_value=1e-3, lr_key=None, outputs=True, distributed=_GN_PENDING),
+         group_key="eps", group_value=1e-3, lr_key=None, outputs=True),
     Case("arc", "ARC", dict(sigma=3.0, eps=0.1, subproblem_max_iters=5, seed=51), group_key="eps", group_value=1e-6,
          lr_key=None, bad=_ARC_BAD),
     Case("arc_cg", "ARC", dict(sigma=1.0, subproblem="cg", subproblem_max_iters=5, norm="spherical", seed=52),

@@ -49,11 +49,19 @@ class Lanczos:
         self.alphas: List[float] = []
         self.betas: List[float] = []  # betas[j] couples q_j and q_{j+1}
         self.broke_down = False
+        self.nonfinite = False  # a product returned NaN/inf: T is not usable, the caller must skip
 
     def step(self) -> None:
+        if self.broke_down:
+            return
         q = self.Q[-1]
         w = self.matvec(q)
         alpha = float(torch.dot(w, q))
+        if not math.isfinite(alpha):  # any NaN/inf in w = C q reaches w^T q (inf * 0 is NaN)
+            # NaN/inf curvature: stop here (T stays the finite part built so far) and say so,
+            # instead of letting eigh on a NaN tridiagonal raise LinAlgError
+            self.nonfinite = self.broke_down = True
+            return
         w = w - alpha * q
         if len(self.Q) > 1:
             w = w - self.betas[-1] * self.Q[-2]
@@ -61,8 +69,11 @@ class Lanczos:
             w = w - torch.dot(w, qi) * qi
         for qi in self.Q:
             w = w - torch.dot(w, qi) * qi
-        self.alphas.append(alpha)
         beta = float(w.norm())
+        if not math.isfinite(beta):
+            self.nonfinite = self.broke_down = True
+            return
+        self.alphas.append(alpha)
         self.betas.append(beta)
         scale = max(abs(a) for a in self.alphas) + max(self.betas)
         if beta <= 1e-7 * max(scale, 1e-30) or len(self.Q) >= q.numel():

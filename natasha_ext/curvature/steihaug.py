@@ -49,6 +49,21 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def _worse_than_cauchy(m: float, cauchy_m: Optional[float], like: List[torch.Tensor]) -> bool:
+    """True when the CG model value is above the Cauchy point's by more than rounding: both are
+    built from the same list reductions (accumulated in the state dtype), so a step that *is* the
+    Cauchy point (first iteration on the boundary) may differ from it in the last bits."""
+    if cauchy_m is None:
+        return False
+    tol = 16 * torch.finfo(like[0].dtype).eps * max(abs(m), abs(cauchy_m)) if like else 0.0
+    return not m <= cauchy_m + tol
+
+
+# The solvers are host-driven loops over Python scalars (one .tolist() per iteration decides the
+# branch): under torch.compile they run eagerly. Traced, every scalar becomes a symbolic float
+# whose guards (sqrt of the boundary root) fail on the frame that created them, and nothing
+# would be gained: each iteration graph-breaks on its host sync and on autograd.grad anyway.
+@torch.compiler.disable
 def steihaug_cg(matvec: Callable[[List[torch.Tensor]], List[torch.Tensor]], grads: List[torch.Tensor],
                 s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], a: List[torch.Tensor],
                 rz0: float, radius: float, max_iters: int = 50, tol: float = 0.1,
@@ -99,7 +114,7 @@ def steihaug_cg(matvec: Callable[[List[torch.Tensor]], List[torch.Tensor]], grad
             break
     if pending is not None and reason in ("converged", "max_iters"):
         sAs = float(pending[1])
-    if cauchy_m is not None and not m <= cauchy_m:
+    if _worse_than_cauchy(m, cauchy_m, s):
         # Rounding made the CG step worse than the Cauchy point: take the Cauchy point.
         with torch.no_grad():
             for si, gi, ai in zip(s, grads, a):
@@ -139,6 +154,7 @@ def cubic_model_along(m_quad: float, rp: float, kappa: float, sigma: float, sAs:
     return m_quad + t * rp + 0.5 * t * t * kappa, sAs + 2 * t * sAp + t * t * pAp
 
 
+@torch.compiler.disable
 def cubic_cg(matvec, grads, s, r, p, a, rz0: float, sigma: float, max_iters: int = 50, tol: float = 0.1,
              fused: Optional[bool] = None) -> CGResult:
     """Truncated CG for the ARC model m(s) = g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3: PCG on
@@ -187,7 +203,7 @@ def cubic_cg(matvec, grads, s, r, p, a, rz0: float, sigma: float, max_iters: int
             reason = "converged"
             break
     m = cubic(mq, sAs)
-    if cauchy_m is not None and not m <= cauchy_m:
+    if _worse_than_cauchy(m, cauchy_m, s):
         with torch.no_grad():
             for si, gi, ai in zip(s, grads, a):
                 si.copy_(gi.to(si.dtype) / ai).mul_(-cauchy_t)

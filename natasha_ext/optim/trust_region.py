@@ -55,6 +55,10 @@ NORMS = ("rmsprop", "adagrad", "spherical")
 CURVATURES = ("hessian", "gauss_newton")
 
 
+class _NonFiniteCurvature(Exception):
+    """A curvature product returned NaN/inf while solving the subproblem (the step is skipped)."""
+
+
 def _loss_only(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -169,6 +173,15 @@ class _RegularisedNewton(NatashaOptimizer):
         self.last_step = info
         oracle.release()
 
+    def _skip_curvature(self, oracle, bp_per, info, backup, iters):
+        """NaN/inf in a curvature product: ellipsoid restored, step skipped (or NonFiniteError)."""
+        self._restore_ellipsoid(backup)
+        info.update(reason="nonfinite_curvature", iters=iters)
+        try:
+            self.skip_nonfinite("curvature")
+        finally:  # counted and the graphs freed also when raising
+            self._finish(oracle, bp_per, info)
+
     def _eigenpoint(self, matvec, params, a, grads, radius: float, iters: int):
         """Assumption 2's eigenpoint: ||s||_A = radius along the leftmost eigenvector of
         A^{-1/2} B A^{-1/2} (Lanczos from a Philox Rademacher start). None without negative curvature."""
@@ -180,6 +193,8 @@ class _RegularisedNewton(NatashaOptimizer):
         lz = Lanczos(lambda x: asq * flatten(matvec(unflatten(asq * x, a)), asq.dtype), flatten(start, asq.dtype))
         for _ in range(iters):
             lz.step()
+            if lz.nonfinite:
+                raise _NonFiniteCurvature
             if lz.broke_down:
                 break
         theta, u = leftmost(lz.T())
@@ -190,6 +205,17 @@ class _RegularisedNewton(NatashaOptimizer):
         if gs > 0:
             s, gs = -s, -gs
         return unflatten(s, a), gs + 0.5 * theta * radius * radius, len(lz.alphas)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts floating state to the parameter dtype; the fp32 ellipsoid of fp16/bf16
+        # parameters is restored in its own dtype so a resume stays bit-identical.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(g_saved["params"], g["params"]):
+                if pid in saved and "square_avg" in saved[pid]:
+                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    self.state[p]["square_avg"] = saved[pid]["square_avg"].to(device=p.device, dtype=dt, copy=True)
 
     def extra_state(self) -> dict:
         st = super().extra_state()
@@ -273,9 +299,11 @@ class TrustRegion(_RegularisedNewton):
         grads = oracle.grads
         info = {"radius": self.radius, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
         if not self.all_finite(grads + [loss0.reshape(1)]):
-            self.skip_nonfinite("gradients")
             info["reason"] = "nonfinite_gradient"
-            self._finish(oracle, bp_per, info)
+            try:
+                self.skip_nonfinite("gradients")
+            finally:  # counted and the graphs freed also when raising
+                self._finish(oracle, bp_per, info)
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
@@ -283,7 +311,11 @@ class TrustRegion(_RegularisedNewton):
         matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
         s = work["s"]
         if math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0:
-            eig = self._eigenpoint(matvec, params, work["a"], grads, self.radius, g0["eigen_iters"])
+            try:
+                eig = self._eigenpoint(matvec, params, work["a"], grads, self.radius, g0["eigen_iters"])
+            except _NonFiniteCurvature:
+                self._skip_curvature(oracle, bp_per, info, backup, oracle.n_hvp)
+                return loss0
             if eig is None:
                 info["reason"] = "stationary"
                 self._finish(oracle, bp_per, info)
@@ -295,10 +327,7 @@ class TrustRegion(_RegularisedNewton):
                               g0["cg_max_iters"], g0["cg_tol"], fused=self.fused)
             step_vec, model, iters, reason = s, res.model, res.iters, res.reason
             if reason == "nonfinite":
-                self._restore_ellipsoid(backup)
-                self.skip_nonfinite("curvature")
-                info.update(reason="nonfinite_curvature", iters=iters)
-                self._finish(oracle, bp_per, info)
+                self._skip_curvature(oracle, bp_per, info, backup, iters)
                 return loss0
         pred = -model
         info.update(iters=iters, reason=reason, predicted=pred)
@@ -403,6 +432,8 @@ class ARC(_RegularisedNewton):
         y = val = None
         for _ in range(kmax):
             lz.step()
+            if lz.nonfinite:
+                raise _NonFiniteCurvature
             y, val, _ = cubic_tridiag(lz.T(), gn, self.sigma)
             if lz.broke_down:
                 break
@@ -424,9 +455,11 @@ class ARC(_RegularisedNewton):
         loss0, grads = oracle.loss, oracle.grads
         info = {"sigma": self.sigma, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
         if not self.all_finite(grads + [loss0.reshape(1)]):
-            self.skip_nonfinite("gradients")
             info["reason"] = "nonfinite_gradient"
-            self._finish(oracle, bp_per, info)
+            try:
+                self.skip_nonfinite("gradients")
+            finally:  # counted and the graphs freed also when raising
+                self._finish(oracle, bp_per, info)
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
@@ -441,15 +474,10 @@ class ARC(_RegularisedNewton):
                 res = cubic_cg(matvec, grads, work["s"], work["r"], work["p"], work["a"], rz0, self.sigma,
                                g0["subproblem_max_iters"], g0["subproblem_tol"], fused=self.fused)
                 step_vec, model, iters, reason = work["s"], res.model, res.iters, res.reason
-        except (RuntimeError, ValueError) as exc:
-            if "nan" not in str(exc).lower() and "finite" not in str(exc).lower():
-                raise
-            model, iters, reason = float("nan"), 0, "nonfinite"
+        except _NonFiniteCurvature:
+            model, iters = float("nan"), oracle.n_hvp
         if not math.isfinite(model):
-            self._restore_ellipsoid(backup)
-            self.skip_nonfinite("curvature")
-            info.update(reason="nonfinite_curvature", iters=iters)
-            self._finish(oracle, bp_per, info)
+            self._skip_curvature(oracle, bp_per, info, backup, iters)
             return loss0
         pred = -model
         info.update(iters=iters, reason=reason, predicted=pred)
