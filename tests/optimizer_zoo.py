@@ -133,7 +133,6 @@ _KFAC_BAD = [("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0), ("momentum",
 _TR_BAD = [("radius", 0.0), ("radius", -1.0), ("radius", float("nan")), ("eta", 0.0), ("eta", 1.0), ("gamma", 1.0),
            ("gamma", 0.5), ("max_radius", 1e-9), ("norm", "l7"), ("beta", 1.0), ("eps", 0.0), ("cg_max_iters", 0),
            ("cg_tol", 0.0), ("curvature", "fisher"), ("hvp", "magic")]
-_KFAC_PENDING = "K-FAC factor statistics are not all-reduced yet (hook pending in kfac.py)"
 
 _ARC_BAD = [("sigma", 0.0), ("sigma", -1.0), ("sigma", float("nan")), ("eta1", 0.0), ("eta1", 1.0), ("eta2", 1.5),
             ("gamma", 1.0), ("subproblem", "qr"), ("norm", "l7"), ("subproblem_max_iters", 0)]
@@ -164,18 +163,16 @@ ZOO: List[Case] = [
     Case("hybrid_switch_after", "HybridSGDAdaHessian",
          dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=24),
          before_step=_switch_at(4), group_key="sgd_lr", notes="SGD phase at the checkpoint, switch after it"),
-    Case("kfac", "KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True, bad=_KFAC_BAD, distributed=_KFAC_PENDING,
+    Case("kfac", "KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True, bad=_KFAC_BAD,
          notes="inverses refreshed at steps 0 and 2: N = 3 resumes after a refresh"),
     Case("kfac_eigh", "KFAC", dict(lr=0.02, damping=0.3, cov_every=2, inv_every=3, inverse="eigh",
-                                   kl_clip=None, weight_decay=1e-3, seed=32), takes_model=True, resume_steps=4, distributed=_KFAC_PENDING),
+                                   kl_clip=None, weight_decay=1e-3, seed=32), takes_model=True, resume_steps=4),
     Case("ang", "ANG", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, total_steps=8, seed=33), takes_model=True,
-         bad=[("lam_schedule", "sqrt"), ("total_steps", 0), ("damping", 0.0)], distributed=_KFAC_PENDING),
+         bad=[("lam_schedule", "sqrt"), ("total_steps", 0), ("damping", 0.0)]),
     Case("ifang", "IFANG", dict(lr=0.05, damping=0.1, rank=1, total_steps=8, seed=34), takes_model=True,
-         bad=[("rank", 0), ("damping", -1.0), ("lr", float("nan"))], distributed=_KFAC_PENDING),
+         bad=[("rank", 0), ("damping", -1.0), ("lr", float("nan"))]),
     Case("ifang_rank2", "IFANG", dict(lr=0.05, damping=0.1, rank=2, total_steps=6, lam_schedule="exp", seed=35),
-         takes_model=True,
-         distributed="rank 2 groups the batch rows into 2 contiguous blocks; with 2 ranks each rank's "
-                     "blocks are quarters of the batch, not the halves one process uses"),
+         takes_model=True),
     Case("trust_region", "TrustRegion", dict(radius=0.05, cg_max_iters=5, seed=41), group_key="eps",
          group_value=1e-6, lr_key=None, bad=_TR_BAD,
          notes="radius grows/shrinks with rho across the checkpoint"),

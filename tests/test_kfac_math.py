@@ -55,7 +55,7 @@ def test_kfac_step_is_dense_damped_kronecker_inverse_of_hooked_factors():
     torch.manual_seed(1)
     m = _mlp()
     lam, lr = 0.1, 0.5
-    opt = KFAC(m, lr=lr, momentum=0.0, damping=lam, kl_clip=None, cov_every=1, inv_every=1)
+    opt = KFAC(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, cov_every=1, inv_every=1)  # sqrt per factor
     x, y = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
     acts, gouts = {}, {}
     hs = _spy(m, acts, gouts)
@@ -188,7 +188,7 @@ def test_ifang_direction_equals_dense_ang_with_low_rank_factors():
     torch.manual_seed(4)
     m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     lam, lr, blend = 0.05, 0.1, 0.3
-    opt = IFANG(m, lr=lr, momentum=0.0, damping=lam, kl_clip=None, rank=2, lam_schedule=lambda s: blend)
+    opt = IFANG(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, rank=2, lam_schedule=lambda s: blend)
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
     acts, gouts = {}, {}
     hs = _spy(m, acts, gouts)

@@ -22,6 +22,12 @@ E[a a^T] ~ (1/s') sum_k m_k m_k^T = YA^T YA with YA = [m_k] / sqrt(s'), and like
 YG = sqrt(L / s') [m_k(g)]. Because unfolding is linear, a conv layer's patch means are the
 unfold of the group-mean input, so the big unfolded matrix is never formed.
 
+Distributed (``shard = (rank, world)``, equal shards): the groups are laid out over the *global*
+batch (world * B examples, rank r holding examples [r B, (r+1) B)), and each rank produces its
+share  world * (sum of its examples in group k) / |group k|;  the average of the shares over the
+ranks (one all-reduce) is exactly the group mean one process computes on the whole batch, for any
+s' and world size.
+
 Hooks hold only weak references to the collector; the hook objects deep-copy and pickle as inert
 no-ops (a copied or saved model carries no live link to an optimizer), and ``remove()`` (called by
 the optimizers' ``remove_hooks()`` and when they are garbage collected) unregisters them.
@@ -136,6 +142,7 @@ class FactorCollector:
         self.batch_averaged = bool(batch_averaged)
         self.grad_scaler = grad_scaler
         self.collecting = True
+        self.shard = (0, 1)  # (rank, world size): low-rank groups span the global batch
         self._a: Dict[int, list] = {}
         self._g: Dict[int, list] = {}
         self._handles = []
@@ -221,17 +228,22 @@ class FactorCollector:
         return rows, scale
 
     # ------------------------------------------------------------------ low-rank statistics
-    def _groups(self, n: int):
-        k = max(1, min(self.rank, n))
-        return [idx for idx in torch.arange(n).tensor_split(k)]
-
-    def _group_means(self, x: torch.Tensor) -> torch.Tensor:
-        """[s', ...] means of contiguous example groups of x (dim 0 = examples)."""
-        n = x.shape[0]
-        k = max(1, min(self.rank, n))
-        if n % k == 0:
-            return x.reshape(k, n // k, *x.shape[1:]).mean(1)
-        return torch.stack([x[idx].mean(0) for idx in self._groups(n)])
+    def _group_weights(self, n: int, dtype, device) -> torch.Tensor:
+        """[s', n] weights W such that W @ rows gives this rank's share of the s' group means of
+        the global batch (see the module docstring); the plain group means on one process."""
+        r, world = self.shard
+        total = n * world
+        k = max(1, min(self.rank, total))
+        w = torch.zeros(k, n, dtype=dtype)
+        size, extra = divmod(total, k)  # tensor_split's layout: the first `extra` groups are one longer
+        start = 0
+        for j in range(k):
+            stop = start + size + (1 if j < extra else 0)
+            lo, hi = max(start, r * n), min(stop, (r + 1) * n)  # this rank's rows of group j
+            if hi > lo:
+                w[j, lo - r * n:hi - r * n] = world / (stop - start)
+            start = stop
+        return w.to(device)
 
     def _lowrank_a(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
         if layer.kind == "conv2d":
@@ -239,14 +251,17 @@ class FactorCollector:
             if x.dim() == 3:
                 x = x.unsqueeze(0)
             pad = m.padding if not isinstance(m.padding, str) else 0
-            xm = self._group_means(x)  # unfold is linear: mean of patches = patches of the mean
+            w = self._group_weights(x.shape[0], x.dtype, x.device)
+            # unfold is linear: the group means of the patches are the patches of the group means
+            xm = torch.einsum("kb,bchw->kchw", w, x)
             cols = F.unfold(xm, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
             mean = cols.mean(-1)
         else:
             x2 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
-            mean = self._group_means(x2.mean(1))
-        if layer.bias is not None:
-            mean = torch.cat([mean, mean.new_ones(mean.shape[0], 1)], 1)
+            w = self._group_weights(x2.shape[0], x.dtype, x.device)
+            mean = w @ x2.mean(1)
+        if layer.bias is not None:  # the mean of the ones column (its share on this rank)
+            mean = torch.cat([mean, w.sum(1, keepdim=True)], 1)
         return mean
 
     def _lowrank_g(self, layer: KFACLayer, g: torch.Tensor):
@@ -259,7 +274,8 @@ class FactorCollector:
             g3 = g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
             positions = g3.shape[1]
             per_ex = g3.mean(1)
-        return self._group_means(per_ex), g.shape[0] if g.dim() > 1 else 1, positions
+        w = self._group_weights(per_ex.shape[0], per_ex.dtype, per_ex.device)
+        return w @ per_ex, g.shape[0] if g.dim() > 1 else 1, positions
 
     def low_rank(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(YA, YG) with A ~ YA^T YA and G ~ YG^T YG from the s' group means (eqs. 11-12)."""

@@ -7,10 +7,19 @@ Martens & Grosse (2015) and, for convolutions, Grosse & Martens (2016).
 Per supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient is the matrix T = [dW | db]
 (out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
 a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
-(:mod:`natasha_ext.curvature.kfac_factors`). Damping follows eq. 8: lam is added to *each*
-factor, so the preconditioned gradient is
+(:mod:`natasha_ext.curvature.kfac_factors`). ``damping`` is the Tikhonov damping gamma of the
+Kronecker block, (A (x) G + gamma I)^-1, applied as factored Tikhonov damping (Martens & Grosse
+2015, Sec. 6.3, pi = 1): eq. 8's per-factor lam is sqrt(gamma), so the preconditioned gradient is
 
-    U = (G + lam I)^-1 T (A + lam I)^-1      (= ((A + lam I) (x) (G + lam I))^-1 vec T).
+    U = (G + lam I)^-1 T (A + lam I)^-1,   lam = sqrt(damping)
+      (= ((A + lam I) (x) (G + lam I))^-1 vec T,  (A + lam I) (x) (G + lam I) = A (x) G + gamma I
+         + lam (A (x) I + I (x) G)).
+
+Adding gamma itself to each factor would damp the block by only gamma^2 in the directions the
+factors do not see (inputs that are always zero, the n - s' directions of IFANG's rank-s'
+factors): with the issue's default gamma = 1e-3 the KL-clipped step could still reach
+sqrt(kl_clip) / gamma^2 ~ 30 in those directions and training diverges; with sqrt(gamma) per
+factor the bound is sqrt(kl_clip / gamma) ~ 1, as in the usual eigenvalue-damped K-FAC.
 
 * :class:`KFAC`: EMA factors (``stat_decay``) refreshed every ``cov_every`` steps, damped inverses
   (Cholesky or eigh) every ``inv_every`` steps, U applied matrix-free, KL clipping
@@ -98,6 +107,21 @@ def lambda_schedule(kind: Union[str, Callable[[int], float]], total_steps: Optio
     return lambda t: 0.5 * (1.0 - math.cos(math.pi * min(t, T) / T))
 
 
+def _reached_leaves(loss: torch.Tensor) -> set:
+    """The leaf tensors ``loss``'s autograd graph reaches (walks grad_fn -> AccumulateGrad)."""
+    found, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
 def _remove_handles(collector_box):
     col = collector_box[0] if collector_box else None
     if col is not None:
@@ -109,12 +133,17 @@ class KFAC(NatashaOptimizer):
 
     Args (defaults from the issue; Martens & Grosse's usual values):
         model_or_params: nn.Module, or params / param groups together with ``model=``.
-        lr (0.01), momentum (0.9), damping (1e-3, added to each factor, eq. 8),
+        lr (0.01), momentum (0.9), damping (1e-3: gamma of (A (x) G + gamma I); sqrt(gamma) is added
+        to each factor, eq. 8),
         stat_decay (0.95, EMA of the factors), weight_decay (0), kl_clip (1e-3; None or 0 disables),
         cov_every (10), inv_every (100), inverse ('cholesky' | 'eigh').
         batch_averaged (True): the loss is a mean over the batch (per-example gradients are
         grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
-        fused, seed, raise_on_nonfinite: as every optimizer of the package.
+        fused, seed, raise_on_nonfinite, process_group: as every optimizer of the package.
+
+    Distributed (``process_group``): the gradients are averaged by the shared engines; the factor
+    statistics of all layers are averaged in one bucketed all-reduce per statistics refresh (per
+    dtype), after the EMA, so every rank holds the factors of the global batch (equal shards).
     """
 
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
@@ -124,7 +153,8 @@ class KFAC(NatashaOptimizer):
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
                  model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
-                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False):
+                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
+                 process_group=None):
         V.nonnegative("lr", lr)
         V.in_range("momentum", momentum, 0.0, 1.0)
         V.positive("damping", damping)
@@ -161,6 +191,8 @@ class KFAC(NatashaOptimizer):
         self.layer_names: List[str] = []
         self.fallback_names: List[str] = []
         self.attach(model)
+        if process_group is not None:
+            self.set_process_group(process_group)
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> None:
@@ -198,8 +230,24 @@ class KFAC(NatashaOptimizer):
         col = FactorCollector(layers, mode="lowrank" if self._lowrank else "full", rank=self.rank,
                               batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None))
         col.collecting = self._due(self.cov_every)
+        col.shard = self._shard()
         self._box = [col]
         self._finalizer = weakref.finalize(self, _remove_handles, self._box)
+
+    def _shard(self):
+        """(rank, world size) of this process in the optimizer's group ((0, 1) without one)."""
+        group = self.process_group
+        if group is None:
+            return (0, 1)
+        import torch.distributed as dist
+
+        return (dist.get_rank(group), dist.get_world_size(group))
+
+    def set_process_group(self, group) -> None:
+        super().set_process_group(group)
+        col = self._collector
+        if col is not None:  # IFANG's row groups are laid out over the global batch
+            col.shard = self._shard()
 
     def remove_hooks(self) -> None:
         """Unregister every hook this optimizer placed on the model."""
@@ -275,7 +323,16 @@ class KFAC(NatashaOptimizer):
             sel = [j for j, i in enumerate(ready) if decay_of[i] == decay]
             ops.kfac_factor_ema_([fa[j] for j in sel], [ra[j] for j in sel], [sa[j] for j in sel], decay, fused=self.fused)
             ops.kfac_factor_ema_([fg[j] for j in sel], [rg[j] for j in sel], [sg[j] for j in sel], decay, fused=self.fused)
+        self._average_across_ranks(fa + fg)
         self.counters["factor_updates"] += 1
+
+    def _average_across_ranks(self, tensors: List[torch.Tensor]) -> None:
+        """In place: average ``tensors`` over the process group (one bucketed all-reduce per
+        dtype; identical contents on every rank afterwards). No-op without a group."""
+        if self.process_group is None or not tensors:
+            return
+        for t, avg in zip(tensors, self.reduce_mean(tensors)):
+            t.copy_(avg)
 
     def _damped_inverses(self, mats: List[torch.Tensor], lams: List[float]) -> List[torch.Tensor]:
         """(F + lam I)^-1 for each factor; same-size factors are batched. Cholesky falls back to
@@ -312,7 +369,7 @@ class KFAC(NatashaOptimizer):
         mats, lams = [], []
         for i in have:
             st = self.state[self._layers[i].weight]
-            lam = float(self.param_groups[self._layer_group[i]]["damping"])
+            lam = self._factor_damping(i)
             mats += [st["kfac_A"], st["kfac_G"]]
             lams += [lam, lam]
         invs = self._damped_inverses(mats, lams)
@@ -320,6 +377,10 @@ class KFAC(NatashaOptimizer):
             st = self.state[self._layers[i].weight]
             st["kfac_A_inv"], st["kfac_G_inv"] = invs[2 * k], invs[2 * k + 1]
         self.counters["inverse_updates"] += 1
+
+    def _factor_damping(self, i: int) -> float:
+        """Eq. 8's per-factor lam = sqrt(damping) of layer i's param group (factored Tikhonov)."""
+        return math.sqrt(float(self.param_groups[self._layer_group[i]]["damping"]))
 
     def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
         """(U list, [L, 3] reductions) for the layers idx (K-FAC: the stored damped inverses)."""
@@ -364,8 +425,13 @@ class KFAC(NatashaOptimizer):
         if closure is not None:
             loss = evaluate_closure(closure)
             live = [p for p in params if p.requires_grad]
-            for p, g in zip(live, gradients(loss, live)):
-                p.grad = g
+            reached = _reached_leaves(loss)
+            with torch.enable_grad():  # the engine may scale the loss (AMP): keep the graph
+                gs = gradients(loss, live)
+            for p, g in zip(live, gs):
+                # as after loss.backward(): parameters the loss does not reach keep grad None
+                # (no weight decay, no momentum for them)
+                p.grad = g if p in reached else None
             loss = loss.detach()
         self.check_grads(params)
         grads = [p.grad for p in params if p.grad is not None]
@@ -496,16 +562,23 @@ class IFANG(ANG):
     Woodbury (eqs. 9-14, Algorithms 1-2). The M rows of a layer's A and DS are grouped into
     s' = ``rank`` group means (contiguous example blocks), YA = means/sqrt(s'),
     YG = sqrt(L/s') * means of per-example DS (L conv positions), and
-        U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1
+        U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1,   lam = sqrt(damping)
     with (lam I + Y^T Y)^-1 = lam^-1 [I - Y^T (lam I + Y Y^T)^-1 Y]: a scalar for s' = 1, a small
     s' x s' Cholesky otherwise. The statistics come from the current minibatch (eqs. 9-10), so
     ``cov_every`` defaults to 1 (a larger value reuses the last YA, YG); there is no EMA and no
     inverse refresh (``stat_decay``, ``inv_every``, ``inverse`` do not apply).
+    ``damping`` defaults to 1e-2 (lam = 0.1 per factor), not K-FAC's 1e-3: rank-s' factors see
+    only s' directions, the other n - s' are damped by lam alone, and with 1e-3 the KL-clipped
+    step (norm ~ sqrt(kl_clip / damping), independent of lr) oscillates on the MNIST checks
+    (tests/test_kfac_train.py's grid: the best rank-1 per-factor lam there was 0.1-0.3).
+    With a process group the s' groups are blocks of the global batch (rank r's shard is the
+    r-th block of examples): each rank computes its share of every group mean and one all-reduce
+    combines them, so N ranks equal one process for every s'.
     """
 
     _lowrank = True
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-2,
                  weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
                  rank: int = 1, **kwargs):
         V.positive_int("rank", rank)
@@ -516,15 +589,19 @@ class IFANG(ANG):
     def _prepare(self, ready: List[int]) -> List[int]:
         col = self._collector
         if ready and self._due(self.cov_every):
+            fresh = []
             for i in ready:
                 ya, yg = col.low_rank(i)
                 st = self.state[self._layers[i].weight]
                 st["kfac_YA"], st["kfac_YG"] = ya.contiguous(), yg.contiguous()
+                fresh += [st["kfac_YA"], st["kfac_YG"]]
+            # each rank holds its share of the global batch's group means: average them (one bucket)
+            self._average_across_ranks(fresh)
             self.counters["factor_updates"] += 1
         return [i for i in range(len(self._layers)) if "kfac_YA" in self.state[self._layers[i].weight]]
 
     def _precondition(self, idx, ts):
         ya = [self.state[self._layers[i].weight]["kfac_YA"] for i in idx]
         yg = [self.state[self._layers[i].weight]["kfac_YG"] for i in idx]
-        lams = [float(self.param_groups[self._layer_group[i]]["damping"]) for i in idx]
+        lams = [self._factor_damping(i) for i in idx]
         return ops.kfac_smw_apply(ts, ya, yg, lams, fused=self.fused)
