@@ -100,10 +100,6 @@ def _closure(case, pb, model, i, mode, value, rng):
 
 # Bugs this suite found that are still open (strict xfail: fixing one makes its test fail here)
 KNOWN_BUGS = {
-    "trial:natasha15": "Natasha1.5: the snapshot gradient grad f_i(x_tilde) is not checked for NaN/inf "
-                       "before the SVRG step",
-    "trial:natasha2": "Natasha2: the snapshot gradient grad f_i(x_tilde) is not checked for NaN/inf "
-                      "before the SVRG step",
 }
 
 

@@ -44,8 +44,9 @@ How the loops map onto ``step(closure)`` calls (one call per minibatch, nothing 
 
 Counters (``opt.counters``): steps, gradients, hvps, skipped_steps, epochs, subepochs, kicks,
 oja_runs, oja_iterations, last_rayleigh (v^T H v of the last Oja run, NaN before the first).
-Host syncs per call: one for the non-finite check of the gradients (skip the step, touch no
-state), and for Natasha2's Oja phase one more for the kick decision.
+Host syncs per call: one for the non-finite check of the gradients -- grad f_i(x_t) and, for the
+faithful estimator, grad f_i(x_tilde) checked together (skip the call, touch no state) -- and for
+Natasha2's Oja phase one more for the kick decision.
 """
 from __future__ import annotations
 
@@ -223,8 +224,28 @@ class _NatashaEpochs(NatashaOptimizer):
     def _prox_radius(self) -> float:
         return 0.0
 
-    def _epoch_call(self, closure, params, grads) -> None:
-        """Advance the epoch by one call whose gradient at the current point is ``grads``."""
+    def _needs_snapshot_grads(self) -> bool:
+        """True when the next epoch call takes grad f_i(x_tilde) (past the snapshot calls)."""
+        pos = self.position
+        return bool(pos["in_epoch"]) and self._vr() and pos["snap"] >= (self._hp("snapshot_batches") or 1)
+
+    def _inner_call(self, closure, params):
+        """One call inside an epoch: grad f_i(x_t) [and grad f_i(x_tilde) on the same minibatch],
+        one finiteness check over both (one host sync), then the SVRG step. A non-finite value in
+        either skips the call before any state is touched."""
+        loss, grads = self._loss_and_grads(closure, params)
+        snap = self._snapshot_grads(closure, params) if self._needs_snapshot_grads() else None
+        if not self.all_finite(grads if snap is None else grads + snap):
+            self.skip_nonfinite("gradients" if snap is None else "gradients (at x_t or at the snapshot x_tilde)")
+            return loss
+        self._epoch_call(params, grads, snap)
+        self.counters["steps"] += 1
+        return loss
+
+    def _epoch_call(self, params, grads, snap=None) -> None:
+        """Advance the epoch by one call whose gradient at the current point is ``grads`` (and,
+        past the snapshot calls of the faithful estimator, ``snap`` = grad f_i(x_tilde), already
+        checked finite)."""
         pos, m = self.position, self._m()
         if not pos["in_epoch"]:
             self._start_epoch(params)
@@ -239,7 +260,8 @@ class _NatashaEpochs(NatashaOptimizer):
                 # x_0 = x_tilde: grad f_i(x_0) - grad f_i(x_tilde) cancels, d = mu (+ 0 regulariser)
                 self._svrg(params, grads, grads, mu, m if pos["t"] == m - 2 else 0)
             else:
-                snap = self._snapshot_grads(closure, params)
+                if snap is None:
+                    raise RuntimeError("internal: the faithful estimator needs grad f_i(x_tilde) here")
                 self._svrg(params, grads, snap, mu, m if pos["t"] == m - 2 else 0)
         else:
             self._svrg(params, grads, None, None, m if pos["t"] == m - 2 else 0)
@@ -295,13 +317,7 @@ class Natasha15(_NatashaEpochs):
         if not params:
             return evaluate_closure(closure).detach()
         self._init_state(params)
-        loss, grads = self._loss_and_grads(closure, params)
-        if not self.all_finite(grads):
-            self.skip_nonfinite("gradients")
-            return loss
-        self._epoch_call(closure, params, grads)
-        self.counters["steps"] += 1
-        return loss
+        return self._inner_call(closure, params)
 
 
 class Natasha2(_NatashaEpochs):
@@ -370,13 +386,7 @@ class Natasha2(_NatashaEpochs):
             return evaluate_closure(closure).detach()
         self._init_state(params)
         if self.position["in_epoch"]:
-            loss, grads = self._loss_and_grads(closure, params)
-            if not self.all_finite(grads):
-                self.skip_nonfinite("gradients")
-                return loss
-            self._epoch_call(closure, params, grads)
-            self.counters["steps"] += 1
-            return loss
+            return self._inner_call(closure, params)
         return self._outer_call(closure, params)
 
     def _outer_call(self, closure, params):
@@ -414,6 +424,6 @@ class Natasha2(_NatashaEpochs):
             self.counters["kicks"] += 1
             self.position["k"] += 1
         else:
-            self._epoch_call(closure, params, grads)
+            self._epoch_call(params, grads)  # first call of an epoch: no snapshot gradient yet
         self.counters["steps"] += 1
         return loss
