@@ -159,12 +159,10 @@ def test_frozen_parameters_are_skipped(case):
     assert not torch.equal(l0.weight.detach(), pb.model().state_dict()["0.weight"])
 
 
-# The shared engine (curvature.hvp.gradients) zero-fills the gradient of a parameter the loss
-# does not reach, so an optimizer cannot tell "unused" from "zero gradient": decoupled weight
-# decay and Natasha2's kicks (along Oja's vector, random in those coordinates) still move it,
-# where torch.optim skips parameters whose .grad is None.
-UNUSED_MOVES = {"natasha2": "kick along Oja's vector has components in unused coordinates",
-                "adahessian_fd": "decoupled weight decay applied to a zero-filled gradient"}
+# Cases whose optimizer still moves a parameter the loss does not reach (torch.optim skips
+# parameters whose .grad is None). The shared engines zero-fill such gradients and report their
+# indices (curvature.hvp.gradients(unused=...), HVP.unused); Natasha2 keeps them out of Oja's vector.
+UNUSED_MOVES = {}
 
 
 @case_params()

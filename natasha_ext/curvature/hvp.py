@@ -64,12 +64,16 @@ def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
-              retain_graph: Optional[bool] = None) -> List[torch.Tensor]:
+              retain_graph: Optional[bool] = None, unused: Optional[List[int]] = None) -> List[torch.Tensor]:
     """d loss / d params; parameters the loss does not reach get zeros. Averaged across the
-    active process group unless ``create_graph``."""
+    active process group unless ``create_graph``. When ``unused`` is a list, the indices of the
+    parameters the loss does not reach are appended to it (not while a process group is active:
+    another rank's loss may reach them), so an optimizer can leave them alone as torch.optim does."""
     scale = _LOSS_SCALE.get()
     gs = torch.autograd.grad(loss if scale is None else loss * scale, list(params), create_graph=create_graph,
                              retain_graph=retain_graph, allow_unused=True)
+    if unused is not None and distributed.active_group() is None:
+        unused.extend(i for i, g in enumerate(gs) if g is None)
     gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
     if scale is not None:  # unscale (differentiably when the graph is kept, so H v comes out unscaled)
         gs = [g / scale for g in gs]
@@ -94,13 +98,14 @@ class HVP:
         self.closure, self.params, self.method, self.fd_eps = closure, list(params), method, fd_eps
         self.n_hvp = 0
         self.n_grad = 1
+        self.unused: List[int] = []  # indices of the params the loss does not reach (see gradients)
         loss = evaluate_closure(closure)
         if method == "exact":
-            self._g_graph = gradients(loss, self.params, create_graph=True)
+            self._g_graph = gradients(loss, self.params, create_graph=True, unused=self.unused)
             self.grads = distributed.all_reduce_mean([g.detach() for g in self._g_graph])
         else:
             self._g_graph = None
-            self.grads = gradients(loss, self.params)
+            self.grads = gradients(loss, self.params, unused=self.unused)
         self.loss = loss.detach()
 
     def __call__(self, v: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -124,11 +129,20 @@ class HVP:
 def finite_difference_hvp(closure, params: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
                           grads: Sequence[torch.Tensor], eps: float = 1e-4) -> List[torch.Tensor]:
     """(g(x + eps v) - g(x)) / eps with the parameters restored bit-exactly afterwards.
-    ``eps`` is scaled by 1/||v|| so the probe moves the parameters by ``eps`` in norm."""
+    ``eps`` is scaled by 1/||v|| so the probe moves the parameters by ``eps`` in norm (for
+    fp16/bf16 parameters by at least sqrt(u) (1 + ||x||), u the dtype's unit roundoff)."""
     vnorm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
     if vnorm == 0.0:
         return [torch.zeros_like(p) for p in params]
     q = eps / vnorm
+    low = [p.dtype for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    if low:
+        # fp16/bf16 weights cannot move by much less than their resolution: a smaller step is
+        # rounded away (Hv = 0) or quantised; take at least the forward-difference optimum
+        # sqrt(u) (1 + ||x||) for the dtype's unit roundoff u
+        u = max(torch.finfo(d).eps for d in low)
+        xnorm = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params)))
+        q = max(eps, u ** 0.5 * (1.0 + xnorm)) / vnorm
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

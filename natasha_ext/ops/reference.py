@@ -199,8 +199,8 @@ def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int
             acc = torch.float64 if torch.float64 in (d.dtype, h.dtype) else torch.float32
             val = (z.to(acc).view(h.shape) * h.to(acc)) * alpha
             if accumulate:
-                val = d.to(acc) + val
-            d.copy_(val.view(d.shape))
+                val = d.to(acc).reshape(h.shape) + val
+            d.copy_(val.reshape(d.shape))  # diag and hz share numels, not necessarily shapes
 
 
 def _group_mean(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -247,19 +247,24 @@ def adahessian_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_a
         m, v = exp_avg[i], exp_hess_sq[i]
         acc = m.dtype
         if n:
-            m.mul_(beta1).add_(grads[i].to(acc).view(m.shape), alpha=1 - beta1)
+            # flat logical order throughout: the lists only share numels, and any of them may be
+            # non-contiguous (reshape copies then; results are copied back into each tensor)
+            mf = m.reshape(-1).mul(beta1).add_(grads[i].to(acc).reshape(-1), alpha=1 - beta1)
+            m.copy_(mf.view(m.shape))
+            vf = v.reshape(-1)
             if curv_mode:
                 c = curv[i].to(acc).reshape(-1)
                 if curv_mode == 1 and not abs_first:
                     c = c * rademacher_values(seed, offset, first, n, c.device).to(acc)
                 ds = _group_mean(c.abs(), group_sizes[i]) if abs_first else _group_mean(c, group_sizes[i]).abs()
-                v.mul_(beta2).add_((ds * ds).view(v.shape), alpha=1 - beta2)
-            denom = (v.sqrt() / sbc2)
+                vf = vf.mul(beta2).add_(ds * ds, alpha=1 - beta2)
+                v.copy_(vf.view(v.shape))
+            denom = (vf.sqrt() / sbc2)
             if hessian_power != 1.0:
                 denom = denom.pow(hessian_power)
             denom = denom + eps
-            pa = p.detach().to(acc).view(m.shape)
-            new = pa - lr * (m / bias_correction1 / denom + weight_decay * pa)
+            pa = p.detach().to(acc).reshape(-1)
+            new = pa - lr * (mf / bias_correction1 / denom + weight_decay * pa)
             p.copy_(new.view(p.shape))
         first += n
 

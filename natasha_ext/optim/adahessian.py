@@ -104,6 +104,22 @@ class AdaHessian(NatashaOptimizer):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
+        self._unused: set = set()  # ids of the params this step's loss does not reach
+
+    #: per-parameter state kept in fp32 (fp64 for fp64 params) whatever the parameter dtype
+    _STATE_ACC = ("exp_avg", "exp_hessian_diag_sq", "momentum_buffer")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts floating state to the parameter dtype; the fp32 state of fp16/bf16
+        # parameters is restored in its own dtype so a resume stays bit-identical.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(g_saved["params"], g["params"]):
+                for key in self._STATE_ACC:
+                    if pid in saved and key in saved[pid]:
+                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=aops.state_dtype(p.dtype),
+                                                                copy=True)
 
     # ------------------------------------------------------------------ schedule
     def _schedule_steps(self) -> int:
@@ -131,24 +147,25 @@ class AdaHessian(NatashaOptimizer):
                 out.append((group, ps))
         return out
 
-    def _units(self, groups) -> List[Tuple[dict, List[int]]]:
-        """Kernel calls: params of one group that share their step counts (bias corrections);
-        indices into the flat active list."""
+    def _units(self, groups) -> List[Tuple[dict, List[int], bool]]:
+        """Kernel calls: params of one group that share their step counts (bias corrections)
+        and whether the loss reaches them; (group, indices into the flat active list, unused)."""
         units, k = [], 0
         for group, ps in groups:
-            buckets: Dict[Tuple[int, int], List[int]] = {}
+            buckets: Dict[Tuple[int, int, bool], List[int]] = {}
             for p in ps:
                 st = self.state[p]
-                key = (int(st.get("step", 0)), int(st.get("hessian_step", 0)))
+                key = (int(st.get("step", 0)), int(st.get("hessian_step", 0)), id(p) in getattr(self, "_unused", ()))
                 buckets.setdefault(key, []).append(k)
                 k += 1
-            units += [(group, idx) for idx in buckets.values()]
+            units += [(group, idx, key[2]) for key, idx in buckets.items()]
         return units
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One AdaHessian step; see the class docstring for the closure and drop-in modes."""
         groups = self._active(closure is not None)
         params = [p for _, ps in groups for p in ps]
+        self._unused = set()
         if not params:
             return evaluate_closure(closure).detach() if closure is not None else None
         due = self._curvature_due(params)
@@ -170,13 +187,17 @@ class AdaHessian(NatashaOptimizer):
         offsets: Dict[int, int] = {}
         try:
             if closure is not None:
+                unused: List[int] = []
                 if due:
                     engine = HVP(closure, params, method=self.hvp, fd_eps=self.fd_eps)
-                    grads, loss = engine.grads, engine.loss
+                    grads, loss, unused = engine.grads, engine.loss, engine.unused
                 else:
                     out = evaluate_closure(closure)
-                    grads, loss = gradients(out, params), out.detach()
+                    grads, loss = gradients(out, params, unused=unused), out.detach()
                     del out
+                # params the loss does not reach: zero gradient and curvature; their own kernel
+                # call skips the weight decay, so they stay put (as with torch.optim's grad None)
+                self._unused = {id(params[i]) for i in unused}
                 self.counters["gradients"] += 1
             else:
                 self.check_grads(params)
@@ -196,7 +217,7 @@ class AdaHessian(NatashaOptimizer):
                     curv = [torch.zeros(p.shape, dtype=aops.state_dtype(p.dtype), device=p.device) for p in params]
                 for s in range(n):
                     z = [None] * len(params)
-                    for ui, (_, idx) in enumerate(units):
+                    for ui, (_, idx, _) in enumerate(units):
                         zu, off = rademacher_probe([params[i] for i in idx], self.rng, self.fused)
                         offsets[ui] = off
                         for i, zi in zip(idx, zu):
@@ -206,7 +227,7 @@ class AdaHessian(NatashaOptimizer):
                     if n == 1:
                         curv = [h.detach() for h in hz]
                     else:
-                        for ui, (_, idx) in enumerate(units):
+                        for ui, (_, idx, _) in enumerate(units):
                             aops.hutchinson_diag_([curv[i] for i in idx], [hz[i].detach() for i in idx],
                                                   self.rng.seed, offsets[ui], alpha=1.0 / n, accumulate=s > 0,
                                                   fused=self.fused)
@@ -228,7 +249,7 @@ class AdaHessian(NatashaOptimizer):
     @torch.no_grad()
     def _apply(self, groups, params, grads, curv, offsets, due) -> None:
         mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
-        for ui, (group, idx) in enumerate(self._units(groups)):
+        for ui, (group, idx, unused) in enumerate(self._units(groups)):
             ps = [params[i] for i in idx]
             for p in ps:
                 st = self.state[p]
@@ -250,7 +271,7 @@ class AdaHessian(NatashaOptimizer):
                 [aops.spatial_group_size(p.shape, group["block_size"]) for p in ps],
                 curv_mode=mode, abs_first=self.abs_before_average, seed=self.rng.seed, offset=offsets.get(ui, 0),
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+                weight_decay=0.0 if unused else group["weight_decay"], hessian_power=group["hessian_power"],
                 bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
 
 
@@ -318,10 +339,10 @@ class HybridSGDAdaHessian(AdaHessian):
             return super().step(closure)
         groups = self._active(closure is not None)
         params = [p for _, ps in groups for p in ps]
-        loss = None
+        loss, unused = None, []
         if closure is not None:
             out = evaluate_closure(closure)
-            grads, loss = (gradients(out, params) if params else []), out.detach()
+            grads, loss = (gradients(out, params, unused=unused) if params else []), out.detach()
             del out
         else:
             self.check_grads(params)
@@ -331,6 +352,7 @@ class HybridSGDAdaHessian(AdaHessian):
                     p.grad = p.grad.detach()
         if not params:
             return loss
+        skip_decay = {id(params[i]) for i in unused}  # the loss does not reach them: leave them alone
         self.counters["gradients"] += 1
         if not self.all_finite(grads):
             self.skip_nonfinite("gradients")
@@ -341,16 +363,22 @@ class HybridSGDAdaHessian(AdaHessian):
                 gs = grads[k:k + len(ps)]
                 k += len(ps)
                 if group["weight_decay"]:
-                    gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
+                    gs = [g if id(p) in skip_decay else g.add(p, alpha=group["weight_decay"]) for p, g in zip(ps, gs)]
                 bufs = []
                 for p, g in zip(ps, gs):
                     st = self.state[p]
+                    sdt = aops.state_dtype(p.dtype)  # fp32 buffer for fp16/bf16 params
                     if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = g.detach().clone()
+                        st["momentum_buffer"] = g.detach().to(sdt, copy=True)
                     else:
-                        st["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                        st["momentum_buffer"].mul_(group["momentum"]).add_(g.to(sdt))
                     bufs.append(st["momentum_buffer"])
-                torch._foreach_add_(ps, bufs, alpha=-float(group["sgd_lr"]))
+                lr = -float(group["sgd_lr"])
+                if all(p.dtype == b.dtype for p, b in zip(ps, bufs)):
+                    torch._foreach_add_(ps, bufs, alpha=lr)
+                else:  # low precision: x + (-lr) buf in fp32, rounded once
+                    for p, b in zip(ps, bufs):
+                        p.copy_(p.to(b.dtype).add_(b, alpha=lr))
         self.counters["steps"] += 1
         self.counters["sgd_steps"] += 1
         return loss
