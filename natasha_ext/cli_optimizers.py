@@ -103,6 +103,19 @@ def _kfac_build(kind: str, model, a):
     return IFANG(model, rank=a.rank, **kw) if kind == "ifang" else ANG(model, **kw)
 
 
+# ---- trust region / ARC: flags both take (norm of the region, curvature, HVP engine)
+_TR_COMMON = {
+    "norm": Flag("rmsprop", "TR/ARC: shape A of the region (eq. 3 RMSProp, eq. 2 Adagrad, or A = I)",
+                 choices=("rmsprop", "adagrad", "spherical")),
+    "beta": Flag(0.8, "TR/ARC: RMSProp decay of the ellipsoid (eq. 3)"),
+    "eps": Flag(1e-8, "TR/ARC: epsilon added to the ellipsoid diagonal"),
+    "gamma": Flag(2.0, "TR/ARC: radius / sigma factor (> 1)"),
+    "curvature": Flag("hessian", "TR/ARC: B = Hessian or generalised Gauss-Newton",
+                      choices=("hessian", "gauss_newton")),
+    "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
+    "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
+}
+
 # Defaults of the first-order baselines: the AdaHessian/Hybrid paper's grid-searched values
 # (ResNet-18, 1200 MNIST images, batch 100, 15 epochs).
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -173,7 +186,44 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                "rank": Flag(1, "IFANG: number s' of row groups (rank of the factors)")},
         build=lambda model, params, a: _kfac_build("ifang", model, a),
         closure="loss"),
+    # ---- trust region / ARC (ellipsoidal-trust-region.md, Alg. 1; defaults: natasha_ext.optim.TrustRegion/ARC)
+    "trust-region": OptimizerSpec(
+        help="stochastic trust region (Alg. 1), Steihaug CG in the ellipsoidal RMSProp norm (eq. 3); "
+             "--norm spherical = A = I; radius 1e-4, eta 0.01, gamma 2, beta 0.8, CG 50 its / tol 0.1",
+        flags={**_TR_COMMON,
+               "radius": Flag(1e-4, "TR: initial radius Delta_0 (A-norm)"),
+               "max_radius": Flag(10.0, "TR: radius cap"),
+               "eta": Flag(0.01, "TR: acceptance threshold on rho"),
+               "eta_very_successful": Flag(0.95, "TR: rho above which the radius grows by gamma"),
+               "cg_max_iters": Flag(50, "TR: Steihaug-CG iterations (curvature products) per step"),
+               "cg_tol": Flag(0.1, "TR: relative residual stopping CG")},
+        build=lambda model, params, a: _tr().TrustRegion(
+            params, radius=a.radius, max_radius=a.max_radius, eta=a.eta, eta_very_successful=a.eta_very_successful,
+            gamma=a.gamma, norm=a.norm, beta=a.beta, eps=a.eps, cg_max_iters=a.cg_max_iters, cg_tol=a.cg_tol,
+            curvature=a.curvature, hvp=a.hvp, fd_eps=a.fd_eps, seed=a.seed, model=model),
+        closure="loss"),
+    "arc": OptimizerSpec(
+        help="adaptive cubic regularisation (Cartis et al. 2011) in the same adaptive norms, Lanczos + secular "
+             "equation (or --subproblem cg); sigma 1, eta1 0.1, eta2 0.9, gamma 2, 25 Krylov its / tol 0.1",
+        flags={**_TR_COMMON,
+               "sigma": Flag(1.0, "ARC: initial cubic regularisation sigma"),
+               "eta1": Flag(0.1, "ARC: acceptance threshold on rho"),
+               "eta2": Flag(0.9, "ARC: rho above which sigma shrinks by gamma"),
+               "subproblem": Flag("lanczos", "ARC subproblem solver", choices=("lanczos", "cg")),
+               "subproblem_max_iters": Flag(25, "ARC: Krylov dimension / CG iterations per step"),
+               "subproblem_tol": Flag(0.1, "ARC: relative model-gradient tolerance")},
+        build=lambda model, params, a: _tr().ARC(
+            params, sigma=a.sigma, eta1=a.eta1, eta2=a.eta2, gamma=a.gamma, norm=a.norm, subproblem=a.subproblem,
+            beta=a.beta, eps=a.eps, subproblem_max_iters=a.subproblem_max_iters, subproblem_tol=a.subproblem_tol,
+            curvature=a.curvature, hvp=a.hvp, fd_eps=a.fd_eps, seed=a.seed, model=model),
+        closure="loss"),
 }
+
+
+def _tr():
+    from natasha_ext.optim import trust_region
+
+    return trust_region
 
 
 def _natasha():

@@ -212,6 +212,16 @@ def test_gauss_newton_equals_hessian_on_least_squares():
     for p, q in zip(lin.parameters(), lin2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
     assert o1.last_step["backprops"] == 1 + 2 * o1.last_step["hvps"]
+    # model=: a loss-only closure is paired with the module's output (what the training CLI uses)
+    lin3 = copy.deepcopy(lin)
+    lin4 = copy.deepcopy(lin)
+    o3 = TrustRegion(lin3.parameters(), radius=1.0, curvature="gauss_newton", cg_tol=1e-10, model=lin3)
+    o4 = TrustRegion(lin4.parameters(), radius=1.0, curvature="gauss_newton", cg_tol=1e-10)
+    o3.step(lambda: torch.nn.functional.mse_loss(lin3(X), Y))
+    o4.step(lambda: (lambda out: (torch.nn.functional.mse_loss(out, Y), out))(lin4(X)))
+    for p, q in zip(lin3.parameters(), lin4.parameters()):
+        assert torch.equal(p, q)
+    assert not lin3._forward_hooks  # the hook lives only while the closure runs
     with pytest.raises(TypeError, match="loss, outputs"):
         o1.step(lambda: torch.nn.functional.mse_loss(lin(X), Y))
 

@@ -55,7 +55,7 @@ def _worse_than_cauchy(m: float, cauchy_m: Optional[float], like: List[torch.Ten
     Cauchy point (first iteration on the boundary) may differ from it in the last bits."""
     if cauchy_m is None:
         return False
-    tol = 16 * torch.finfo(like[0].dtype).eps * max(abs(m), abs(cauchy_m)) if like else 0.0
+    tol = 1024 * torch.finfo(like[0].dtype).eps * max(abs(m), abs(cauchy_m)) if like else 0.0
     return not m <= cauchy_m + tol
 
 

@@ -23,7 +23,10 @@ PSD). rho = (L(w) - L(w + s)) / (m(0) - m(s)) uses one extra loss evaluation on 
 
 Closure: ``closure()`` evaluates the current minibatch and returns the loss without calling
 backward; with ``curvature='gauss_newton'`` it returns ``(loss, outputs)`` (the network output
-the loss is computed from; see :mod:`natasha_ext.curvature.gauss_newton`). Tuples are also
+the loss is computed from; see :mod:`natasha_ext.curvature.gauss_newton`), or only the loss
+when the optimizer is given ``model=``: the output of that module's forward pass during the
+closure is then taken as ``outputs`` (a forward hook held only while the closure runs; this is
+how the training CLI, whose closures return the loss, uses Gauss-Newton). Tuples are also
 accepted with ``curvature='hessian'`` (the outputs are then ignored).
 
 Rejected steps restore the parameters by copying a saved copy back (bit-identical, no
@@ -59,6 +62,21 @@ class _NonFiniteCurvature(Exception):
     """A curvature product returned NaN/inf while solving the subproblem (the step is skipped)."""
 
 
+def _with_outputs(closure, model: torch.nn.Module):
+    """A closure returning (loss, output of ``model``'s last forward pass during it)."""
+    def paired():
+        seen = []
+        handle = model.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        try:
+            out = closure()
+        finally:
+            handle.remove()
+        if isinstance(out, (tuple, list)) or not seen:
+            return out  # already (loss, outputs), or nothing to pair (split_closure_output explains)
+        return out, seen[-1]
+    return paired
+
+
 def _loss_only(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -69,8 +87,12 @@ class _RegularisedNewton(NatashaOptimizer):
     _GLOBAL: tuple = ()
     _PER_GROUP = ("norm", "beta", "eps")
 
-    def __init__(self, params, defaults, fused, seed, raise_on_nonfinite):
+    def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (its output pairs with a loss-only closure), "
+                            f"got {type(model).__name__}")
+        self._model = model
         self.last_step: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -99,7 +121,8 @@ class _RegularisedNewton(NatashaOptimizer):
                                "current minibatch and return the loss (or (loss, outputs) with "
                                "curvature='gauss_newton') without calling backward")
         if g0["curvature"] == "gauss_newton":
-            return GaussNewton(closure, params), 2
+            model = getattr(self, "_model", None)
+            return GaussNewton(closure if model is None else _with_outputs(closure, model), params), 2
         return HVP(lambda: _loss_only(closure()), params, method=g0["hvp"], fd_eps=g0["fd_eps"]), 1
 
     def _buffers(self, params):
@@ -254,6 +277,8 @@ class TrustRegion(_RegularisedNewton):
         eigen_iters: Lanczos iterations for the eigenpoint when the gradient vanishes (default
             10; 0 disables it, then a stationary point ends the progress).
         fused, seed, raise_on_nonfinite: see :class:`NatashaOptimizer`.
+        model: optional module whose output pairs with a loss-only closure when
+            ``curvature='gauss_newton'`` (see the module docstring).
 
     ``step(closure)`` returns the loss at the current point (before the step).
     """
@@ -266,7 +291,7 @@ class TrustRegion(_RegularisedNewton):
                  beta: float = 0.8, eps: float = 1e-8, cg_max_iters: int = 50, cg_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None):
         V.positive("radius", radius)
         V.positive("max_radius", max_radius)
         if max_radius < radius:
@@ -287,7 +312,7 @@ class TrustRegion(_RegularisedNewton):
         defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
                         gamma=gamma, norm=norm, beta=beta, eps=eps, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
                         curvature=curvature, hvp=hvp, fd_eps=fd_eps, grad_tol=grad_tol, eigen_iters=eigen_iters)
-        super().__init__(params, defaults, fused, seed, raise_on_nonfinite)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model)
         self.radius = float(radius)
 
     def step(self, closure: Callable = None):
@@ -374,13 +399,18 @@ class ARC(_RegularisedNewton):
             rho < eta1: rejected (weights restored bit-exactly), sigma = gamma sigma.
         sigma_min: lower bound of sigma (default 1e-8).
         norm: 'rmsprop' | 'adagrad' | 'spherical' (as :class:`TrustRegion`); beta, eps likewise.
+            The cubic term is measured in A normalised to unit mean, A / mean(a): the cubic model is
+            not invariant to A's overall scale (sigma would have to absorb mean(a)^{3/2}, about
+            1e-6..1e-12 for RMSProp's squared gradients, so sigma_0 = 1 would start dozens of
+            rejected steps away from a useful value); the *shape* of the ellipsoid, which is what
+            distinguishes ellipsoidal from spherical, is unchanged (spherical: mean(a) = 1).
         subproblem: 'lanczos' (Krylov subspace of A^{-1/2} B A^{-1/2} from A^{-1/2} g, the cubic
             model minimised on the tridiagonal by the secular equation; stops when the model
             gradient beta_k |y_k| <= subproblem_tol ||g||_{A^-1}) or 'cg' (truncated PCG with
             exact line minimisation of the cubic model, the fused CG sweep).
         subproblem_max_iters: Krylov dimension / CG iterations per step (default 25).
         subproblem_tol: relative tolerance (default 0.1).
-        curvature, hvp, fd_eps, grad_tol, eigen_iters: as :class:`TrustRegion` (with a vanishing
+        curvature, hvp, fd_eps, grad_tol, eigen_iters, model: as :class:`TrustRegion` (with a vanishing
             gradient Lanczos starts from a Philox Rademacher vector, which finds the escape
             direction -theta_min/sigma along the leftmost eigenvector).
     """
@@ -393,7 +423,7 @@ class ARC(_RegularisedNewton):
                  sigma_min: float = 1e-8, subproblem_max_iters: int = 25, subproblem_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None):
         V.positive("sigma", sigma)
         V.in_range("eta1", eta1, 0.0, 1.0, low_open=True)
         V.in_range("eta2", eta2, eta1, 1.0)
@@ -414,7 +444,7 @@ class ARC(_RegularisedNewton):
                         subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
                         subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
                         grad_tol=grad_tol, eigen_iters=eigen_iters)
-        super().__init__(params, defaults, fused, seed, raise_on_nonfinite)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model)
         self.sigma = float(sigma)
 
     def _lanczos_step(self, matvec, params, a, grads, gnorm_zero: bool, g0):
@@ -463,7 +493,16 @@ class ARC(_RegularisedNewton):
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
-        rz0, gg = tot.tolist()
+        if any(g["norm"] != "spherical" for g in self.param_groups):
+            # The cubic term is measured in A / mean(a) (see the class docstring); one sync for both
+            a_mean = torch.cat([x.reshape(-1) for x in work["a"]]).mean()
+            rz0, gg, am = torch.cat([tot, a_mean.reshape(1).to(tot.dtype)]).tolist()
+            if am > 0 and math.isfinite(am):
+                torch._foreach_div_(work["a"], am)
+                torch._foreach_mul_(work["p"], am)  # p = -A^{-1} g and g^T A^{-1} g scale by mean(a)
+                rz0 *= am
+        else:
+            rz0, gg = tot.tolist()
         matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
         zero_g = math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0
         try:
