@@ -181,3 +181,29 @@ def test_benchmark_foreach_references_match_spec():
     w2 = [t.clone() for t in w]
     s = torch.tensor(0.5, dtype=torch.float64)
     torch.testing.assert_close(oja_foreach(w, d["grads"], s, 0.2), R.oja_step(w2, d["grads"], s, 0.2))
+
+
+def test_svrg_step_prox_is_the_minimiser_over_the_whole_list():
+    """The closed-form prox of L max(0, ||y - c|| - r)^2 uses the list-wide norm: at the result
+    y the optimality condition 2 L (||y - c|| - r) (y - c)/||y - c|| + (y - z)/lr = 0 holds."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(4, 3), (7,), (2, 2, 2)]
+    mk = lambda: [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    x, g, c = mk(), mk(), mk()
+    lr, L, r = 0.2, 3.0, 0.5
+    z = [xi - lr * gi for xi, gi in zip(x, g)]
+    anchor, avg = [t.clone() for t in x], [torch.zeros_like(t) for t in x]
+    R.svrg_step(x, g, None, None, anchor, avg, lr, 0.0, 0, c, L, r)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])
+    y, zf, cf = flat(x), flat(z), flat(c)
+    dist = float((y - cf).norm())
+    assert dist > r  # far outside the radius: the shrink is active
+    resid = 2 * L * (dist - r) * (y - cf) / dist + (y - zf) / lr
+    assert float(resid.abs().max()) < 1e-10
+    # inside the radius the prox is the identity
+    x2 = [cf_.clone() + 1e-3 for cf_ in c]
+    z2 = [t.clone() for t in x2]
+    R.svrg_step(x2, [torch.zeros_like(t) for t in x2], None, None, [t.clone() for t in x2],
+                [torch.zeros_like(t) for t in x2], lr, 0.0, 0, c, L, 10.0)
+    for a, b_ in zip(x2, z2):
+        assert torch.equal(a, b_)

@@ -323,3 +323,84 @@ def test_fp16_params_keep_fp32_state():
     opt2 = Natasha15([torch.nn.Parameter(x.detach().clone())], lr=0.1, epoch_size=4, subepochs=2)
     opt2.load_state_dict(sd)
     assert next(iter(opt2.state.values()))["avg_sum"].dtype == torch.float32
+
+
+# ----------------------------------------------------- issue-5 details with known answers
+def test_natasha2_default_oja_iterations_is_ceil_inverse_delta_squared_capped():
+    from natasha_ext.optim.natasha import MAX_DEFAULT_OJA_ITERS
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert Natasha2(p, delta=0.1).oja_iterations() == 100
+    assert Natasha2(p, delta=0.3).oja_iterations() == math.ceil(1 / 0.09) == 12
+    assert Natasha2(p, delta=1e-3).oja_iterations() == MAX_DEFAULT_OJA_ITERS  # 10^6 capped
+    assert Natasha2(p, delta=1e-3, oja_iters=7).oja_iterations() == 7
+
+
+@pytest.mark.parametrize("variant,length", [("faithful", 0.5 / 2.0), ("simplified", 0.5)])
+def test_natasha2_kick_length_direction_and_philox_sign(variant, length):
+    """From (1, 0) of the saddle H = diag(1, -1): Oja's v = +-e_y, v^T H v = -1 <= -delta/2, so the
+    first call kicks y by sign * length * sign(v_y): length delta/L2 (faithful) or delta (report
+    Alg. 3), sign the optimizer's next Philox draw after the start vector."""
+    signs = set()
+    for seed in range(6):
+        p, f = _saddle()
+        opt = Natasha2([p], lr=0.1, sigma=0.1, epoch_size=4, subepochs=2, delta=0.5, eta=0.5, oja_iters=60, L2=2.0,
+                       variant=variant, seed=seed)
+        opt.step(f)
+        replay = PhiloxStream(seed)
+        w0 = torch.empty(2, dtype=D)
+        replay.rademacher_([w0])
+        sign = replay.sign() * float(torch.sign(w0[1]))
+        signs.add(sign)
+        assert opt.counters["kicks"] == 1 and opt.counters["oja_iterations"] == 60
+        assert opt.counters["last_rayleigh"] == pytest.approx(-1.0, abs=1e-9)
+        assert opt.rng.offset == replay.offset
+        torch.testing.assert_close(p.detach(), torch.tensor([1.0, sign * length], dtype=D), rtol=0, atol=1e-12)
+    assert signs == {1.0, -1.0}  # both directions occur across seeds
+
+
+def test_natasha15_snapshot_batches_mu_and_faithful_step_known_answer():
+    """f_i(x) = 1/2 ||x||^2 - b_i.x: grad f_i = x - b_i. With snapshot_batches=3, m = 3, sigma = s:
+    calls 1-2 only accumulate mu; call 3 takes x_1 = x~ - lr mu with mu = x~ - mean(b_0..b_2);
+    call 4: d = (x_1 - b_3) - (x~ - b_3) + mu + 2 s (x_1 - x~), x_2 = x_1 - lr d, and the sub-epoch
+    ends with x = mean(x_0, x_1, x_2). Gradient counts: 1, 1, 1, then 2 (x_1 and x~)."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(4, 5, generator=g, dtype=D)
+    x = torch.nn.Parameter(torch.randn(5, generator=g, dtype=D))
+    xt = x.detach().clone()
+    lr, s = 0.3, 0.25
+    opt = Natasha15([x], lr=lr, sigma=s, epoch_size=6, subepochs=2, snapshot_batches=3)
+    counts = []
+    for i in range(3):
+        opt.step(lambda: 0.5 * x @ x - b[i] @ x)
+        counts.append(opt.counters["gradients"])
+        if i < 2:
+            assert torch.equal(x.detach(), xt)  # snapshot calls do not move the parameters
+    mu = xt - b[:3].mean(0)
+    torch.testing.assert_close(opt.state[x]["mu"], mu, rtol=1e-14, atol=1e-14)
+    x1 = xt - lr * mu
+    torch.testing.assert_close(x.detach(), x1, rtol=1e-14, atol=1e-14)
+    opt.step(lambda: 0.5 * x @ x - b[3] @ x)
+    counts.append(opt.counters["gradients"])
+    d = (x1 - b[3]) - (xt - b[3]) + mu + 2 * s * (x1 - xt)
+    x2 = x1 - lr * d
+    torch.testing.assert_close(x.detach(), (xt + x1 + x2) / 3, rtol=1e-13, atol=1e-13)
+    assert counts == [1, 2, 3, 5]
+    assert opt.position["s"] == 1 and opt.position["t"] == 0 and opt.counters["subepochs"] == 1
+
+
+def test_natasha2_counters_and_unused_parameters():
+    """Counters a user logs add up; a parameter the loss never reaches is left exactly alone
+    (kept out of Oja's vector, so kicks do not move it)."""
+    p, f = _saddle()
+    unused = torch.nn.Parameter(torch.randn(3, dtype=D))
+    u0 = unused.detach().clone()
+    opt = Natasha2([p, unused], lr=0.1, sigma=0.1, epoch_size=4, subepochs=2, delta=0.5, eta=0.5, oja_iters=8,
+                   seed=1)
+    for _ in range(30):
+        opt.step(f)
+    c = opt.counters
+    assert torch.equal(unused.detach(), u0)
+    assert c["kicks"] >= 1 and c["steps"] == 30 and c["skipped_steps"] == 0
+    assert c["oja_iterations"] == 8 * c["oja_runs"] and c["hvps"] == 9 * c["oja_runs"]
+    assert c["oja_runs"] == c["kicks"] + c["epochs"] + opt.position["in_epoch"]

@@ -44,10 +44,16 @@ def _acc(p: torch.Tensor) -> torch.dtype:
 
 
 def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]], like: Sequence[torch.Tensor], *,
-                        eta: float, iters: int, rng: PhiloxStream, fused: Optional[bool] = None) -> OjaResult:
+                        eta: float, iters: int, rng: PhiloxStream, fused: Optional[bool] = None,
+                        exclude: Sequence[int] = ()) -> OjaResult:
     """Run ``iters`` steps of Oja's algorithm on I - eta H and return the unit vector and its
     Rayleigh quotient. ``hvp(v)`` returns H v for a list shaped like ``like`` (e.g. a
-    :class:`natasha_ext.curvature.HVP`); ``rng`` draws the start vector (and advances)."""
+    :class:`natasha_ext.curvature.HVP`); ``rng`` draws the start vector (and advances).
+
+    ``exclude``: indices of tensors whose start component is zero (e.g. ``HVP.unused``, the
+    parameters the loss does not reach). H has zero rows and columns there, so every iterate
+    stays exactly zero on them and a step along v never moves them. The stream advances by the
+    same amount either way."""
     like = list(like)
     if not like:
         raise ValueError("oja_min_eigenvector needs at least one tensor")
@@ -56,7 +62,12 @@ def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tenso
     acc = _acc(like[0])
     w = [torch.empty(p.shape, dtype=acc, device=p.device) for p in like]
     rng.rademacher_(w, fused=fused)
-    d = sum(p.numel() for p in like)
+    exclude = set(exclude)
+    for i in exclude:
+        w[i].zero_()
+    d = sum(p.numel() for i, p in enumerate(like) if i not in exclude)
+    if d == 0:  # nothing to search: a zero vector with Rayleigh quotient 0 (no negative curvature)
+        return OjaResult(w, torch.zeros((), dtype=acc, device=like[0].device), 0, 0)
     scale = torch.full((), 1.0 / math.sqrt(d), dtype=acc, device=like[0].device)
     as_param = (lambda ts: [t.to(p.dtype) for t, p in zip(ts, like)]) if like[0].dtype != acc else (lambda ts: ts)
     for _ in range(iters):

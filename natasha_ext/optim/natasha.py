@@ -399,8 +399,9 @@ class Natasha2(_NatashaEpochs):
                 self.skip_nonfinite("gradients")
                 return loss
             offset0 = self.rng.offset
+            # parameters the loss does not reach stay out of v, so a kick never moves them
             res = oja_min_eigenvector(h, params, eta=float(self._hp("eta")), iters=self.oja_iterations(),
-                                      rng=self.rng, fused=self.fused)
+                                      rng=self.rng, fused=self.fused, exclude=h.unused)
         finally:
             h.release()
         self.counters["hvps"] += res.hvps
