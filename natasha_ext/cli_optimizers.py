@@ -116,6 +116,39 @@ _TR_COMMON = {
     "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
 }
 
+# ---- AdaHessian / Hybrid helpers (natasha_ext.optim.adahessian) -------------------------------
+_ADAHESSIAN_FLAGS = {
+    "eps": Flag(1e-4, "denominator epsilon"), "weight_decay": Flag(0.0, "decoupled weight decay"),
+    "hessian_power": Flag(1.0, "AdaHessian: Hessian power k"),
+    "update_each": Flag(1, "AdaHessian: steps between Hessian-diagonal refreshes"),
+    "n_samples": Flag(1, "AdaHessian: Hutchinson probes per refresh"),
+    "block_size": Flag(0, "AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)"),
+    "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
+    "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
+}
+
+
+def _adahessian():
+    from natasha_ext.optim import adahessian
+
+    return adahessian
+
+
+def _adahessian_kw(a) -> dict:
+    return dict(betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay, hessian_power=a.hessian_power,
+                update_each=a.update_each, n_samples=a.n_samples, block_size=a.block_size or None, hvp=a.hvp,
+                fd_eps=a.fd_eps, seed=a.seed)
+
+
+def _hybrid_epoch_end(opt, ctx) -> None:
+    """The Hybrid's switch test: report the epoch's validation loss (the training loss when the
+    run has no validation set)."""
+    loss = ctx.metrics.get("val_loss", float("nan"))
+    if loss != loss:
+        loss = ctx.metrics.get("train_loss", float("nan"))
+    opt.report_validation_loss(loss, epoch=ctx.epoch)
+
+
 # Defaults of the first-order baselines: the AdaHessian/Hybrid paper's grid-searched values
 # (ResNet-18, 1200 MNIST images, batch 100, 15 epochs).
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -134,6 +167,23 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         flags={"lr": 0.001, **_BETAS, "eps": Flag(1e-8, "denominator epsilon"), "weight_decay": 0.0},
         build=lambda model, params, a: torch.optim.Adam(params, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
                                                         weight_decay=a.weight_decay)),
+    # ---- adahessian (AdaHessian / Hybrid; defaults: adahessian-hybrid-resnet18-mnist.md, Table I)
+    "adahessian": OptimizerSpec(
+        help="AdaHessian (Yao et al. 2020): Hutchinson diagonal (fused kernel), conv-kernel spatial averaging, "
+             "Hessian power; lr 0.1, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
+        flags={"lr": 0.1, **_BETAS, **_ADAHESSIAN_FLAGS},
+        build=lambda model, params, a: _adahessian().AdaHessian(params, lr=a.lr, **_adahessian_kw(a)),
+        closure="loss"),
+    "hybrid": OptimizerSpec(
+        help="Hybrid (AdaHessian/Hybrid paper): SGD-momentum (lr 0.005, momentum 0.9) until the validation loss "
+             "falls below tl = 1.0, then AdaHessian (lr 0.001, betas (0.9, 0.999))",
+        flags={"lr": 0.001, **_BETAS, **_ADAHESSIAN_FLAGS,
+               "switch_threshold": Flag(1.0, "Hybrid: validation loss tl below which AdaHessian takes over"),
+               "sgd_lr": Flag(0.005, "Hybrid: learning rate of the SGD-momentum phase"), "momentum": 0.9},
+        build=lambda model, params, a: _adahessian().HybridSGDAdaHessian(
+            params, switch_threshold=a.switch_threshold, sgd_lr=a.sgd_lr, momentum=a.momentum, lr=a.lr,
+            **_adahessian_kw(a)),
+        closure="loss", epoch_end=lambda opt, ctx: _hybrid_epoch_end(opt, ctx)),
     # ---- natasha (Natasha1.5 / Natasha2; defaults: natasha2-pytorch-report appendix, LeNet/MNIST)
     "natasha15": OptimizerSpec(
         help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging; alpha 0.01, B 27, p 9, sigma 0.5 "

@@ -367,3 +367,39 @@ def test_invalid_hybrid_hyperparameters():
 def test_step_without_closure_or_grads():
     ps = make_params()
     assert AdaHessian(ps).step() is None  # no grads: nothing to do
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and len(FUSED) == 2
+                         and __import__("natasha_ext").ops.fused_available("cuda")), reason="needs CUDA kernels")
+@pytest.mark.parametrize("cfg", [dict(), dict(update_each=2, n_samples=2, block_size=2, abs_before_average=False)])
+def test_cuda_fused_matches_reference(cfg):
+    """AdaHessian on CUDA: fused kernels vs the pure-PyTorch path, same probes."""
+    runs = []
+    for fused in (True, False):
+        ps = [p.detach().cuda().requires_grad_() for p in make_params()]
+        opt = AdaHessian(ps, lr=0.05, seed=3, fused=fused, **cfg)
+        for _ in range(5):
+            opt.step(lambda: coupled_loss(ps))
+        runs.append([p.detach().cpu() for p in ps])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_cli_entries_and_hybrid_epoch_end_hook():
+    """The training CLI's 'adahessian'/'hybrid' entries: paper defaults, and the Hybrid's epoch_end
+    hook reports the epoch's validation loss (the switch happens at the first one below tl)."""
+    from types import SimpleNamespace
+
+    from natasha_ext import train
+
+    model = torch.nn.Linear(3, 2)
+    opt, spec = train.make_optimizer("adahessian", model)
+    assert isinstance(opt, AdaHessian) and spec.closure == "loss" and opt.param_groups[0]["lr"] == 0.1
+    opt, spec = train.make_optimizer("hybrid", model, update_each=2)
+    assert isinstance(opt, HybridSGDAdaHessian) and opt.update_each == 2
+    g = opt.param_groups[0]
+    assert (g["sgd_lr"], g["momentum"], g["lr"], opt.switch_threshold) == (0.005, 0.9, 0.001, 1.0)
+    for epoch, val in ((1, 1.7), (2, 1.0), (3, 0.8), (4, 0.5)):
+        spec.epoch_end(opt, SimpleNamespace(metrics={"val_loss": val, "train_loss": 0.1}, epoch=epoch))
+        assert opt.phase == ("sgd" if epoch < 3 else "adahessian")
+    assert opt.switch_epoch == 3
