@@ -188,6 +188,48 @@ def test_hutchinson_cpu_cuda_bit_identical_probe():
         assert torch.equal(x, y.cpu())
 
 
+
+# Groups that straddle the 65536-element chunks of the CUDA multi-tensor apply (each block
+# recomputes the mean of a group reaching outside its chunk), the warp-per-group path (G >= 32)
+# and the thread-per-group path (G < 32); the CPU kernel cuts chunks at group boundaries.
+STRADDLE = [(256, 31, 3, 3), (70001,), (3, 40000), (2, 3, 7, 7), (4, 2, 3, 3, 3), (130, 1000, 1, 1)]
+
+
+@requires_kernels
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("mode,abs_first,block", [(1, True, 100), (1, False, 100), (2, False, 37), (1, False, 7)])
+def test_adahessian_step_groups_straddling_chunks(device, mode, abs_first, block):
+    params, grads, hz, m, v, d = _lists(STRADDLE, device, torch.float32, seed=3)
+    curv = hz if mode == 1 else d
+    gs = [aops.spatial_group_size(s, block) for s in STRADDLE]
+    kw = dict(curv_mode=mode, abs_first=abs_first, seed=5, offset=3, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-4,
+              weight_decay=0.0, hessian_power=1.0, bias_correction1=0.1, bias_correction2=0.001)
+    P, M, Vv = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(P, grads, M, Vv, curv, gs, fused=True, **kw)
+    Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(Pr, grads, Mr, Vr, curv, gs, fused=False, **kw)
+    for a, b in zip(P + M + Vv, Pr + Mr + Vr):
+        torch.testing.assert_close(a, b, **_tol(torch.float32))
+
+
+@pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
+@pytest.mark.parametrize("mode,abs_first", [(1, False), (2, True), (0, True)])
+def test_adahessian_step_cuda_matches_cpu_kernel(mode, abs_first):
+    """The CUDA and CPU kernels agree (same Philox probe, same group means) on one list."""
+    shapes = SIZES + STRADDLE
+    params, grads, hz, m, v, d = _lists(shapes, "cpu", torch.float64, seed=4)
+    curv = hz if mode == 1 else d if mode == 2 else []
+    gs = [aops.spatial_group_size(s, 50) for s in shapes]
+    kw = dict(curv_mode=mode, abs_first=abs_first, seed=77, offset=1, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-4,
+              weight_decay=0.01, hessian_power=0.5, bias_correction1=0.19, bias_correction2=0.0199)
+    cu = lambda ts: [t.cuda() for t in ts]
+    P, M, Vv = cu(params), cu(m), cu(v)
+    ops.adahessian_step(P, cu(grads), M, Vv, cu(curv), gs, fused=True, **kw)
+    ops.adahessian_step(params, grads, m, v, curv, gs, fused=True, **kw)
+    for a, b in zip(P + M + Vv, params + m + v):
+        torch.testing.assert_close(a.cpu(), b, **_tol(torch.float64))
+
+
 def test_invalid_arguments():
     p = [torch.zeros(3)]
     with pytest.raises(ValueError, match="curv_mode"):
