@@ -400,8 +400,10 @@ def _smw_right(t: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     """t (lam I + y^T y)^-1 = (t - (t y^T)(lam I_k + y y^T)^-1 y) / lam   (eqs. 11-12, SMW)."""
     k = y.shape[0]
     K = y @ y.t() + lam * torch.eye(k, dtype=y.dtype, device=y.device)
-    L = torch.linalg.cholesky(K)
-    X = torch.cholesky_solve((t @ y.t()).t(), L).t()  # (t y^T) K^-1, K symmetric
+    L = torch.linalg.cholesky_ex(K)[0]  # K is SPD (eigenvalues >= lam > 0); _ex: no info check / sync
+    # (t y^T) K^-1 by two triangular solves (much cheaper than cholesky_solve for tiny k x k)
+    X = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, (t @ y.t()).t(), upper=False),
+                                      upper=True).t()
     return (t - X @ y) / lam
 
 

@@ -89,6 +89,13 @@ struct SmwTerms {
   at::Tensor pa, z, ya, yg;
 };
 
+// X = K^-1 B from K's Cholesky factor L (two triangular solves: far cheaper than cholesky_solve's
+// LAPACK/cuSOLVER path for the k x k systems here).
+inline at::Tensor chol_solve(const at::Tensor& b, const at::Tensor& l) {
+  const at::Tensor y = at::linalg_solve_triangular(l, b, /*upper=*/false);
+  return at::linalg_solve_triangular(l.mT(), y, /*upper=*/true);
+}
+
 inline SmwTerms smw_terms(const at::Tensor& t, const at::Tensor& ya_in, const at::Tensor& yg_in, double lam,
                           at::ScalarType acc) {
   const at::Tensor T = t.to(acc), ya = ya_in.to(acc).contiguous(), yg = yg_in.to(acc).contiguous();
@@ -96,13 +103,15 @@ inline SmwTerms smw_terms(const at::Tensor& t, const at::Tensor& ya_in, const at
   const auto eye = at::eye(k, ya.options());
   const at::Tensor ka = at::addmm(eye, ya, ya.t(), lam, 1.0);  // lam I + Ya Ya^T
   const at::Tensor kg = at::addmm(eye, yg, yg.t(), lam, 1.0);
-  const at::Tensor la = at::linalg_cholesky(ka), lg = at::linalg_cholesky(kg);
+  // lam I + Y Y^T is SPD (eigenvalues >= lam > 0): the _ex variant skips the info check, which
+  // would be a host sync on CUDA
+  const at::Tensor la = std::get<0>(at::linalg_cholesky_ex(ka)), lg = std::get<0>(at::linalg_cholesky_ex(kg));
   const at::Tensor tya = at::matmul(T, ya.t());                 // o x k
   const at::Tensor s = at::matmul(yg, T);                       // k x i
-  const at::Tensor pa = at::cholesky_solve(tya.t(), la).t();    // T Ya^T Ka^-1
+  const at::Tensor pa = chol_solve(tya.t(), la).t();            // T Ya^T Ka^-1
   const at::Tensor c = at::matmul(yg, tya);                     // Yg T Ya^T (k x k)
-  const at::Tensor w = s - at::matmul(c, at::cholesky_solve(ya, la));
-  const at::Tensor z = at::cholesky_solve(w, lg);
+  const at::Tensor w = s - at::matmul(c, chol_solve(ya, la));
+  const at::Tensor z = chol_solve(w, lg);
   return {pa.contiguous(), z.contiguous(), ya, yg};
 }
 
