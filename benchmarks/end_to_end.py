@@ -40,6 +40,15 @@ def _state_bytes(opt) -> int:
     return total
 
 
+# AdaHessian beside its CLI defaults (update_each 1, double-backward HVP): curvature amortised
+# over 4 steps, and the finite-difference HVP engine (label -> (CLI name, overrides))
+VARIANTS = {
+    "adahessian update_each=4": ("adahessian", dict(update_each=4)),
+    "adahessian hvp=fd": ("adahessian", dict(hvp="finite_difference")),
+    "adahessian hvp=fd update_each=4": ("adahessian", dict(hvp="finite_difference", update_each=4)),
+}
+
+
 def _peers():
     out = {"adam-fused": lambda model, params: torch.optim.Adam(params, lr=1e-3, fused=True)}
     try:
@@ -69,16 +78,17 @@ def run_e2e(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
             y = torch.randint(0, 10, (batch,), generator=g).to(device)
-            names = list(cli_optimizers.OPTIMIZERS) + list(_peers())
+            names = list(cli_optimizers.OPTIMIZERS) + list(VARIANTS) + list(_peers())
             for name in names:
                 torch.manual_seed(0)
                 model = models.get_model(model_name, **mkw).to(device)
                 params = [p for p in model.parameters()]
                 try:
-                    if name in cli_optimizers.OPTIMIZERS:
-                        spec = cli_optimizers.get_spec(name)
-                        args = train.parse_args([], optimizer=[name], device=device)
-                        hp = argparse.Namespace(**{**vars(args), **train.hyperparameters(args, name), "seed": 0})
+                    if name in cli_optimizers.OPTIMIZERS or name in VARIANTS:
+                        base, over = VARIANTS.get(name, (name, {}))
+                        spec = cli_optimizers.get_spec(base)
+                        args = train.parse_args([], optimizer=[base], device=device)
+                        hp = argparse.Namespace(**{**vars(args), **train.hyperparameters(args, base), **over, "seed": 0})
                         opt = spec.build(model, params, hp)
                         style = spec.closure
                     else:

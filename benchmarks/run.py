@@ -26,7 +26,8 @@ from tqdm import tqdm
 from benchmarks.common import copy_bandwidth, machine_info, make_params, model_shapes, time_fn
 
 # Modules that contribute rows (each defines cases() -> list[Case]). Families add theirs here.
-MODULES = ["benchmarks.ops_foundation", "benchmarks.ops_natasha", "benchmarks.ops_trust_region"]
+MODULES = ["benchmarks.ops_foundation", "benchmarks.ops_natasha", "benchmarks.ops_trust_region", "benchmarks.ops_kfac",
+           "benchmarks.ops_adahessian"]
 
 
 def collect_cases(only=None):

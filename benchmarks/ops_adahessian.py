@@ -1,0 +1,87 @@
+"""Rows for the AdaHessian ops: adahessian_step (with a new Hutchinson probe, and the
+``update_each`` steps that reuse the second moment) and hutchinson_diag_.
+
+Variants: 'fused' (the kernels: z regenerated from Philox, spatial mean, moments, bias
+corrections and the update in one pass), 'foreach' (torch._foreach_* for the elementwise parts
+with the probe z materialised, as an optimizer written in PyTorch must, and a per-tensor mean
+over the conv kernel dims), 'per-tensor' (the reference: a plain loop over tensors).
+Minimal traffic in fp32: adahessian_step reads p, g, m, v, Hz and writes p, m, v (32 B/param);
+without new curvature it reads p, g, m, v and writes p, m (24 B/param); hutchinson_diag_ reads
+Hz and writes D (8 B/param).
+"""
+import math
+
+import torch
+
+from benchmarks.common import Case
+from natasha_ext import ops
+from natasha_ext.ops import adahessian as aops
+from natasha_ext.ops import reference
+
+LR, B1, B2, EPS, WD, SEED, OFFSET = 0.15, 0.9, 0.999, 1e-4, 0.0, 1234, 0
+BC1, BC2 = 1 - B1 ** 3, 1 - B2 ** 3
+
+
+def adahessian_foreach(p, g, m, v, hz, z, new_curvature):
+    """One AdaHessian step with torch._foreach_* ops; D = |z * Hz| averaged over conv kernels."""
+    torch._foreach_mul_(m, B1)
+    torch._foreach_add_(m, g, alpha=1 - B1)
+    if new_curvature:
+        d = torch._foreach_mul(hz, z)
+        torch._foreach_abs_(d)
+        d = [x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x) if x.dim() >= 3 else x for x in d]
+        torch._foreach_mul_(v, B2)
+        torch._foreach_addcmul_(v, d, d, value=1 - B2)
+    den = torch._foreach_sqrt(v)
+    torch._foreach_mul_(den, 1 / math.sqrt(BC2))
+    torch._foreach_add_(den, EPS)
+    if WD:
+        torch._foreach_mul_(p, 1 - LR * WD)
+    torch._foreach_addcdiv_(p, m, den, value=-LR / BC1)
+
+
+def _step(variant, new_curvature):
+    mode = aops.CURV_HZ if new_curvature else aops.CURV_NONE
+
+    def setup(ts):
+        g = [torch.randn_like(t) for t in ts]
+        hz = [torch.randn_like(t) for t in ts]
+        m = [torch.zeros_like(t) for t in ts]
+        v = [torch.rand_like(t) for t in ts]
+        gs = [aops.spatial_group_size(t.shape) for t in ts]
+        curv = hz if new_curvature else []
+        if variant == "fused":
+            return lambda: ops.adahessian_step(ts, g, m, v, curv, gs, curv_mode=mode, seed=SEED, offset=OFFSET, lr=LR,
+                                               beta1=B1, beta2=B2, eps=EPS, weight_decay=WD, bias_correction1=BC1,
+                                               bias_correction2=BC2, fused=True)
+        if variant == "foreach":
+            z = [torch.empty_like(t) for t in ts]
+            ops.rademacher_(z, SEED, OFFSET)
+            return lambda: adahessian_foreach(ts, g, m, v, hz, z, new_curvature)
+        return lambda: reference.adahessian_step(ts, g, m, v, curv, gs, mode, True, SEED, OFFSET, LR, B1, B2, EPS,
+                                                 WD, 1.0, BC1, BC2)
+    return setup
+
+
+def _hutchinson(variant):
+    def setup(ts):
+        hz = [torch.randn_like(t) for t in ts]
+        if variant == "fused":
+            return lambda: ops.hutchinson_diag_(ts, hz, SEED, OFFSET, fused=True)
+        if variant == "foreach":  # materialise z in the output, then multiply
+
+            def run():
+                ops.rademacher_(ts, SEED, OFFSET)
+                torch._foreach_mul_(ts, hz)
+            return run
+        return lambda: reference.hutchinson_diag_(ts, hz, SEED, OFFSET, 1.0, False)
+    return setup
+
+
+def cases():
+    variants = ("fused", "foreach", "per-tensor")
+    out = [Case("adahessian_step", v, 32, _step(v, True)) for v in variants]
+    out += [Case("adahessian_update", v, 24, _step(v, False),
+                 note="update_each step: second moment reused") for v in variants]
+    out += [Case("hutchinson_diag_", v, 8, _hutchinson(v)) for v in variants]
+    return out
