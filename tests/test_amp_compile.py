@@ -193,6 +193,58 @@ def test_compiled_training_step_matches_eager(name):
     torch._dynamo.reset()
 
 
+# ops whose schema cannot go through AOTAutograd's functionalization yet (strict xfail: the owners fix them)
+AOT_GAPS = {
+    "tr_cg_init_": "trust region: the schema argument named 'mode' collides with torch's auto_functionalize "
+                   "(redirect_to_mode.<locals>.impl() got multiple values for argument 'mode'); rename it "
+                   "(e.g. norm_mode) in csrc/ops.cpp and the fake kernel",
+}
+
+
+def _all_op_calls(names):
+    from test_ops_validation import VALID
+
+    def run(argsets):
+        outs = []
+        for name, args in zip(names, argsets):
+            outs.append(getattr(torch.ops.natasha, name)(*args))
+        return outs
+
+    return run, (lambda: [VALID[n]("cpu") for n in names])
+
+
+def _compare_op_runs(names, backend):
+    run, make = _all_op_calls(names)
+    eager_args, comp_args = make(), make()
+    torch._dynamo.reset()
+    eager_out = run(eager_args)
+    comp_out = torch.compile(run, fullgraph=True, backend=backend)(comp_args)
+    torch._dynamo.reset()
+    flat = lambda x: [t for y in (x if isinstance(x, (list, tuple)) else [x])
+                      for t in (flat(y) if isinstance(y, (list, tuple)) else [y]) if isinstance(t, torch.Tensor)]
+    for name, ea, ca, eo, co in zip(names, eager_args, comp_args, eager_out, comp_out):
+        for a, b in zip(flat(list(ea)) + flat(eo), flat(list(ca)) + flat(co)):  # in-place lists and results
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
+def test_every_fused_op_compiles_in_one_graph_through_aot_autograd():
+    """Every torch.ops.natasha op, called directly, traces with its fake kernel into ONE graph
+    (fullgraph=True) and survives AOTAutograd's functionalization of the in-place lists
+    (backend aot_eager); the compiled results equal eager."""
+    from test_ops_validation import VALID
+
+    _compare_op_runs([n for n in VALID if n not in AOT_GAPS], "aot_eager")
+
+
+@pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=r, strict=True))
+                                  for n, r in AOT_GAPS.items()])
+def test_known_aot_gaps(name):
+    _compare_op_runs([name], "eager")  # dynamo with the fake kernel alone works
+    _compare_op_runs([name], "aot_eager")
+
+
 @pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
 def test_fused_ops_trace_fullgraph():
     """The global-norm non-finite check every step uses traces into one graph (fake kernel)."""
