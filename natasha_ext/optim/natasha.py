@@ -55,7 +55,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from natasha_ext import ops
+from natasha_ext import distributed, ops
 from natasha_ext.curvature import HVP, evaluate_closure, gradients, oja_min_eigenvector
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer
@@ -75,8 +75,9 @@ class _NatashaEpochs(NatashaOptimizer):
                 "oja_iterations", "last_rayleigh")
     _STATE_ACC = ("anchor", "avg_sum", "mu", "center")  # per-param state kept in fp32/fp64
 
-    def __init__(self, params, defaults, *, fused, seed, raise_on_nonfinite):
-        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+    def __init__(self, params, defaults, *, fused, seed, raise_on_nonfinite, process_group=None):
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                         process_group=process_group)
         self.counters["last_rayleigh"] = float("nan")
         # position in the epoch: in_epoch (0/1), snap (snapshot batches seen), t, s, k (outer iteration)
         self.position = {"in_epoch": 0, "snap": 0, "t": 0, "s": 0, "k": 0}
@@ -233,8 +234,18 @@ class _NatashaEpochs(NatashaOptimizer):
         """One call inside an epoch: grad f_i(x_t) [and grad f_i(x_tilde) on the same minibatch],
         one finiteness check over both (one host sync), then the SVRG step. A non-finite value in
         either skips the call before any state is touched."""
-        loss, grads = self._loss_and_grads(closure, params)
-        snap = self._snapshot_grads(closure, params) if self._needs_snapshot_grads() else None
+        if self._needs_snapshot_grads():
+            # both gradients local first, then averaged over the process group in ONE bucket; the
+            # snapshot's loss value is not needed, so the raw closure skips its loss all-reduce
+            with distributed.using_group(None):
+                loss, grads = self._loss_and_grads(closure, params)
+                raw = closure.__wrapped__ if self.process_group is not None else closure  # see wrap_closure
+                snap = self._snapshot_grads(raw, params)
+            both = distributed.all_reduce_mean(grads + snap)
+            grads, snap = both[:len(grads)], both[len(grads):]
+        else:
+            loss, grads = self._loss_and_grads(closure, params)
+            snap = None
         if not self.all_finite(grads if snap is None else grads + snap):
             self.skip_nonfinite("gradients" if snap is None else "gradients (at x_t or at the snapshot x_tilde)")
             return loss
@@ -293,13 +304,18 @@ class Natasha15(_NatashaEpochs):
             module docstring); None: the epoch's first minibatch.
         fused (bool, optional): use the compiled svrg_step kernel (None: when available).
         seed (int, optional): Philox seed (unused by Natasha1.5's maths, kept for uniformity).
+        raise_on_nonfinite (bool): raise NonFiniteError instead of skipping a non-finite call.
+        process_group (optional): torch.distributed group (``natasha_ext.distributed.WORLD``):
+            each rank evaluates the closure on its shard; gradients are averaged, the two of a
+            faithful call (at x_t and at x_tilde) in one bucket, so mu needs no collective of its own.
 
     ``step(closure)``: ``closure()`` returns the minibatch loss without calling backward.
     """
 
     def __init__(self, params, lr: float = 0.01, sigma: float = 0.5, epoch_size: int = 27, subepochs: int = 9,
                  variance_reduction: bool = True, snapshot_batches: Optional[int] = None, *,
-                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False):
+                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
+                 process_group=None):
         V.nonnegative("lr", lr)
         V.nonnegative("sigma", sigma)
         self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
@@ -307,7 +323,8 @@ class Natasha15(_NatashaEpochs):
             raise TypeError(f"variance_reduction must be a bool, got {type(variance_reduction).__name__}")
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs,
                         variance_reduction=variance_reduction, snapshot_batches=snapshot_batches)
-        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                         process_group=process_group)
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         if closure is None:
@@ -340,13 +357,16 @@ class Natasha2(_NatashaEpochs):
             Alg. 3-4 (estimator grad f_i(x_t) + sigma (x_t - x_hat), no F^k, kick delta).
         snapshot_batches (int, optional): as in :class:`Natasha15` (faithful variant).
         fused, seed: as usual; the Oja start vector and the kick sign come from ``self.rng``.
+        raise_on_nonfinite, process_group: as in :class:`Natasha15`; with a group every rank
+            draws the same Oja start vector and kick sign (Philox seed broadcast from rank 0) and
+            HVPs are averaged, so the kick decision agrees across ranks.
     """
 
     def __init__(self, params, lr: float = 0.01, sigma: float = 0.5, epoch_size: int = 27, subepochs: int = 9,
                  delta: float = 0.1, eta: float = 0.1, oja_iters: Optional[int] = None, L: float = 1.0,
                  L2: float = 1.0, hvp: str = "exact", fd_eps: float = 1e-4, variant: str = "faithful",
                  snapshot_batches: Optional[int] = None, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, process_group=None):
         V.nonnegative("lr", lr)
         V.nonnegative("sigma", sigma)
         self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
@@ -362,7 +382,8 @@ class Natasha2(_NatashaEpochs):
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs, delta=delta, eta=eta,
                         oja_iters=oja_iters, L=L, L2=L2, hvp=hvp, fd_eps=fd_eps, variant=variant,
                         snapshot_batches=snapshot_batches, variance_reduction=(variant == "faithful"))
-        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                         process_group=process_group)
 
     def _uses_center(self) -> bool:
         return self._hp("variant") == "faithful"
