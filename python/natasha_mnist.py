@@ -14,7 +14,8 @@ minibatches per epoch). The batch size is not stated in the report; 100 here.
     python python/natasha_mnist.py --epochs 10 --subset 20000/2000/2000 --seeds 0,1
 
 Writes <out>/history.csv (one row per optimizer, seed, epoch), summary.csv, summary.txt (the
-final-loss table) and curves.png (training loss per epoch).
+final-loss table), summary.md (setting + the table in markdown) and curves.png (loss curves).
+The short run's outputs are kept in reports/natasha_mnist/ (``--out reports/natasha_mnist``).
 """
 from __future__ import annotations
 
@@ -105,9 +106,36 @@ def main(argv=None) -> int:
     cols = list(summary[0].keys()) if summary else []
     train._write_csv(out / "summary.csv", summary, cols)
     train.plot_curves(rows, out / "curves.png", f"LeNet-5 / MNIST {sizes}, {epochs} epochs, bootstrap {a.bootstrap}")
+    wall = time.time() - t0
+    setting = (f"MNIST {sizes} (train/val/test), LeNet-5, {epochs} epochs, bootstrap {a.bootstrap} of the training "
+               f"set per epoch, batch {a.batch_size}, seeds {','.join(map(str, args.seeds))}, device {a.device}, "
+               f"{torch.get_num_threads()} threads; Natasha2 variant {a.natasha2_variant}")
+    (out / "summary.md").write_text(markdown_summary(table, setting, configs, wall, argv))
     print("\n" + table)
-    print(f"\n{len(configs)} optimizers x {len(args.seeds)} seed(s) in {time.time() - t0:.0f} s; results in {out}/")
+    print(f"\n{len(configs)} optimizers x {len(args.seeds)} seed(s) in {wall:.0f} s; results in {out}/")
     return 0
+
+
+def markdown_summary(table: str, setting: str, configs, wall: float, argv) -> str:
+    """summary.md: the setting, the hyperparameters and the final-metrics table as markdown."""
+    lines = table.splitlines()
+    cells = lambda ln: [c.strip() for c in ln.split(" | ")]
+    header = cells(lines[0])
+    md = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    md += ["| " + " | ".join(cells(ln)) + " |" for ln in lines[2:]]
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = "python python/natasha_mnist.py" + ("" if not argv else " " + " ".join(argv))
+    hps = [f"- `{label}`: {name}, " + ", ".join(f"{k}={v}" for k, v in hp.items()) for label, name, hp in configs]
+    return "\n".join([
+        "# Natasha1.5 / Natasha2 vs SGD, SGD-momentum, Adam: LeNet-5 on MNIST", "",
+        f"Command: `{cmd}`  ", f"Setting: {setting}.  ", f"Total wall time: {wall:.0f} s.", "",
+        "Final epoch (train loss/accuracy on the whole training subset, test on the test subset; "
+        "backprops = gradient evaluations incl. finite-difference HVPs, HVPs = Hessian-vector products):", "",
+        *md, "", "Train times are wall-clock seconds on the machine that ran it (noisy when that machine is "
+        "shared); backprops and HVPs count the work. Natasha2 (simplified) without a kick is exactly "
+        "Natasha1.5's Alg. 2 (the Oja phase reuses the gradient of its minibatch).", "",
+        "Hyperparameters:", "", *hps, "",
+        "Files: `history.csv` (one row per optimizer, seed, epoch), `summary.csv`, `curves.png`.", ""])
 
 
 if __name__ == "__main__":
