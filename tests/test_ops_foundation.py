@@ -221,3 +221,16 @@ def test_torch_compile_fullgraph_traces_the_ops():
     want = f(ys)
     torch.testing.assert_close(got, want)
     assert all(torch.equal(a, b) for a, b in zip(xs, ys))
+
+
+def test_global_norm_mixed_dtypes_matches_reference():
+    """A mixed fp16/fp32/fp64 list accumulates in the first tensor's accumulation dtype (fp64 when
+    it is fp64, else fp32), reading every member in its own dtype, like the reference."""
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(1000, generator=g).half(), torch.randn(70000, generator=g),
+          torch.randn(33, generator=g).double()]
+    for order, acc in ((ts, torch.float32), (ts[::-1], torch.float64)):
+        fused = ops.global_norm(order, fused=ops.fused_available() or None)
+        ref = ops.global_norm(order, fused=False)
+        assert fused.dtype == ref.dtype == acc
+        torch.testing.assert_close(fused, ref, rtol=1e-12 if acc == torch.float64 else 1e-5, atol=0)

@@ -80,7 +80,7 @@ MUTATIONS: Dict[str, Callable[[List[torch.Tensor]], Any]] = {
 # (checked equal to the contiguous / single-dtype call when the suite was written).
 ACCEPTED = {
     ("rademacher_", 0, "shorter_list"), ("rademacher_", 0, "mixed_dtype"), ("rademacher_", 0, "other_size"),
-    ("global_norm", 0, "shorter_list"), ("global_norm", 0, "other_size"),
+    ("global_norm", 0, "shorter_list"), ("global_norm", 0, "other_size"), ("global_norm", 0, "mixed_dtype"),
     ("kfac_factor_ema_", 0, "mixed_dtype"), ("kfac_factor_ema_", 1, "mixed_dtype"), ("kfac_factor_ema_", 1, "other_size"),
     ("kfac_precondition", 1, "mixed_dtype"), ("kfac_precondition", 2, "mixed_dtype"),
     ("kfac_smw_apply", 1, "mixed_dtype"), ("kfac_smw_apply", 2, "mixed_dtype"),
@@ -88,11 +88,7 @@ ACCEPTED = {
 }
 
 # C++ validation gaps found by this suite (strict xfail: fixing one makes its test fail here)
-KNOWN_GAPS: Dict[Tuple[str, int, str], str] = {
-    ("global_norm", 0, "mixed_dtype"): "foundation: global_norm has no check_same_dtype; a fp32/fp64 list fails "
-                                       "inside the kernel ('expected scalar type Double but found Float') with a "
-                                       "RuntimeError that does not name the op",
-}
+KNOWN_GAPS: Dict[Tuple[str, int, str], str] = {}
 
 
 def _cases():

@@ -82,10 +82,13 @@ at::Tensor global_norm_cpu(at::TensorList tensors) {
   check_list("global_norm", "tensors", tensors, c10::Device(c10::kCPU));
   const auto acc = acc_dtype(tensors);
   const auto chunks = make_chunks(tensors);
-  if (acc == at::kDouble) {
+  if (acc == at::kDouble) {  // any fp64 tensor: the whole (possibly mixed-dtype) list in fp64
     std::vector<double> part(chunks.size(), 0.0);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t i) {
-      part[i] = sumsq_chunk<double, double>(tensors[c.tensor].data_ptr<double>() + c.start, c.n);
+      const at::Tensor& t = tensors[c.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "global_norm", [&] {
+        part[i] = sumsq_chunk<scalar_t, double>(t.data_ptr<scalar_t>() + c.start, c.n);
+      });
     });
     return at::scalar_tensor(std::sqrt(sum_partials<1, double>(part)[0]), at::kDouble);
   }

@@ -30,6 +30,8 @@ def global_norm(tensors: List[torch.Tensor], *, fused: Optional[bool] = None) ->
     check_tensor_list("tensors", tensors)
     if not tensors or not use_fused(tensors, fused):
         return reference.global_norm(list(tensors))
+    if tensors[0].device.type != "cpu" and len({t.dtype for t in tensors}) > 1:
+        return reference.global_norm(list(tensors))  # the CUDA kernel takes one dtype per list
     return torch.ops.natasha.global_norm(contiguous(tensors))
 
 
