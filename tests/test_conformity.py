@@ -311,6 +311,22 @@ def test_fused_matches_reference_over_steps(case):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@case_params()
+def test_cuda_training_matches_cpu(case):
+    """The same fp64 run on CUDA (fused where the kernels exist) and on CPU: the parameters agree
+    to round-off, and the Philox draws (probes, Oja start vectors, kick signs) are the same."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        pb = Problem(dtype=torch.float64, device=device)
+        m = pb.model()
+        o = case.make(m)
+        case.run(pb, m, o, 0, 5)
+        runs[device] = (flat_params(m).cpu(), o.rng.state_dict(), dict(o.counters))
+    torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=1e-7, atol=1e-9)
+    assert runs["cuda"][1] == runs["cpu"][1]
+
+
 # ---------------------------------------------------------------------------- bad input
 BAD = [(c, arg, val) for c in ZOO for arg, val in c.bad]
 
