@@ -56,7 +56,8 @@ def _cpu_simd_flags():
     except OSError:
         return []
     if "avx2" in flags and "fma" in flags:
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        # -Wno-unknown-pragmas: ATen's AVX2 vec headers carry GPU-style "#pragma unroll"
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-Wno-unknown-pragmas"]
     return []
 
 
