@@ -159,7 +159,7 @@ def test_disabled_scaler_is_a_plain_step():
 
 
 # ---------------------------------------------------------------------------- torch.compile
-COMPILE_CASES = ["adahessian", "natasha15", "trust_region", "kfac"]
+COMPILE_CASES = ["adahessian", "natasha15", "natasha2", "trust_region", "kfac"]
 
 
 @pytest.mark.parametrize("name", COMPILE_CASES)
