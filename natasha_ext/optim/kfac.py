@@ -408,9 +408,12 @@ class KFAC(NatashaOptimizer):
         sum is not positive); None when clipping is off."""
         if self.kl_clip is None:
             return None
-        lr2 = torch.tensor([float(self.param_groups[self._layer_group[i]]["lr"]) ** 2 for i in idx],
-                           dtype=red.dtype).to(red.device, non_blocking=True)
-        vg = (red[:, 0] * lr2).sum()
+        lrs = [float(self.param_groups[self._layer_group[i]]["lr"]) for i in idx]
+        if all(lr == lrs[0] for lr in lrs):  # one lr (the usual case): no host-to-device copy
+            vg = red[:, 0].sum() * lrs[0] ** 2
+        else:
+            lr2 = torch.tensor([lr ** 2 for lr in lrs], dtype=red.dtype).to(red.device, non_blocking=True)
+            vg = (red[:, 0] * lr2).sum()
         nu = torch.sqrt(self.kl_clip / vg.clamp_min(torch.finfo(red.dtype).tiny)).clamp(max=1.0)
         return torch.where(torch.isfinite(vg) & (vg > 0), nu, torch.ones_like(nu))
 
