@@ -285,9 +285,12 @@ def _sync(device) -> None:
 
 
 def train_one(args: argparse.Namespace, name: str, model: torch.nn.Module, splits: data.Splits, seed: int,
-              task: str = "classification", log: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+              task: str = "classification", log: Optional[Callable[[str], None]] = None,
+              stop: Optional[Callable[[Dict[str, Any]], bool]] = None) -> List[Dict[str, Any]]:
     """Train ``model`` (already on ``args.device`` and initialised) with optimizer ``name`` for
-    ``args.epochs`` epochs; returns one history row per epoch (epoch 0 = before training)."""
+    ``args.epochs`` epochs; returns one history row per epoch (epoch 0 = before training).
+    ``stop(row)``, called after each epoch's row, ends the run early when it returns True (e.g. a
+    target training accuracy reached)."""
     from tqdm.auto import tqdm
 
     loss_fn = _loss_fn(task, args.recon_loss)
@@ -367,6 +370,8 @@ def train_one(args: argparse.Namespace, name: str, model: torch.nn.Module, split
             if log is not None:
                 log(f"[{name} seed {seed}] loss is not finite: stopping this run (diverged)")
             row["diverged"] = True
+            break
+        if stop is not None and stop(row):
             break
     return rows
 

@@ -136,3 +136,15 @@ def test_dispatch_falls_back_for_non_contiguous_and_mixed_dtypes():
     torch.testing.assert_close(out, reference.cg_dots(p, Bp, r, a))
     with pytest.raises(ValueError, match="mode"):
         ops.tr_cg_init_(a, a, a, a, a, a, 0.8, 1e-8, "nope")
+
+
+@requires_tr_kernels
+def test_fused_accepts_strided_gradients_and_products():
+    """Autograd may return strided gradients (conv weights): read-only inputs are made dense,
+    so fused=True (what an optimizer resolves to) still runs the kernel and matches."""
+    f, r_ = _pairs([6 * 4, 5], torch.float32, torch.float32, "cpu")
+    strided = [torch.randn(4, 6).t(), torch.randn(5)]
+    shaped = lambda ts: [t.view(6, 4) if t.numel() == 24 else t for t in ts]
+    p, rr, a = shaped(f["p"]), shaped(f["r"]), shaped(f["a"])
+    out = ops.cg_dots(p, strided, rr, a, fused=True)
+    torch.testing.assert_close(out, reference.cg_dots(p, strided, rr, a), rtol=1e-5, atol=1e-6)

@@ -52,6 +52,13 @@ def _fused_ok(name: str, state: List[torch.Tensor], inputs: List[torch.Tensor], 
     return ok
 
 
+def _dense(ts: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Read-only inputs (gradients, curvature products) made contiguous for the kernels: autograd
+    may hand back strided gradients (e.g. of conv weights); the state lists written in place are
+    allocated contiguous by the optimizers."""
+    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+
+
 def _check(name, lists):
     ref_name, ref = lists[0]
     for n, ts in lists:
@@ -72,6 +79,7 @@ def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tens
     if m not in (0, 1, 2):
         raise ValueError(f"mode must be one of {tuple(TR_MODES)}, got {mode!r}")
     _check("tr_cg_init_", [("grads", grads), ("v", v), ("a", a), ("s", s), ("r", r), ("p", p)])
+    grads = _dense(grads)
     if _fused_ok("tr_cg_init_", list(v) + list(a) + list(s) + list(r) + list(p), list(grads), fused):
         return torch.ops.natasha.tr_cg_init_(v, a, s, r, p, grads, float(beta), float(eps), m)
     return reference.tr_cg_init_(v, a, s, r, p, grads, beta, eps, m)
@@ -81,6 +89,7 @@ def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor]
             *, fused: Optional[bool] = None) -> torch.Tensor:
     """[p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (no host sync)."""
     _check("cg_dots", [("p", p), ("Bp", Bp), ("r", r), ("a", a)])
+    Bp = _dense(Bp)
     if _fused_ok("cg_dots", list(p) + list(r) + list(a), list(Bp), fused):
         return torch.ops.natasha.cg_dots(p, Bp, r, a)
     return reference.cg_dots(p, Bp, r, a)
@@ -90,6 +99,7 @@ def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor]
              a: List[torch.Tensor], alpha: float, beta: float, *, fused: Optional[bool] = None) -> torch.Tensor:
     """s += alpha p; r += alpha Bp; p = -r/a + beta p. Returns [r^T A^{-1} r, s^T A s, s^T A p, p^T A p]."""
     _check("cg_step_", [("s", s), ("r", r), ("p", p), ("Bp", Bp), ("a", a)])
+    Bp = _dense(Bp)
     if _fused_ok("cg_step_", list(s) + list(r) + list(p) + list(a), list(Bp), fused):
         return torch.ops.natasha.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
     return reference.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
