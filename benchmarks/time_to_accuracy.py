@@ -20,7 +20,7 @@ def run_tta(devices: Sequence[str], quick: bool, target: float = 0.90, out: str 
 
     rows: List[Dict] = []
     for device in devices:
-        subset, epochs, seeds = ("2000/500/500", 4, "0") if quick else ("5000/1000/1000", 10, "0,1")
+        subset, epochs, seeds = ("2000/500/500", 4, "0") if quick else ("4000/1000/1000", 6, "0")
         args = train.parse_args(
             ["--model", "lenet5", "--dataset", "mnist", "--subset", subset, "--epochs", str(epochs),
              "--batch-size", "50", "--seeds", seeds, "--no-progress", "--no-verbose", "--no-plot",
