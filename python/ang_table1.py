@@ -15,11 +15,12 @@ what the optimizer did in it:
   * inverse: K-FAC/ANG refreshed the damped factor inverses (and the factors) in this iteration;
   * factors: statistics/factor update only;   * plain: neither.
 "Time per iteration" is the paper's: for K-FAC and ANG an iteration that refreshes the inverses,
-for SGD and IFANG (no inverses) their mean iteration. "Time per epoch" is the measured sum over one
-epoch with ``--full`` (50000 images / batch 128 = 391 iterations, as CIFAR-10; K-FAC's usual
+for SGD and IFANG (no inverses) their median iteration. "Time per epoch" is the measured sum over
+one epoch with ``--full`` (50000 images / batch 128 = 391 iterations, as CIFAR-10; K-FAC's usual
 cov_every = 10, inv_every = 100); the short default run measures a few iterations of each class
-and reports the epoch *projected* from the class means with the same 391-iteration schedule
+and reports the epoch *projected* from the class medians with the same 391-iteration schedule
 (n_inverse = 4, n_factors = 36, n_plain = 351): this is stated in the output.
+``--tables-only`` re-renders table1.md / timing.json from the timing.csv and history.csv in --out.
 
 Curves: natasha_ext.train.train_one (the training CLI's loop, tqdm bars) for SGD (momentum 0.9,
 lr 0.01 as in the paper), K-FAC, ANG with the 'linear', 'exp' and 'cosine' lambda strategies and
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -158,8 +160,9 @@ def table1(rows, full: bool):
         if not rs:
             continue
         by = {k: [r["seconds"] for r in rs if r["kind"] == k] for k in ("inverse", "factors", "plain")}
-        mean = {k: (sum(v) / len(v) if v else math.nan) for k, v in by.items()}
-        allmean = sum(r["seconds"] for r in rs) / len(rs)
+        # medians: robust to the load spikes of a shared machine (one slow iteration of five)
+        mean = {k: (statistics.median(v) if v else math.nan) for k, v in by.items()}
+        allmean = statistics.median(r["seconds"] for r in rs)
         per_iter = mean["inverse"] if by["inverse"] else allmean
         if full:
             per_epoch, how = sum(r["seconds"] for r in rs), "measured"
@@ -197,11 +200,11 @@ def markdown(tab, setting, curve_setting, curve_table, wall, argv, full):
         lines.append(f"| {label} | {v['per_iteration']:.4g} | {pct(v['gap_iteration'])} | {v['per_epoch']:.4g}"
                      f"{'' if full else ' *'} | {pct(v['gap_epoch'])} | {p[0]} | {pct(100 * (p[0] / pk[0] - 1))} | "
                      f"{p[1]} | {pct(100 * (p[1] / pk[1] - 1))} |")
-    lines += ["", "Per-iteration class means (s): " + "; ".join(
+    lines += ["", "Per-iteration class medians (s): " + "; ".join(
         f"{k}: inverse {v['mean_inverse']:.4g}, factors {v['mean_factors']:.4g}, plain {v['mean_plain']:.4g} "
         f"({v['iterations']} iterations)" for k, v in tab.items()), ""]
     if not full:
-        lines += ["\\* projected epoch: 391 iterations (CIFAR-10 at batch 128) from the measured class means, "
+        lines += ["\\* projected epoch: 391 iterations (CIFAR-10 at batch 128) from the measured class medians, "
                   "K-FAC/ANG with cov_every 10 / inv_every 100 (4 inverse refreshes, 36 factor-only updates); "
                   "`--full` measures a real epoch.", ""]
     if curve_table:
@@ -235,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/ang_table1")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--tables-only", action="store_true",
+                    help="re-render table1.md/timing.json from <out>/timing.csv and history.csv (no training)")
     a = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if a.threads:
@@ -247,6 +252,8 @@ def main(argv=None) -> int:
         dataset = "mnist"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.tables_only:
+        return rerender(out, a.full)
     t_start = time.time()
     device = a.device
     batch = a.batch_size or (128 if a.full else 32)
@@ -336,6 +343,32 @@ def main(argv=None) -> int:
         (out / "table1.md").write_text(md)
         print("\n" + md)
     print(f"results in {out}/ ({wall:.0f} s)")
+    return 0
+
+
+def rerender(out: Path, full: bool) -> int:
+    """table1.md and timing.json again from a finished run's CSVs (the settings are read back from
+    the old timing.json)."""
+    import csv
+
+    old = json.loads((out / "timing.json").read_text())
+    with open(out / "timing.csv") as f:
+        rows = [dict(r, iteration=int(r["iteration"]), seconds=float(r["seconds"]), loss=float(r["loss"]))
+                for r in csv.DictReader(f)]
+    curve_table = ""
+    if (out / "history.csv").exists():
+        num = lambda v: float(v) if v not in ("", None) else math.nan
+        with open(out / "history.csv") as f:
+            hist = [{k: (v if k == "optimizer" else num(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        for r in hist:
+            r["seed"], r["epoch"] = int(r["seed"]), int(r["epoch"])
+        curve_table = train.format_table(train.summarize(hist))
+    tab = table1(rows, full)
+    old.update(table1=tab, curves_final=curve_table)
+    (out / "timing.json").write_text(json.dumps(old, indent=1, default=str) + "\n")
+    md = markdown(tab, old["setting"], old["curves_setting"], curve_table, old["wall_seconds"], old["argv"], full)
+    (out / "table1.md").write_text(md)
+    print(md)
     return 0
 
 
