@@ -68,6 +68,9 @@ class AdaHessian(NatashaOptimizer):
             False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
         seed: seed of the probes' Philox stream (None: drawn from torch's global generator).
         fused: None (kernels when available), True (require them), False (pure PyTorch).
+        process_group: torch.distributed group (``natasha_ext.distributed.WORLD``): in closure
+            mode the gradients and Hessian-vector products are averaged across its ranks and the
+            probe seed is broadcast (same as ``distributed.attach(opt, group)``).
 
     Two ways to call it:
       * ``opt.step(closure)`` with ``closure()`` returning the loss *without* calling backward;
@@ -86,7 +89,7 @@ class AdaHessian(NatashaOptimizer):
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
                  block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
-                 raise_on_nonfinite: bool = False, _extra_defaults: Optional[dict] = None):
+                 raise_on_nonfinite: bool = False, process_group=None, _extra_defaults: Optional[dict] = None):
         V.positive("lr", lr)
         V.betas(betas)
         V.positive("eps", eps)
@@ -101,7 +104,8 @@ class AdaHessian(NatashaOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         hessian_power=hessian_power, block_size=block_size)
         defaults.update(_extra_defaults or {})
-        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                         process_group=process_group)
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
@@ -296,14 +300,14 @@ class HybridSGDAdaHessian(AdaHessian):
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
                  block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, process_group=None):
         V._num("switch_threshold", switch_threshold)
         V.positive("sgd_lr", sgd_lr)
         V.in_range("momentum", momentum, 0.0, 1.0)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
                          block_size=block_size, hvp=hvp, abs_before_average=abs_before_average, fd_eps=fd_eps,
-                         seed=seed, fused=fused, raise_on_nonfinite=raise_on_nonfinite,
+                         seed=seed, fused=fused, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group,
                          _extra_defaults=dict(sgd_lr=sgd_lr, momentum=momentum))
         self.switch_threshold = float(switch_threshold)
         self.phase = "sgd"
