@@ -4,7 +4,8 @@ norm, eq. 3) and spherical trust region (Algorithm 1, Steihaug CG) and adaptive 
 regularisation in the same two norms, against SGD and Adam, on an MLP and a small CNN, on real
 MNIST and Fashion-MNIST; several seeds, mean and 95 % interval (Student t).
 
-    python python/trust_region_fig3.py                     # short CPU run (a few minutes)
+    python python/trust_region_fig3.py                     # short CPU run (a few minutes; MLPs only)
+    python python/trust_region_fig3.py --problems mnist-cnn,fashion-cnn --seeds 0 --max-epochs 15   # CNNs
     python python/trust_region_fig3.py --full              # paper-like: whole training sets, 10 seeds
     python python/trust_region_fig3.py --target 0.95 --seeds 0-4 --only tr-ellipsoidal,tr-spherical
     python python/trust_region_fig3.py --out reports/trust_region_fig3   # the committed short run
@@ -63,6 +64,7 @@ PROBLEMS = [
     ("fashion-mlp", "fashion-mnist", "mlp", dict(hidden=(64,))),
     ("fashion-cnn", "fashion-mnist", "small-cnn", dict(channels=(8, 16))),
 ]
+SHORT_PROBLEMS = ["mnist-mlp", "fashion-mlp"]
 PAIRS = [("tr-ellipsoidal", "tr-spherical"), ("arc-ellipsoidal", "arc-spherical")]
 
 # two-sided 97.5 % Student t quantiles, by degrees of freedom (1..30); 1.96 beyond
@@ -102,7 +104,9 @@ def parse(argv=None):
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--seeds", default=None, help="'0-2' (short default), '0-9' (full default), '0,3'")
     ap.add_argument("--only", default=None, help=f"comma list of optimizers (of {[c[0] for c in CONFIGS]})")
-    ap.add_argument("--problems", default=None, help=f"comma list of problems (of {[p[0] for p in PROBLEMS]})")
+    ap.add_argument("--problems", default=None,
+                    help=f"comma list of problems (of {[p[0] for p in PROBLEMS]}; default: the MLPs short, "
+                         "all with --full)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/trust_region_fig3")
@@ -116,7 +120,9 @@ def parse(argv=None):
     a.seeds = train._parse_seeds(a.seeds or ("0-9" if a.full else "0-2"))
     names = [c[0] for c in CONFIGS]
     a.configs = [c for c in CONFIGS if a.only is None or c[0] in a.only.split(",")]
-    a.problems_ = [p for p in PROBLEMS if a.problems is None or p[0] in a.problems.split(",")]
+    if a.problems is None:  # the short run keeps to the MLPs: a CNN step with 50 CG products is ~1 s on CPU
+        a.problems = ",".join(p[0] for p in PROBLEMS) if a.full else ",".join(SHORT_PROBLEMS)
+    a.problems_ = [p for p in PROBLEMS if p[0] in a.problems.split(",")]
     for flag, chosen, allowed in (("--only", a.only, names), ("--problems", a.problems, [p[0] for p in PROBLEMS])):
         bad = [x for x in (chosen or "").split(",") if x and x not in allowed]
         if bad:
