@@ -146,8 +146,6 @@ def test_natasha_two_gradients_share_one_bucket(two_rank_results):
 # classes that do not take process_group= in their constructor yet (attach() works for all)
 _PG = "takes no process_group= constructor argument (issue 9); only distributed.attach(opt) works"
 NO_PG_KWARG = {
-    "TrustRegion": "trust-region family: " + _PG,
-    "ARC": "trust-region family: " + _PG,
 }
 
 

@@ -87,8 +87,9 @@ class _RegularisedNewton(NatashaOptimizer):
     _GLOBAL: tuple = ()
     _PER_GROUP = ("norm", "beta", "eps")
 
-    def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None):
-        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
+    def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
+        super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                         process_group=process_group)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (its output pairs with a loss-only closure), "
                             f"got {type(model).__name__}")
@@ -279,6 +280,9 @@ class TrustRegion(_RegularisedNewton):
         fused, seed, raise_on_nonfinite: see :class:`NatashaOptimizer`.
         model: optional module whose output pairs with a loss-only closure when
             ``curvature='gauss_newton'`` (see the module docstring).
+        process_group: torch.distributed group (or ``natasha_ext.distributed.WORLD``): losses,
+            gradients and curvature products are averaged across it, so every rank takes the same
+            accept/reject decision (see :mod:`natasha_ext.distributed`).
 
     ``step(closure)`` returns the loss at the current point (before the step).
     """
@@ -291,7 +295,7 @@ class TrustRegion(_RegularisedNewton):
                  beta: float = 0.8, eps: float = 1e-8, cg_max_iters: int = 50, cg_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None):
+                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
         V.positive("radius", radius)
         V.positive("max_radius", max_radius)
         if max_radius < radius:
@@ -312,7 +316,7 @@ class TrustRegion(_RegularisedNewton):
         defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
                         gamma=gamma, norm=norm, beta=beta, eps=eps, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
                         curvature=curvature, hvp=hvp, fd_eps=fd_eps, grad_tol=grad_tol, eigen_iters=eigen_iters)
-        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.radius = float(radius)
 
     def step(self, closure: Callable = None):
@@ -423,7 +427,7 @@ class ARC(_RegularisedNewton):
                  sigma_min: float = 1e-8, subproblem_max_iters: int = 25, subproblem_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None):
+                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
         V.positive("sigma", sigma)
         V.in_range("eta1", eta1, 0.0, 1.0, low_open=True)
         V.in_range("eta2", eta2, eta1, 1.0)
@@ -444,7 +448,7 @@ class ARC(_RegularisedNewton):
                         subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
                         subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
                         grad_tol=grad_tol, eigen_iters=eigen_iters)
-        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model)
+        super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.sigma = float(sigma)
 
     def _lanczos_step(self, matvec, params, a, grads, gnorm_zero: bool, g0):
