@@ -4,7 +4,7 @@ norm, eq. 3) and spherical trust region (Algorithm 1, Steihaug CG) and adaptive 
 regularisation in the same two norms, against SGD and Adam, on an MLP and a small CNN, on real
 MNIST and Fashion-MNIST; several seeds, mean and 95 % interval (Student t).
 
-    python python/trust_region_fig3.py                     # short CPU run (a few minutes; MLPs only)
+    python python/trust_region_fig3.py                     # short CPU run, MLPs only (12 min on 2 busy cores)
     python python/trust_region_fig3.py --problems mnist-cnn,fashion-cnn --seeds 0 --max-epochs 15   # CNNs
     python python/trust_region_fig3.py --full              # paper-like: whole training sets, 10 seeds
     python python/trust_region_fig3.py --target 0.95 --seeds 0-4 --only tr-ellipsoidal,tr-spherical
