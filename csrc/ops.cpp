@@ -46,10 +46,10 @@ TORCH_LIBRARY(natasha, m) {
   // ---- trust region (cg_step) ---------------------------------------------------------------
   // Preconditioned Steihaug-Toint CG in the A-norm, A = diag(a); see natasha/trust_region.h.
   // State lists (v, a, s, r, p) are fp32 (fp64 for fp64 inputs); grads / Bp any float dtype.
-  // Ellipsoid update (mode 0 spherical a=1, 1 rmsprop, 2 adagrad; a = v + eps) fused with the
+  // Ellipsoid update (norm_mode 0 spherical a=1, 1 rmsprop, 2 adagrad; a = v + eps) fused with the
   // CG start s=0, r=g, p=-g/a. Returns [g^T A^-1 g, g^T g].
   m.def("tr_cg_init_(Tensor(a!)[] v, Tensor(b!)[] a, Tensor(c!)[] s, Tensor(d!)[] r, Tensor(e!)[] p, "
-        "Tensor[] grads, float beta, float eps, int mode) -> Tensor");
+        "Tensor[] grads, float beta, float eps, int norm_mode) -> Tensor");
   // [p.Bp, r.p, r.A^-1 Bp, Bp.A^-1 Bp] after the curvature product.
   m.def("cg_dots(Tensor[] p, Tensor[] Bp, Tensor[] r, Tensor[] a) -> Tensor");
   // s += alpha p; r += alpha Bp; p = -r/a + beta p. Returns [r.A^-1 r, s.A.s, s.A.p, p.A.p].

@@ -194,11 +194,7 @@ def test_compiled_training_step_matches_eager(name):
 
 
 # ops whose schema cannot go through AOTAutograd's functionalization yet (strict xfail: the owners fix them)
-AOT_GAPS = {
-    "tr_cg_init_": "trust region: the schema argument named 'mode' collides with torch's auto_functionalize "
-                   "(redirect_to_mode.<locals>.impl() got multiple values for argument 'mode'); rename it "
-                   "(e.g. norm_mode) in csrc/ops.cpp and the fake kernel",
-}
+AOT_GAPS = {}
 
 
 def _all_op_calls(names):

@@ -111,7 +111,7 @@ def _acc_like(ts):
 
 if _has_op("cg_step_"):
     @register_fake("tr_cg_init_")
-    def _tr_cg_init_fake(v, a, s, r, p, grads, beta, eps, mode):
+    def _tr_cg_init_fake(v, a, s, r, p, grads, beta, eps, norm_mode):
         return grads[0].new_empty((2,), dtype=reference._acc_dtype(grads))
 
     @register_fake("cg_dots")
