@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "../adahessian_args.h"
 #include "../tensor_lists.h"
 #include "chunks.h"
 #include "natasha/adahessian.h"
@@ -142,35 +143,7 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          int64_t curv_mode, bool abs_first, int64_t seed, int64_t offset, double lr, double beta1,
                          double beta2, double eps, double weight_decay, double hessian_power, double bc1,
                          double bc2) {
-  const char* op = "adahessian_step";
-  const c10::Device cpu(c10::kCPU);
-  check_list(op, "params", params, cpu);
-  check_list(op, "grads", grads, cpu);
-  check_list(op, "exp_avg", exp_avg, cpu);
-  check_list(op, "exp_hess_sq", exp_hess_sq, cpu);
-  check_same_shape(op, "params", params, "grads", grads);
-  check_same_shape(op, "params", params, "exp_avg", exp_avg);
-  check_same_shape(op, "params", params, "exp_hess_sq", exp_hess_sq);
-  TORCH_CHECK(curv_mode >= 0 && curv_mode <= 2, op, ": curv_mode must be 0, 1 or 2, got ", curv_mode);
-  TORCH_CHECK(static_cast<size_t>(group_sizes.size()) == params.size(), op, ": group_sizes has ",
-              group_sizes.size(), " entries but params has ", params.size());
-  for (auto g : group_sizes) TORCH_CHECK(g >= 1, op, ": group_sizes must be >= 1");
-  if (params.empty()) return;
-  check_same_dtype(op, "params", params);
-  check_same_dtype(op, "grads", grads);
-  TORCH_CHECK(grads[0].scalar_type() == params[0].scalar_type(), op, ": grads dtype differs from params dtype");
-  const auto acc = acc_dtype(params);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(exp_avg[i].scalar_type() == acc && exp_hess_sq[i].scalar_type() == acc, op, ": exp_avg[", i,
-                "]/exp_hess_sq[", i, "] must be ", acc);
-  }
-  if (curv_mode) {
-    check_list(op, "curv", curv, cpu);
-    check_same_shape(op, "params", params, "curv", curv);
-    const auto want = curv_mode == kCurvHz ? params[0].scalar_type() : acc;
-    for (size_t i = 0; i < curv.size(); ++i)
-      TORCH_CHECK(curv[i].scalar_type() == want, op, ": curv[", i, "] must be ", want, " for curv_mode ", curv_mode);
-  }
+  if (!check_adahessian_step_args(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode, c10::Device(c10::kCPU))) return;
   const auto chunks = make_group_chunks(params, group_sizes);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step", [&] {

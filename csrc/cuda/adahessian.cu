@@ -15,6 +15,7 @@
 
 #include <map>
 
+#include "../adahessian_args.h"
 #include "../tensor_lists.h"
 #include "multi_tensor_apply.cuh"
 #include "natasha/adahessian.h"
@@ -251,35 +252,7 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           int64_t curv_mode, bool abs_first, int64_t seed, int64_t offset, double lr, double beta1,
                           double beta2, double eps, double weight_decay, double hessian_power, double bc1,
                           double bc2) {
-  constexpr const char* op = "adahessian_step";
-  TORCH_CHECK(curv_mode >= 0 && curv_mode <= 2, op, ": curv_mode must be 0, 1 or 2, got ", curv_mode);
-  TORCH_CHECK(static_cast<size_t>(group_sizes.size()) == params.size(), op, ": group_sizes has ",
-              group_sizes.size(), " entries but params has ", params.size());
-  for (auto gs : group_sizes) TORCH_CHECK(gs >= 1, op, ": group_sizes must be >= 1");
-  if (params.empty()) return;
-  const auto dev = params[0].device();
-  check_list(op, "params", params, dev);
-  check_list(op, "grads", grads, dev);
-  check_list(op, "exp_avg", exp_avg, dev);
-  check_list(op, "exp_hess_sq", exp_hess_sq, dev);
-  check_same_shape(op, "params", params, "grads", grads);
-  check_same_shape(op, "params", params, "exp_avg", exp_avg);
-  check_same_shape(op, "params", params, "exp_hess_sq", exp_hess_sq);
-  check_same_dtype(op, "params", params);
-  check_same_dtype(op, "grads", grads);
-  TORCH_CHECK(grads[0].scalar_type() == params[0].scalar_type(), op, ": grads dtype differs from params dtype");
-  const auto acc = acc_dtype(params);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(exp_avg[i].scalar_type() == acc && exp_hess_sq[i].scalar_type() == acc, op, ": exp_avg[", i,
-                "]/exp_hess_sq[", i, "] must be ", acc);
-  }
-  if (curv_mode) {
-    check_list(op, "curv", curv, dev);
-    check_same_shape(op, "params", params, "curv", curv);
-    const auto want = curv_mode == kCurvHz ? params[0].scalar_type() : acc;
-    for (size_t i = 0; i < curv.size(); ++i)
-      TORCH_CHECK(curv[i].scalar_type() == want, op, ": curv[", i, "] must be ", want, " for curv_mode ", curv_mode);
-  }
+  if (!check_adahessian_step_args(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode, c10::nullopt)) return;
 
   // Sub-lists per group size (one launch each; without new curvature G does not matter).
   std::vector<int64_t> all_bases(params.size());
@@ -291,7 +264,7 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     by_group[curv_mode ? group_sizes[i] : 1].push_back(i);
   }
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bc1, bc2);
     for (const auto& [G, idx] : by_group) {
