@@ -193,8 +193,6 @@ def test_compiled_training_step_matches_eager(name):
     torch._dynamo.reset()
 
 
-# ops whose schema cannot go through AOTAutograd's functionalization yet (strict xfail: the owners fix them)
-AOT_GAPS = {}
 
 
 def _all_op_calls(names):
@@ -230,15 +228,7 @@ def test_every_fused_op_compiles_in_one_graph_through_aot_autograd():
     (backend aot_eager); the compiled results equal eager."""
     from test_ops_validation import VALID
 
-    _compare_op_runs([n for n in VALID if n not in AOT_GAPS], "aot_eager")
-
-
-@pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=r, strict=True))
-                                  for n, r in AOT_GAPS.items()])
-def test_known_aot_gaps(name):
-    _compare_op_runs([name], "eager")  # dynamo with the fake kernel alone works
-    _compare_op_runs([name], "aot_eager")
+    _compare_op_runs(list(VALID), "aot_eager")
 
 
 @pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
