@@ -45,25 +45,8 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
       for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
         const h_t* h = hz[c.tensor].data_ptr<h_t>() + c.start;
         d_t* d = diag[c.tensor].data_ptr<d_t>() + c.start;
-        uint64_t k = static_cast<uint64_t>(c.base + c.start);
-        const uint64_t end = k + static_cast<uint64_t>(c.n);
-        // one Philox call per 128 elements; whole blocks run a branch-free loop per 32-bit word
-        // (as rademacher_ does) that the compiler can vectorise
-        while (k < end) {
-          const Philox4 b = philox_block(s, o, k >> 7);
-          const uint64_t stop = std::min<uint64_t>(end, ((k >> 7) + 1) << 7);
-          if ((k & 127u) == 0 && stop - k == 128) {
-            for (int w = 0; w < 4; ++w) {
-              const uint32_t word = b.x[w];
-              for (uint32_t j = 0; j < 32; ++j)
-                one(d + j, h + j, static_cast<acc_t>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1));
-              d += 32;
-              h += 32;
-            }
-            k = stop;
-          }
-          for (; k < stop; ++k) one(d++, h++, static_cast<acc_t>(rademacher_from_block(b, k)));
-        }
+        for_each_rademacher(s, o, static_cast<uint64_t>(c.base + c.start), static_cast<uint64_t>(c.n),
+                            [&](uint64_t i, float z) { one(d + i, h + i, static_cast<acc_t>(z)); });
       });
     });
   });

@@ -20,24 +20,8 @@ void rademacher_cpu(at::TensorList tensors, int64_t seed, int64_t offset) {
     const at::Tensor& t = tensors[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "rademacher_", [&] {
       scalar_t* p = t.data_ptr<scalar_t>() + c.start;
-      uint64_t k = static_cast<uint64_t>(c.base + c.start);
-      const uint64_t end = k + static_cast<uint64_t>(c.n);
-      // One Philox call serves 128 consecutive elements; whole blocks take a branch-free loop
-      // over each 32-bit word that the compiler vectorises (the per-element word select did not).
-      while (k < end) {
-        const Philox4 b = philox_block(s, o, k >> 7);
-        const uint64_t stop = std::min<uint64_t>(end, ((k >> 7) + 1) << 7);
-        if ((k & 127u) == 0 && stop - k == 128) {
-          for (int w = 0; w < 4; ++w) {
-            const uint32_t word = b.x[w];
-            for (uint32_t j = 0; j < 32; ++j)
-              p[j] = static_cast<scalar_t>(static_cast<float>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1));
-            p += 32;
-          }
-          k = stop;
-        }
-        for (; k < stop; ++k) *p++ = static_cast<scalar_t>(rademacher_from_block(b, k));
-      }
+      for_each_rademacher(s, o, static_cast<uint64_t>(c.base + c.start), static_cast<uint64_t>(c.n),
+                          [p](uint64_t i, float z) { p[i] = static_cast<scalar_t>(z); });
     });
   });
 }

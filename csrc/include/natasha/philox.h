@@ -62,4 +62,28 @@ NATASHA_HD float rademacher_at(uint64_t seed, uint64_t offset, uint64_t k) {
 // Number of Philox counters a draw of n elements consumes (the offset advance).
 NATASHA_HD uint64_t philox_blocks_for(uint64_t n) { return (n + 127u) >> 7; }
 
+// Host loop over stream elements first .. first + n - 1: calls f(i, z) with i = 0 .. n - 1 and
+// z = +-1.0f the Rademacher sign of element first + i. One Philox call per 128 elements; whole
+// blocks run a branch-free loop per 32-bit word that the compiler vectorises (the per-element
+// word select of rademacher_from_block does not).
+template <typename F>
+inline void for_each_rademacher(uint64_t seed, uint64_t offset, uint64_t first, uint64_t n, F&& f) {
+  uint64_t k = first;
+  const uint64_t end = first + n;
+  while (k < end) {
+    const Philox4 b = philox_block(seed, offset, k >> 7);
+    const uint64_t stop = (end < (((k >> 7) + 1) << 7)) ? end : (((k >> 7) + 1) << 7);
+    if ((k & 127u) == 0 && stop - k == 128) {
+      const uint64_t i0 = k - first;
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t word = b.x[w];
+        for (uint32_t j = 0; j < 32; ++j)
+          f(i0 + 32u * w + j, static_cast<float>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1));
+      }
+      k = stop;
+    }
+    for (; k < stop; ++k) f(k - first, rademacher_from_block(b, k));
+  }
+}
+
 }  // namespace natasha
