@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../natasha_args.h"
 #include "../tensor_lists.h"
 #include "chunks.h"
 #include "natasha/natasha.h"
@@ -172,27 +173,7 @@ at::Tensor svrg_step_cpu(at::TensorList params, at::TensorList grads, c10::optio
                          c10::optional<at::TensorList> mu, at::TensorList anchor, at::TensorList avg_sum,
                          double lr, double reg, int64_t finalize, c10::optional<at::TensorList> center,
                          double prox_L, double prox_radius) {
-  constexpr const char* op = "svrg_step";
-  const c10::Device cpu(c10::kCPU);
-  TORCH_CHECK(finalize >= 0, op, ": finalize must be >= 0, got ", finalize);
-  check_list(op, "params", params, cpu);
-  check_same_dtype(op, "params", params);
-  const auto acc = acc_dtype(params);
-  auto check_aux = [&](const char* name, at::TensorList ts, bool state) {
-    check_list(op, name, ts, cpu);
-    check_same_shape(op, "params", params, name, ts);
-    for (size_t i = 0; i < ts.size(); ++i) {
-      const auto want = state ? acc : params[0].scalar_type();
-      TORCH_CHECK(ts[i].scalar_type() == want, op, ": ", name, "[", i, "] has dtype ", ts[i].scalar_type(),
-                  " but ", want, " is required");
-    }
-  };
-  check_aux("grads", grads, false);
-  if (snapshot_grads) check_aux("snapshot_grads", *snapshot_grads, false);
-  if (mu) check_aux("mu", *mu, true);
-  check_aux("anchor", anchor, true);
-  check_aux("avg_sum", avg_sum, true);
-  if (center) check_aux("center", *center, true);
+  check_svrg_step_args(params, grads, snapshot_grads, mu, anchor, avg_sum, finalize, center, c10::Device(c10::kCPU));
   if (params.empty()) return at::tensor({0.0f, 0.0f, 1.0f});
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "svrg_step", [&] {

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../natasha_args.h"
 #include "../tensor_lists.h"
 #include "multi_tensor_apply.cuh"
 #include "natasha/natasha.h"
@@ -121,25 +122,8 @@ at::Tensor svrg_step_cuda(at::TensorList params, at::TensorList grads, c10::opti
                           double prox_L, double prox_radius) {
   constexpr const char* op = "svrg_step";
   TORCH_CHECK(!params.empty(), op, ": params is empty");
-  TORCH_CHECK(finalize >= 0, op, ": finalize must be >= 0, got ", finalize);
   const auto dev = params[0].device();
-  check_list(op, "params", params, dev);
-  check_same_dtype(op, "params", params);
-  const auto acc = acc_dtype(params);
-  auto check_aux = [&](const char* name, at::TensorList ts, bool state) {
-    check_list(op, name, ts, dev);
-    check_same_shape(op, "params", params, name, ts);
-    const auto want = state ? acc : params[0].scalar_type();
-    for (size_t i = 0; i < ts.size(); ++i)
-      TORCH_CHECK(ts[i].scalar_type() == want, op, ": ", name, "[", i, "] has dtype ", ts[i].scalar_type(),
-                  " but ", want, " is required");
-  };
-  check_aux("grads", grads, false);
-  if (snapshot_grads) check_aux("snapshot_grads", *snapshot_grads, false);
-  if (mu) check_aux("mu", *mu, true);
-  check_aux("anchor", anchor, true);
-  check_aux("avg_sum", avg_sum, true);
-  if (center) check_aux("center", *center, true);
+  const auto acc = check_svrg_step_args(params, grads, snapshot_grads, mu, anchor, avg_sum, finalize, center, dev);
 
   const bool has_c = center.has_value();
   const int mode = has_c ? 2 : (finalize > 0 ? 1 : 0);
