@@ -180,6 +180,20 @@ class _RegularisedNewton(NatashaOptimizer):
         self.counters["loss_evals"] += 1
         return float(loss), saved
 
+    def _ratio(self, closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info):
+        """rho = actual / predicted decrease of the step (-inf when not finite), from one loss
+        evaluation at w + s. Returns (rho, trial loss, saved weights), or None when the model
+        predicts no decrease: the step is then finished as 'stationary' without moving."""
+        pred = -model
+        info.update(iters=iters, reason=reason, predicted=pred)
+        if not pred > 0:
+            info["reason"] = "stationary"
+            self._finish(oracle, bp_per, info)
+            return None
+        trial, saved = self._trial(closure, params, step_vec)
+        rho = (float(loss0) - trial) / pred
+        return (rho if math.isfinite(rho) else -math.inf), trial, saved
+
     @staticmethod
     def _restore(params, saved):
         with torch.no_grad():
@@ -358,16 +372,10 @@ class TrustRegion(_RegularisedNewton):
             if reason == "nonfinite":
                 self._skip_curvature(oracle, bp_per, info, backup, iters)
                 return loss0
-        pred = -model
-        info.update(iters=iters, reason=reason, predicted=pred)
-        if not pred > 0:
-            info["reason"] = "stationary"
-            self._finish(oracle, bp_per, info)
+        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info)
+        if evaluated is None:
             return loss0
-        trial, saved = self._trial(closure, params, step_vec)
-        rho = (float(loss0) - trial) / pred
-        if not math.isfinite(rho):
-            rho = -math.inf
+        rho, trial, saved = evaluated
         accepted = rho >= g0["eta"]
         if not accepted:
             self._restore(params, saved)
@@ -522,16 +530,10 @@ class ARC(_RegularisedNewton):
         if not math.isfinite(model):
             self._skip_curvature(oracle, bp_per, info, backup, iters)
             return loss0
-        pred = -model
-        info.update(iters=iters, reason=reason, predicted=pred)
-        if not pred > 0:
-            info["reason"] = "stationary"
-            self._finish(oracle, bp_per, info)
+        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info)
+        if evaluated is None:
             return loss0
-        trial, saved = self._trial(closure, params, step_vec)
-        rho = (float(loss0) - trial) / pred
-        if not math.isfinite(rho):
-            rho = -math.inf
+        rho, trial, saved = evaluated
         accepted = rho >= g0["eta1"]
         if not accepted:
             self._restore(params, saved)
