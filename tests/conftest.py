@@ -3,23 +3,21 @@ import os
 import pytest
 import torch
 
-import natasha_ext  # noqa: F401
-from natasha_ext import ops
-
-CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run on the GPU machine)")
-requires_fused = pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
-
-
-def devices():
-    """Devices the fused-vs-reference tests run on: cpu, plus cuda when present."""
-    return ["cpu"] + (["cuda"] if CUDA else [])
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: intra-op threads only add contention on the shared test machine, where
+    multi-threaded torch stalls (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def pytest_report_header(config):

@@ -6,14 +6,11 @@ from natasha_ext import ops
 from natasha_ext.curvature import spatial_average
 from natasha_ext.ops import adahessian as aops
 from natasha_ext.ops import reference
+from tests import helpers
+from tests.helpers import CUDA, devices, elementwise_tol
 
-CUDA = torch.cuda.is_available()
 HAVE_KERNELS = ops.fused_available() and aops._HAS_STEP and aops._HAS_HUTCHINSON
 requires_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="adahessian kernels not built")
-
-
-def _devices():
-    return ["cpu"] + (["cuda"] if CUDA and ops.fused_available("cuda") else [])
 
 
 # ------------------------------------------------------------------ spatial averaging, 1-D .. 5-D
@@ -87,7 +84,7 @@ def test_adahessian_step_reference_one_tensor():
 
 
 # ------------------------------------------------------------------ fused vs reference
-SIZES = [(0,), (1,), (22,), (4097,), (65537,), (8, 3, 3, 3), (16, 8, 3), (4, 2, 3, 3, 3), (33, 7)]
+SIZES = [(n,) for n in helpers.SIZES] + [(8, 3, 3, 3), (16, 8, 3), (4, 2, 3, 3, 3), (33, 7)]
 
 
 def _lists(shapes, device, dtype, seed=0):
@@ -107,13 +104,8 @@ def _clone(ts):
     return [t.clone() for t in ts]
 
 
-def _tol(dtype):
-    return {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=4e-5, atol=4e-5),
-            torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
-
-
 @requires_kernels
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_hutchinson_fused_vs_reference(device, dtype, accumulate):
@@ -123,11 +115,11 @@ def test_hutchinson_fused_vs_reference(device, dtype, accumulate):
     ops.hutchinson_diag_(a, hz, 1234567, 9, alpha=0.25, accumulate=accumulate, fused=True)
     reference.hutchinson_diag_(b, hz, 1234567, 9, 0.25, accumulate)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, **_tol(dtype))
+        torch.testing.assert_close(x, y, **elementwise_tol(dtype))
 
 
 @requires_kernels
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode,abs_first,block,k", [(1, True, None, 1.0), (1, False, None, 0.5), (2, True, 5, 1.0),
                                                     (2, False, 3, 0.7), (0, True, None, 1.0), (1, False, 128, 1.0)])
@@ -144,11 +136,11 @@ def test_adahessian_step_fused_vs_reference(device, dtype, mode, abs_first, bloc
     Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
     ops.adahessian_step(Pr, grads, Mr, Vr, curv, gs, fused=False, **kw)
     for a, b in zip(P + M + Vv, Pr + Mr + Vr):
-        torch.testing.assert_close(a, b, **_tol(dtype))
+        torch.testing.assert_close(a, b, **elementwise_tol(dtype))
 
 
 @requires_kernels
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 def test_adahessian_step_noncontiguous(device):
     base = torch.randn(6, 4, 3, 3, device=device)
     p = base.transpose(0, 1)  # non-contiguous param and state
@@ -176,7 +168,7 @@ def test_adahessian_step_cuda_half(dtype):
     Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
     ops.adahessian_step(Pr, grads, Mr, Vr, hz, gs, fused=False, **kw)
     for a, b in zip(P + M + Vv, Pr + Mr + Vr):
-        torch.testing.assert_close(a, b, **_tol(dtype))
+        torch.testing.assert_close(a, b, **elementwise_tol(dtype))
 
 
 @pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
@@ -196,7 +188,7 @@ STRADDLE = [(256, 31, 3, 3), (70001,), (3, 40000), (2, 3, 7, 7), (4, 2, 3, 3, 3)
 
 
 @requires_kernels
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("mode,abs_first,block", [(1, True, 100), (1, False, 100), (2, False, 37), (1, False, 7)])
 def test_adahessian_step_groups_straddling_chunks(device, mode, abs_first, block):
     params, grads, hz, m, v, d = _lists(STRADDLE, device, torch.float32, seed=3)
@@ -209,7 +201,7 @@ def test_adahessian_step_groups_straddling_chunks(device, mode, abs_first, block
     Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
     ops.adahessian_step(Pr, grads, Mr, Vr, curv, gs, fused=False, **kw)
     for a, b in zip(P + M + Vv, Pr + Mr + Vr):
-        torch.testing.assert_close(a, b, **_tol(torch.float32))
+        torch.testing.assert_close(a, b, **elementwise_tol(torch.float32))
 
 
 @pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
@@ -227,7 +219,7 @@ def test_adahessian_step_cuda_matches_cpu_kernel(mode, abs_first):
     ops.adahessian_step(P, cu(grads), M, Vv, cu(curv), gs, fused=True, **kw)
     ops.adahessian_step(params, grads, m, v, curv, gs, fused=True, **kw)
     for a, b in zip(P + M + Vv, params + m + v):
-        torch.testing.assert_close(a.cpu(), b, **_tol(torch.float64))
+        torch.testing.assert_close(a.cpu(), b, **elementwise_tol(torch.float64))
 
 
 def test_invalid_arguments():

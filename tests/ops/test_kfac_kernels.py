@@ -9,22 +9,17 @@ import torch.nn.functional as F
 
 from natasha_ext import ops
 from natasha_ext.optim import ANG, IFANG, KFAC
-
-from conftest import devices, requires_cuda, requires_fused
+from natasha_ext.precision import accumulation_dtype
+from tests.helpers import devices, dtypes, matmul_tol, requires_cuda, requires_fused
 
 # (out, in): a 300-layer list (> 256: two batches of per-layer sums) with a few big/empty layers
 _MANY = [(3, 5), (1, 1), (0, 4), (260, 257), (2, 70000 // 2)] + [(4, 3 + (j % 5)) for j in range(295)]
 
 
-def _tol(dtype):
-    return {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}.get(
-        dtype, dict(rtol=2e-2, atol=2e-2))
-
-
 def _lists(shapes, dtype, device, rank, seed=0):
     g = torch.Generator().manual_seed(seed)
     T = [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     ya = [(0.5 * torch.randn(rank, s[1], generator=g, dtype=torch.float64)).to(device, acc) for s in shapes]
     yg = [(0.5 * torch.randn(rank, s[0], generator=g, dtype=torch.float64)).to(device, acc) for s in shapes]
     return T, ya, yg
@@ -36,18 +31,14 @@ def _close_scaled(a, b, dtype):
         return
     s = b.abs().max().clamp_min(1)
     torch.testing.assert_close(a.float() / s if dtype != torch.float64 else a / s,
-                               b.float() / s if dtype != torch.float64 else b / s, **_tol(dtype))
-
-
-def _dtypes(device):
-    return [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+                               b.float() / s if dtype != torch.float64 else b / s, **matmul_tol(dtype))
 
 
 @requires_fused
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("rank", [1, 3])
 def test_smw_many_layers_and_big_layers(device, rank):
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device, cpu_low=[]):
         T, ya, yg = _lists(_MANY, dtype, device, rank)
         lams = [0.05 + 0.01 * (j % 7) for j in range(len(T))]
         uf, rf = ops.kfac_smw_apply(T, ya, yg, lams, fused=True)
@@ -56,13 +47,13 @@ def test_smw_many_layers_and_big_layers(device, rank):
             assert a.dtype == b.dtype and a.shape == b.shape
             _close_scaled(a, b, dtype)
         assert rf.shape == (len(T), 3) and rf.dtype == rr.dtype
-        torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **_tol(dtype))
+        torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **matmul_tol(dtype))
 
 
 @requires_fused
 @pytest.mark.parametrize("device", devices())
 def test_precondition_many_layers(device):
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device, cpu_low=[]):
         shapes = [(3, 5), (1, 1), (0, 4), (300, 260)] + [(3, 4)] * 120  # > 1 chunk; > 96 tensors per launch
         T, _, _ = _lists(shapes, dtype, device, 1)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -72,14 +63,14 @@ def test_precondition_many_layers(device):
         ur, rr = ops.kfac_precondition(T, gi, ai, fused=False)
         for a, b in zip(uf, ur):
             _close_scaled(a, b, dtype)
-        torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **_tol(dtype))
+        torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **matmul_tol(dtype))
 
 
 @requires_fused
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_ang_combine_many_layers(device, per_layer):
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device, cpu_low=[]):
         T, _, _ = _lists(_MANY, dtype, device, 1, seed=1)
         U = [(0.3 * t.double() + torch.randn(t.shape, dtype=torch.float64).to(device)).to(dtype) for t in T]
         U[7] = -2 * T[7]
@@ -91,7 +82,7 @@ def test_ang_combine_many_layers(device, per_layer):
             a, b = [u.clone() for u in U], [u.clone() for u in U]
             ca = ops.ang_combine_(a, T, red, scale, lam, per_layer, fused=True)
             cb = ops.ang_combine_(b, T, red, scale, lam, per_layer, fused=False)
-            torch.testing.assert_close(ca, cb, **_tol(acc))
+            torch.testing.assert_close(ca, cb, **matmul_tol(acc))
             for x, y in zip(a, b):
                 _close_scaled(x, y, dtype)
 

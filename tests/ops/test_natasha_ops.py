@@ -4,24 +4,13 @@ import torch
 
 from natasha_ext import ops
 from natasha_ext.ops import reference as R
-from tests.conftest import devices, requires_cuda, requires_fused
-
-SIZES = [0, 1, 22, 4097, 65537]
-
-
-def _shapes():
-    return [[(0,)], [(1,)], [(n,) for n in SIZES],
-                                      [((i % 7) * 13 + (i % 3),) for i in range(115)],
-                                      [(3, 5, 7, 2), (70000,)]]
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from natasha_ext.precision import accumulation_dtype
+from tests.helpers import devices, dtypes, elementwise_tol, list_shapes, requires_cuda, requires_fused
 
 
 def _svrg_inputs(shapes, device, dtype, gen):
     mk = lambda s, dt: torch.randn(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dt)
-    acc = _acc(dtype)
+    acc = accumulation_dtype(dtype)
     return dict(params=[mk(s, dtype) for s in shapes], grads=[mk(s, dtype) for s in shapes],
                 snap=[mk(s, dtype) for s in shapes], mu=[mk(s, acc) for s in shapes],
                 anchor=[mk(s, acc) for s in shapes], avg=[mk(s, acc) for s in shapes],
@@ -30,15 +19,6 @@ def _svrg_inputs(shapes, device, dtype, gen):
 
 def _clone(d):
     return {k: [t.clone() for t in v] for k, v in d.items()}
-
-
-def _tol(dtype):
-    return {torch.float32: dict(rtol=4e-5, atol=4e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
-            torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
-
-
-def _dtypes(device):
-    return [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [torch.float16])
 
 
 def _run_svrg(fused, d, snap, mu, center, finalize, radius):
@@ -59,8 +39,8 @@ def test_svrg_step_fused_matches_reference(device, mode):
     if mode == "finalize_no_mu":
         snap, mu = True, False
     gen = torch.Generator().manual_seed(1)
-    for dtype in _dtypes(device):
-        for shapes in _shapes():
+    for dtype in dtypes(device, cpu_low=[torch.float16]):
+        for shapes in list_shapes():
             d = _svrg_inputs(shapes, device, dtype, gen)
             n = sum(t.numel() for t in d["params"])
             # radius: well inside (the prox shrinks) or far outside (no shrink) of ||z - c|| ~ 1.4 sqrt(n)
@@ -68,7 +48,7 @@ def test_svrg_step_fused_matches_reference(device, mode):
             a, b = _clone(d), _clone(d)
             out_f = _run_svrg(True, a, snap, mu, center, finalize, radius)
             out_r = _run_svrg(False, b, snap, mu, center, finalize, radius)
-            tol = _tol(dtype)
+            tol = elementwise_tol(dtype)
             for k in ("params", "anchor", "avg"):
                 for x, y in zip(a[k], b[k]):
                     torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{mode} {dtype} {k}: {m}")
@@ -104,16 +84,16 @@ def test_svrg_step_reference_math():
 @pytest.mark.parametrize("device", devices())
 def test_oja_step_fused_matches_reference(device):
     gen = torch.Generator().manual_seed(2)
-    for dtype in _dtypes(device):
-        acc = _acc(dtype)
-        for shapes in _shapes():
+    for dtype in dtypes(device, cpu_low=[torch.float16]):
+        acc = accumulation_dtype(dtype)
+        for shapes in list_shapes():
             v = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=acc) for s in shapes]
             hv = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
             scale = torch.tensor(0.37, dtype=acc, device=device)
             a, b = [t.clone() for t in v], [t.clone() for t in v]
             of = ops.oja_step(a, hv, scale, 0.3, fused=True)
             orf = ops.oja_step(b, hv, scale, 0.3, fused=False)
-            tol = _tol(acc)
+            tol = elementwise_tol(acc)
             for x, y in zip(a, b):
                 torch.testing.assert_close(x, y, **tol)
             torch.testing.assert_close(of.cpu(), orf.cpu(), rtol=1e-4 if acc == torch.float32 else 1e-11, atol=1e-5)

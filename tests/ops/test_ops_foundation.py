@@ -8,9 +8,7 @@ import torch
 
 from natasha_ext import ops
 from natasha_ext.ops import reference as R
-from tests.conftest import devices, requires_cuda, requires_fused
-
-SIZES = [0, 1, 22, 4097, 65537]
+from tests.helpers import devices, dtypes, list_shapes, requires_cuda, requires_fused
 
 
 def test_fused_available_after_build():
@@ -37,21 +35,13 @@ def test_philox_known_answers():
 
 
 def _lists(device, dtype):
-    return [[torch.empty(n, device=device, dtype=dtype)] for n in SIZES] + [
-        [torch.empty(n, device=device, dtype=dtype) for n in SIZES],
-        [torch.empty((i % 7) * 13 + (i % 3), device=device, dtype=dtype) for i in range(120)],
-        [torch.empty(3, 5, 7, 2, device=device, dtype=dtype), torch.empty(70000, device=device, dtype=dtype)],
-    ]
-
-
-def _dtypes(device):
-    return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    return [[torch.empty(s, device=device, dtype=dtype) for s in shapes] for shapes in list_shapes()]
 
 
 @requires_fused
 @pytest.mark.parametrize("device", devices())
 def test_rademacher_fused_matches_reference_bitwise(device):
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device):
         for ts in _lists(device, dtype):
             ref = [t.clone() for t in ts]
             ops.rademacher_(ts, 987654321987, 77, fused=True)
@@ -118,7 +108,7 @@ def test_philox_stream_advances_and_round_trips():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=requires_fused)])
 def test_global_norm(device, fused):
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device):
         for ts in _lists(device, dtype):
             for t in ts:
                 t.normal_()

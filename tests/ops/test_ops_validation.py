@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from natasha_ext import ops
-from tests.conftest import requires_cuda
+from tests.helpers import requires_cuda
 
 pytestmark = pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
 

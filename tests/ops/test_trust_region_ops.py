@@ -5,19 +5,11 @@ import torch
 from natasha_ext import ops
 from natasha_ext.ops import reference
 from natasha_ext.ops.trust_region import _has_op
+from tests.helpers import devices, elementwise_tol
 
 requires_tr_kernels = pytest.mark.skipif(not (ops.fused_available() and _has_op("cg_step_")),
                                          reason="trust-region kernels not built")
-CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: intra-op threads only add contention on the shared test machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lists(sizes, dtype, device="cpu", seed=0, positive=False):
@@ -69,10 +61,6 @@ def test_reference_init_modes(mode):
     torch.testing.assert_close(out, torch.stack([G @ (G / A), G @ G]))
 
 
-def _devices():
-    return ["cpu"] + (["cuda"] if CUDA else [])
-
-
 def _pairs(sizes, state_dtype, in_dtype, device):
     """Two identical sets (fused, reference) of (s, r, p, Bp, a, v, g)."""
     base = dict(s=_lists(sizes, state_dtype, device, 1), r=_lists(sizes, state_dtype, device, 2),
@@ -83,21 +71,17 @@ def _pairs(sizes, state_dtype, in_dtype, device):
     return clone(base), clone(base)
 
 
-def _tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=4e-5, atol=4e-5)
-
-
 DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.bfloat16)]
 
 
 @requires_tr_kernels
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))
 @pytest.mark.parametrize("dtypes", DTYPES, ids=["fp32", "fp64", "bf16-in"])
 def test_fused_matches_reference(device, sizes, dtypes):
     sd, idt = dtypes
     f, R = _pairs(sizes, sd, idt, device)
-    tol = _tol(sd)
+    tol = elementwise_tol(sd)
     for mode in ("spherical", "rmsprop", "adagrad"):
         of = ops.tr_cg_init_(f["v"], f["a"], f["s"], f["r"], f["p"], f["g"], 0.8, 1e-3, mode, fused=True)
         orf = reference.tr_cg_init_(R["v"], R["a"], R["s"], R["r"], R["p"], R["g"], 0.8, 1e-3,

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from natasha_ext import ops
 from natasha_ext.ops import reference
 from natasha_ext.optim import ANG, IFANG, KFAC
-
-from conftest import devices, requires_cuda, requires_fused
+from tests.helpers import devices, matmul_tol, requires_cuda, requires_fused
 
 
 def _spd(n, dtype=torch.float64, gen=None):
@@ -253,10 +252,6 @@ def _layers(dtype, device, rank=2, shapes=((1, 1), (22, 5), (130, 70), (3, 257))
     return T, ya, yg
 
 
-def _tol(dtype):
-    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-
-
 @requires_fused
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -268,8 +263,8 @@ def test_fused_smw_matches_reference(device, dtype, rank):
     ur, rr = ops.kfac_smw_apply(T, ya, yg, lams, fused=False)
     for a, b in zip(uf, ur):
         scale = b.abs().max().clamp_min(1)
-        torch.testing.assert_close(a / scale, b / scale, **_tol(dtype))
-    torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **_tol(dtype))
+        torch.testing.assert_close(a / scale, b / scale, **matmul_tol(dtype))
+    torch.testing.assert_close(rf / rr.abs().clamp_min(1), rr / rr.abs().clamp_min(1), **matmul_tol(dtype))
 
 
 @requires_fused
@@ -282,8 +277,8 @@ def test_fused_precondition_and_ema_match_reference(device, dtype):
     uf, rf = ops.kfac_precondition(T, gi, ai, fused=True)
     ur, rr = ops.kfac_precondition(T, gi, ai, fused=False)
     for a, b in zip(uf, ur):
-        torch.testing.assert_close(a, b, **_tol(dtype))
-    torch.testing.assert_close(rf, rr, **_tol(dtype))
+        torch.testing.assert_close(a, b, **matmul_tol(dtype))
+    torch.testing.assert_close(rf, rr, **matmul_tol(dtype))
     rows = [torch.randn(17, t.shape[1], dtype=dtype, device=device) for t in T]
     for decay in (0.0, 0.9):
         f1 = [a.clone() for a in ai]
@@ -291,7 +286,7 @@ def test_fused_precondition_and_ema_match_reference(device, dtype):
         ops.kfac_factor_ema_(f1, rows, [0.1, 0.2, 0.3, 0.4], decay, fused=True)
         ops.kfac_factor_ema_(f2, rows, [0.1, 0.2, 0.3, 0.4], decay, fused=False)
         for a, b in zip(f1, f2):
-            torch.testing.assert_close(a, b, **_tol(dtype))
+            torch.testing.assert_close(a, b, **matmul_tol(dtype))
     if device == "cpu" and dtype == torch.float32:  # fp16 statistics (AMP) into fp32 factors
         f1 = [a.float().clone() for a in ai]
         f2 = [a.float().clone() for a in ai]
@@ -318,9 +313,9 @@ def test_fused_ang_combine_matches_reference(device, dtype, per_layer):
         b = [u.clone() for u in U]
         ca = ops.ang_combine_(a, T, red, scale, lam, per_layer, fused=True)
         cb = ops.ang_combine_(b, T, red, scale, lam, per_layer, fused=False)
-        torch.testing.assert_close(ca, cb, **_tol(dtype))
+        torch.testing.assert_close(ca, cb, **matmul_tol(dtype))
         for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, **_tol(dtype))
+            torch.testing.assert_close(x, y, **matmul_tol(dtype))
 
 
 @requires_cuda

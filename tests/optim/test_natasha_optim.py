@@ -9,7 +9,7 @@ from natasha_ext import ops
 from natasha_ext.curvature import HVP, oja_min_eigenvector
 from natasha_ext.ops import PhiloxStream
 from natasha_ext.optim import Natasha2, Natasha15
-from tests.conftest import devices, requires_fused
+from tests.helpers import devices, requires_fused
 
 D = torch.float64
 

@@ -13,13 +13,7 @@ from natasha_ext.optim import ARC, TrustRegion
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: intra-op threads only add contention on the shared test machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quad_problem(n=6, seed=0, indefinite=False):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from natasha_ext import amp, ops
-from optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, case_params, flat_params, state_tensors
+from tests.suites.optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, case_params, flat_params, state_tensors
 
 LOW = [torch.bfloat16, torch.float16]
 # state that is a copy of the parameters themselves may keep their dtype (Natasha's x_tilde)
@@ -196,7 +196,7 @@ def test_compiled_training_step_matches_eager(name):
 
 
 def _all_op_calls(names):
-    from test_ops_validation import VALID
+    from tests.ops.test_ops_validation import VALID
 
     def run(argsets):
         outs = []
@@ -226,7 +226,7 @@ def test_every_fused_op_compiles_in_one_graph_through_aot_autograd():
     """Every torch.ops.natasha op, called directly, traces with its fake kernel into ONE graph
     (fullgraph=True) and survives AOTAutograd's functionalization of the in-place lists
     (backend aot_eager); the compiled results equal eager."""
-    from test_ops_validation import VALID
+    from tests.ops.test_ops_validation import VALID
 
     _compare_op_runs(list(VALID), "aot_eager")
 

@@ -1,4 +1,4 @@
-"""torch.optim conformity of every optimizer in tests/optimizer_zoo.py: param groups, frozen and
+"""torch.optim conformity of every optimizer in tests/suites/optimizer_zoo.py: param groups, frozen and
 unused parameters, zero_grad, bit-identical checkpoint resume through torch.save /
 torch.load(weights_only=True) into a fresh model and optimizer, LR schedulers, deepcopy, pickle,
 fused=True/None/False, and bad input (hyperparameters, sparse gradients, complex parameters,
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from natasha_ext import _backend, ops
-from optimizer_zoo import ZOO, Problem, case_params, flat_params, state_tensors
+from tests.suites.optimizer_zoo import ZOO, Problem, case_params, flat_params, state_tensors
 
 
 def roundtrip(obj):

@@ -7,7 +7,6 @@ bit-identical to each other, and equal to the single-process run to fp64 round-o
 averages are summed in another order)."""
 import os
 import socket
-import sys
 import tempfile
 
 import pytest
@@ -15,11 +14,10 @@ import torch
 import torch.distributed as dist
 
 from natasha_ext import distributed
-from optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, flat_params
+from tests.suites.optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, flat_params
 
 STEPS = 5
 WORLD = 2
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # cases where 2 ranks cannot equal 1 process, with the reason (see Case.distributed)
 NOT_EQUIVALENT = {c.name: c.distributed for c in ZOO if c.distributed is not True}
@@ -46,13 +44,11 @@ def _takes_process_group(case) -> bool:
 def _worker(rank, world, port, out_dir, names):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
     import warnings
 
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from optimizer_zoo import ZOO_BY_NAME as zoo, Problem as P, flat_params as flat
+    from tests.suites.optimizer_zoo import ZOO_BY_NAME as zoo, Problem as P, flat_params as flat
 
     calls = {"all_reduce": 0, "broadcast": 0}
     real_all_reduce = dist.all_reduce

