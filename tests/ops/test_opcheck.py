@@ -4,8 +4,8 @@ real one), the autograd registration (inputs that require grad) and AOT dispatch
 through AOTAutograd, static and dynamic shapes).
 
 The ops are enumerated from the dispatcher, so a new op without a sample fails here; each sample
-lists the op's arguments in schema order and is bound to the live schema (keyword-only
-arguments passed by name)."""
+names the op's arguments and is bound to the live schema (positional or keyword-only), so a
+schema that moves or makes an argument keyword-only needs no edit here."""
 import pytest
 import torch
 
@@ -42,41 +42,51 @@ class Inputs:
 
 
 def _layers(m):
-    """K-FAC layers (out, in): gradients, and for rank-2 SMW the factor rows."""
+    """Two K-FAC layers' gradients (out x in)."""
     return [m.t(3, 4), m.t(2, 5)]
 
 
-# op name -> samples, each a function Inputs -> the op's arguments in schema order.
+def _adahessian(m, mode):
+    """curv_mode 1: Hz of the probe at (seed, offset); 2: a diagonal; 0: no new curvature."""
+    curv = {1: lambda: m.vec(), 2: lambda: m.state(True), 0: lambda: []}[mode]()
+    return dict(params=m.vec(), grads=m.vec(), exp_avg=m.state(), exp_hess_sq=m.state(True), curv=curv,
+                group_sizes=[1, 2, 1], curv_mode=mode, abs_first=mode != 2, seed=4, offset=1, lr=0.1, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.01, hessian_power=0.5 if mode == 2 else 1.0,
+                bias_correction1=0.1, bias_correction2=0.001)
+
+
+# op name -> samples, each a function Inputs -> the op's arguments by schema name (bound to the
+# live schema: positional or keyword-only, in its order).
 # Issue 15 item 7 renames svrg_step -> svrg_step_, oja_step -> oja_step_ and adahessian_step ->
 # adahessian_step_ (the Python wrappers keep their names): rename these keys with the schema.
 SAMPLES = {
-    "rademacher_": [lambda m: (m.vec(), 3, 7)],
-    "global_norm": [lambda m: (m.vec(),)],
-    "svrg_step": [  # plain SGD step; variance reduced with the proximal centre and a finalize
-        lambda m: (m.vec(), m.vec(), None, None, m.state(), m.state(), 0.1, 0.2, 0, None, 1.0, 0.0),
-        lambda m: (m.vec(), m.vec(), m.vec(), m.state(), m.state(), m.state(), 0.1, 0.2, 3, m.state(), 1.5, 0.5),
+    "rademacher_": [lambda m: dict(tensors=m.vec(), seed=3, offset=7)],
+    "global_norm": [lambda m: dict(tensors=m.vec())],
+    "svrg_step": [  # a plain SGD step; variance reduced, with the proximal centre and a finalize
+        lambda m: dict(params=m.vec(), grads=m.vec(), snapshot_grads=None, mu=None, anchor=m.state(),
+                       avg_sum=m.state(), center=None, lr=0.1, reg=0.2, finalize=0, prox_L=1.0, prox_radius=0.0),
+        lambda m: dict(params=m.vec(), grads=m.vec(), snapshot_grads=m.vec(), mu=m.state(), anchor=m.state(),
+                       avg_sum=m.state(), center=m.state(), lr=0.1, reg=0.2, finalize=3, prox_L=1.5, prox_radius=0.5),
     ],
-    "oja_step": [lambda m: (m.state(), m.state(), torch.tensor(0.5, device=m.device, dtype=m.acc), 0.1)],
-    "hutchinson_diag_": [lambda m: (m.state(), m.vec(), 5, 2, 0.5, False),
-                         lambda m: (m.state(), m.vec(), 5, 2, 0.5, True)],
-    "adahessian_step": [  # curv_mode 1 (Hz from a probe, seeded), 2 (a diagonal), 0 (no new curvature)
-        lambda m: (m.vec(), m.vec(), m.state(), m.state(True), m.vec(), [1, 2, 1], 1, True, 4, 1,
-                   0.1, 0.9, 0.999, 1e-8, 0.01, 1.0, 0.1, 0.001),
-        lambda m: (m.vec(), m.vec(), m.state(), m.state(True), m.state(True), [1, 1, 1], 2, False, 0, 0,
-                   0.1, 0.9, 0.999, 1e-8, 0.0, 0.5, 0.1, 0.001),
-        lambda m: (m.vec(), m.vec(), m.state(), m.state(True), [], [1, 1, 1], 0, True, 0, 0,
-                   0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, 0.1, 0.001),
-    ],
-    "kfac_factor_ema_": [lambda m: ([m.spd(4), m.spd(3)], [m.t(6, 4), m.t(6, 3)], [1.0, 0.5], 0.9)],
-    "kfac_precondition": [lambda m: (_layers(m), [m.spd(3), m.spd(2)], [m.spd(4), m.spd(5)])],
-    "kfac_smw_apply": [lambda m: (_layers(m), [m.t(2, 4), m.t(2, 5)], [m.t(2, 3), m.t(2, 2)], [0.1, 0.2])],
-    "ang_combine_": [lambda m, lam=lam, per_layer=per_layer: (
-        _layers(m), _layers(m), m.t(2, 3, dtype=m.acc).abs() + 0.1, torch.tensor(0.7, device=m.device, dtype=m.acc),
-        lam, per_layer) for lam, per_layer in ((0.5, False), (0.3, True))],
-    "tr_cg_init_": [lambda m, mode=mode: (m.state(True), m.state(), m.state(), m.state(), m.state(), m.vec(),
-                                          0.9, 1e-8, mode) for mode in (0, 1, 2)],
-    "cg_dots": [lambda m: (m.state(), m.state(), m.state(), m.state(True))],
-    "cg_step_": [lambda m: (m.state(), m.state(), m.state(), m.state(), m.state(True), 0.1, 0.2)],
+    "oja_step": [lambda m: dict(v=m.state(), hv=m.state(), scale=torch.tensor(0.5, device=m.device, dtype=m.acc),
+                                eta=0.1)],
+    "hutchinson_diag_": [lambda m, acc=acc: dict(diag=m.state(), hz=m.vec(), seed=5, offset=2, alpha=0.5, accumulate=acc)
+                         for acc in (False, True)],
+    "adahessian_step": [lambda m, mode=mode: _adahessian(m, mode) for mode in (1, 2, 0)],
+    "kfac_factor_ema_": [lambda m: dict(factors=[m.spd(4), m.spd(3)], rows=[m.t(6, 4), m.t(6, 3)], scales=[1.0, 0.5],
+                                        decay=0.9)],
+    "kfac_precondition": [lambda m: dict(grads=_layers(m), g_inv=[m.spd(3), m.spd(2)], a_inv=[m.spd(4), m.spd(5)])],
+    "kfac_smw_apply": [lambda m: dict(grads=_layers(m), ya=[m.t(2, 4), m.t(2, 5)], yg=[m.t(2, 3), m.t(2, 2)],
+                                      damping=[0.1, 0.2])],
+    "ang_combine_": [lambda m, lam=lam, per_layer=per_layer: dict(
+        nat=_layers(m), grads=_layers(m), reductions=m.t(2, 3, dtype=m.acc).abs() + 0.1,
+        scale=torch.tensor(0.7, device=m.device, dtype=m.acc), lam=lam, per_layer=per_layer)
+        for lam, per_layer in ((0.5, False), (0.3, True))],
+    "tr_cg_init_": [lambda m, mode=mode: dict(v=m.state(True), a=m.state(), s=m.state(), r=m.state(), p=m.state(),
+                                              grads=m.vec(), beta=0.9, eps=1e-8, norm_mode=mode) for mode in (0, 1, 2)],
+    "cg_dots": [lambda m: dict(p=m.state(), Bp=m.state(), r=m.state(), a=m.state(True))],
+    "cg_step_": [lambda m: dict(s=m.state(), r=m.state(), p=m.state(), Bp=m.state(), a=m.state(True), alpha=0.1,
+                                beta=0.2)],
 }
 
 # Ops whose autograd registration opcheck rejects (strict xfail: fixing one makes its test fail
@@ -101,11 +111,12 @@ def _overload(name):
 
 
 def _bind(op, values):
-    """Positional arguments and keyword-only ones by name, from the schema."""
+    """Positional arguments in schema order, keyword-only ones by name."""
     schema = op._schema.arguments
-    assert len(values) == len(schema), f"{op}: sample has {len(values)} arguments, schema {len(schema)}"
-    args = tuple(v for a, v in zip(schema, values) if not a.kwarg_only)
-    kwargs = {a.name: v for a, v in zip(schema, values) if a.kwarg_only}
+    names = [a.name for a in schema]
+    assert sorted(values) == sorted(names), f"{op}: sample arguments {sorted(values)}, schema {names}"
+    args = tuple(values[a.name] for a in schema if not a.kwarg_only)
+    kwargs = {a.name: values[a.name] for a in schema if a.kwarg_only}
     return args, kwargs
 
 
@@ -114,11 +125,9 @@ def _requiring_grad(op, values):
     def leaf(x):
         return x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-    out = []
-    for a, v in zip(op._schema.arguments, values):
-        written = a.alias_info is not None and a.alias_info.is_write
-        out.append(v if written else [leaf(x) for x in v] if isinstance(v, list) else leaf(v))
-    return tuple(out)
+    written = {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    return {k: v if k in written else [leaf(x) for x in v] if isinstance(v, list) else leaf(v)
+            for k, v in values.items()}
 
 
 def test_every_registered_op_has_a_sample():
