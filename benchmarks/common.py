@@ -39,6 +39,8 @@ def model_shapes(spec: str) -> List[tuple]:
     if match is None:
         raise ValueError(f"model spec {spec!r}: expected a torchvision model name, optionally sliced as name[a:b]")
     name, lo, hi = match.groups()
+    if not callable(getattr(torchvision.models, name, None)):
+        raise ValueError(f"model spec {spec!r}: torchvision.models has no model {name!r}")
     shapes = [tuple(p.shape) for p in getattr(torchvision.models, name)().parameters()]
     if lo is None:
         return shapes

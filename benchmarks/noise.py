@@ -42,7 +42,8 @@ def flag_noise(copy_figures: Dict[str, Tuple[float, float]], rows: List[Dict],
                            f"({100 * drift:.0f} % > {100 * drift_tol:.0f} %)")
     for r in rows:
         r["noisy"] = bool(r["spread"] > spread_tol)  # NaN compares False
-        if r["noisy"]:
-            reasons.append(f"{r['device']} {r['model']} {r['op']}/{r['variant']}: spread "
-                           f"{100 * r['spread']:.0f} % > {100 * spread_tol:.0f} %")
+    wide = [f"{r['op']}/{r['variant']}" for r in rows if r["noisy"]]
+    if wide:
+        reasons.append(f"{len(wide)} of {len(rows)} rows spread (max - min) / median > {100 * spread_tol:.0f} %: "
+                       + ", ".join(wide[:6]) + (", ..." if len(wide) > 6 else ""))
     return bool(reasons), reasons

@@ -9,8 +9,8 @@ Writes results/benchmarks/{ops,hvp}.{json,csv}, ops_speedup.png, ops_bandwidth.p
 summary.md (the markdown the README embeds).
 
 How the op rows are timed (benchmarks.rounds, benchmarks.variants, benchmarks.noise): for each
-(device, parameter list, op), every variant is set up and called twice (compilation, lazy state
-and warm temporaries happen there, never in a sample); then ``--rounds`` rounds each time every
+(device, parameter list, op), every variant is set up and called twice before its first sample
+(compilation, lazy state and warm temporaries happen there); then ``--rounds`` rounds each time every
 variant once, in an order rotated per round, and a row reports the min / median / max of its
 rounds. The op's headline is the fused row against best_unfused, the fastest (by median) of its
 foreach-warm, foreach-cold and compiled rows. GB/s counts each op's minimal traffic per
@@ -50,11 +50,10 @@ def collect_groups(only=None):
     groups = defaultdict(list)
     for name in MODULES:
         for case in importlib.import_module(name).cases():
-            if not only or case.op in only or case.op in ALWAYS:
-                groups[case.op].append(case)
+            groups[case.op].append(case)
     if only and not set(only) <= set(groups):
         raise ValueError(f"--ops: unknown op(s) {sorted(set(only) - set(groups))}; known: {sorted(groups)}")
-    return dict(groups)
+    return {op: cases for op, cases in groups.items() if not only or op in only or op in ALWAYS}
 
 
 def _error(exc):
@@ -67,8 +66,10 @@ def time_op(device, cases, ts, rounds, sample_s):
     for case in cases:
         try:
             fn = case.setup([t.clone() for t in ts])
-            fn()  # compiles the compiled row, allocates lazy state and the warm temporaries
-            fn()
+            fn()  # compiles the compiled row, allocates lazy state and the warm temporaries;
+            # interleaved() makes the second call (its calibration) before any sample
+            if device == "cuda":
+                torch.cuda.synchronize()  # an asynchronous error belongs to this row
             fns[case.variant] = fn
         except Exception as exc:  # a peer not installed, a path not built, a form that does not compile
             errors[case.variant] = _error(exc)
@@ -190,6 +191,8 @@ def plot(rows, out_dir):
     for kind, name in (("speedup", "ops_speedup.png"), ("bandwidth", "ops_bandwidth.png")):
         fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.8 * len(groups)), squeeze=False)
         for ax, ((device, model), rs) in zip(axes[:, 0], sorted(groups.items())):
+            if kind == "bandwidth":  # per-layer rows (0 B/param) have no GB/s
+                rs = [r for r in rs if r["bytes_per_param"]]
             x = range(len(rs))
             hatch = ["//" if r["noisy"] or best[(device, model, r["op"])]["noisy"] else "" for r in rs]
             if kind == "speedup":
@@ -207,7 +210,10 @@ def plot(rows, out_dir):
                 ax.set_xticks(x, [f"{r['op']}\n({r['bytes_per_param']} B/param)" for r in rs], fontsize=7,
                               rotation=60, ha="right")
                 ax.set_ylabel("% of copy bandwidth")
-                ax.axhline(100.0, color="k", lw=0.5)
+                ax.axhline(100.0, color="k", lw=0.5, label="copy")
+                adam = [r["pct_of_copy"] for r in rs if r["op"] == "adam (torch.optim)"]
+                if adam:
+                    ax.axhline(adam[0], color="tab:blue", lw=0.8, ls="--", label="torch fused Adam")
                 ax.legend(fontsize=7)
             info = machine_info(device)
             ax.set_title(f"{device} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), {model} parameter "
@@ -306,6 +312,8 @@ def main(argv=None):
     ap.add_argument("--models", default=None,
                     help="comma list of torchvision models for the shapes (sliceable: resnet18[-16:])")
     ap.add_argument("--ops", default=None, help="comma list of ops to run (default: all; torch Adam's rows always)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the whole run (default: torch's own choice)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per row (default 7; 3 with --quick)")
     ap.add_argument("--hvp", action="store_true", help="also benchmark the HVP engines (LeNet-5, ResNet-18)")
     ap.add_argument("--e2e", action="store_true", help="also time a training step of every optimizer")
@@ -320,6 +328,10 @@ def main(argv=None):
         devices = [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     if rounds < 1:
         ap.error(f"--rounds must be >= 1, got {rounds}")

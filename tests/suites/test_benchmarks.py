@@ -24,7 +24,7 @@ def test_noise_flags_fire_above_the_thresholds_and_not_below():
     rows = [_row(0.26, "wide"), _row(0.24, "narrow"), _row(float("nan"), "error")]
     noisy, reasons = flag_noise({"cpu a": (10.0, 11.4)}, rows)  # drift 14 %, a row at 26 %
     assert noisy and [r["noisy"] for r in rows] == [True, False, False]
-    assert len(reasons) == 1 and "wide" in reasons[0]
+    assert len(reasons) == 1 and reasons[0].startswith("1 of 3 rows") and "op/wide" in reasons[0]
     noisy, reasons = flag_noise({"cpu a": (10.0, 11.6)}, [_row(0.24)])  # drift 16 %, rows fine
     assert noisy and len(reasons) == 1 and "copy bandwidth cpu a" in reasons[0]
     noisy, reasons = flag_noise({"cpu a": (11.4, 10.0), "cpu b": (5.0, 5.0)}, [_row(0.24), _row(0.0)])
