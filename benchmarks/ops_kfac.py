@@ -112,11 +112,13 @@ def ang_combine_foreach(nat, mats, red, scale, lam, temps=COLD):
     torch._foreach_add_(nat, temps.new("mul", mats, c[0, 1]))
 
 
-def _with_compiled(op, setup, **kwargs):
-    """fused, reference and compiled (of the reference) rows of a per-layer op, then its floor."""
-    return [Case(op, "fused", 0, setup("fused"), role="fused", **kwargs),
-            Case(op, "reference", 0, setup("reference"), role="baseline", **kwargs),
-            compiled_case(op, 0, setup("reference"), **kwargs)]
+def _with_compiled(op, setup, floor, **kwargs):
+    """fused, reference and compiled (of the reference) rows of a per-layer op, and its
+    matmul-floor row when ``floor``; setup(variant) -> the row's set-up."""
+    return ([Case(op, "fused", 0, setup("fused"), role="fused", **kwargs),
+             Case(op, "reference", 0, setup("reference"), role="baseline", **kwargs),
+             compiled_case(op, 0, setup("reference"), **kwargs)]
+            + ([Case(op, "matmul-floor", 0, setup("matmul-floor"), **kwargs)] if floor else []))
 
 
 def cases():
@@ -124,17 +126,14 @@ def cases():
     for dev, sizes in SIZES.items():
         for o, i in sizes:
             tag = f"[{o}x{i}]"
-            out += _with_compiled(f"kfac_factor_ema{tag}", lambda v, o=o, i=i: _ema(o, i, v), devices=(dev,))
-            out.append(Case(f"kfac_factor_ema{tag}", "matmul-floor", 0, _ema(o, i, "matmul-floor"), devices=(dev,)))
+            out += _with_compiled(f"kfac_factor_ema{tag}", lambda v, o=o, i=i: _ema(o, i, v), True, devices=(dev,))
             out += [Case(f"kfac_inverse{tag}", v, 0, _inverse(o, i, v), devices=(dev,),
                          note="K-FAC refresh (both factors) vs IFANG's whole SMW apply")
                     for v in ("cholesky", "eigh", "smw-rank1", "smw-rank8")]
-            out += _with_compiled(f"kfac_precondition{tag}", lambda v, o=o, i=i: _precondition(o, i, v),
+            out += _with_compiled(f"kfac_precondition{tag}", lambda v, o=o, i=i: _precondition(o, i, v), True,
                                   devices=(dev,))
-            out.append(Case(f"kfac_precondition{tag}", "matmul-floor", 0, _precondition(o, i, "matmul-floor"),
-                            devices=(dev,)))
             for r in (1, 8):
-                out += _with_compiled(f"kfac_smw_r{r}{tag}", lambda v, o=o, i=i, r=r: _smw(o, i, r, v),
+                out += _with_compiled(f"kfac_smw_r{r}{tag}", lambda v, o=o, i=i, r=r: _smw(o, i, r, v), False,
                                       devices=(dev,))
     out += op_cases("ang_combine", 12, _combine_inputs,
                     fused=lambda d: ops.ang_combine_(d["nat"], d["mats"], d["red"], d["scale"], 0.3, False,

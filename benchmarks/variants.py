@@ -3,7 +3,8 @@
 fused         the op's kernel.
 foreach-cold  the foreach form as eager PyTorch code runs it: every temporary it creates with
               torch._foreach_OP(a, ...) is a fresh allocation on each call (on CPU the pages of a
-              large one are faulted in anew, since the allocator hands big blocks back to the OS).
+              large one are faulted in anew, since the allocator hands big blocks back to the OS;
+              on CUDA torch's caching allocator reuses its blocks, so cold pays only bookkeeping).
 foreach-warm  the same form with every temporary allocated once, on the first (warm-up) call,
               and reused: it is filled by torch._foreach_copy_(buf, a) and the in-place
               torch._foreach_OP_(buf, ...). No allocation happens inside the timed call, at the
