@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -12,10 +13,12 @@ import torch
 class Case:
     """One row: time ``setup(tensors)()`` for a parameter-shaped tensor list.
 
-    op: the op's name; variant: 'fused', 'foreach', 'per-tensor' or a peer's name;
-    bytes_per_param: minimal memory traffic per parameter element (for GB/s);
+    op: the op's name; variant: 'fused', 'foreach-warm', 'foreach-cold', 'compiled', 'per-tensor'
+    or a peer's name; bytes_per_param: minimal memory traffic per parameter element (for GB/s);
     setup: builds inputs from a list of parameter-shaped fp32 tensors and returns the function
-    to time (it must not allocate the inputs inside the timed function).
+    to time (it must not allocate the inputs inside the timed function);
+    role: 'fused' (the row the op's speed-up is about), 'baseline' (an unfused form a user could
+    write instead: the fastest of these is the op's best_unfused) or 'other' (shown, not compared).
     """
     op: str
     variant: str
@@ -23,14 +26,25 @@ class Case:
     setup: Callable[[List[torch.Tensor]], Callable[[], object]]
     devices: tuple = ("cpu", "cuda")
     note: str = ""
+    role: str = "other"
 
 
-def model_shapes(name: str) -> List[tuple]:
-    """Parameter shapes of a torchvision model (resnet18: 62 tensors/11.7 M, resnet50: 161/25.6 M)."""
+def model_shapes(spec: str) -> List[tuple]:
+    """Parameter shapes of a torchvision model (resnet18: 62 tensors/11.7 M, resnet50: 161/25.6 M),
+    optionally sliced like a Python list: 'resnet18[-16:]' is its last 16 tensors (7.7 M: layer4
+    and the classifier, the list --quick uses so that compiling each op's foreach form stays short)."""
     import torchvision
 
-    model = getattr(torchvision.models, name)()
-    return [tuple(p.shape) for p in model.parameters()]
+    match = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", spec)
+    if match is None:
+        raise ValueError(f"model spec {spec!r}: expected a torchvision model name, optionally sliced as name[a:b]")
+    name, lo, hi = match.groups()
+    if not callable(getattr(torchvision.models, name, None)):
+        raise ValueError(f"model spec {spec!r}: torchvision.models has no model {name!r}")
+    shapes = [tuple(p.shape) for p in getattr(torchvision.models, name)().parameters()]
+    if lo is None:
+        return shapes
+    return shapes[int(lo) if lo else None:int(hi) if hi else None]
 
 
 def make_params(shapes, device, dtype=torch.float32, seed=0) -> List[torch.Tensor]:
@@ -59,14 +73,6 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.5) -> flo
     fn()
     return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_time).median
-
-
-def copy_bandwidth(device: str, numel: int, min_time: float = 0.5) -> float:
-    """GB/s of a device-to-device copy (read + write) of ``numel`` fp32 elements."""
-    x = torch.randn(numel, device=device)
-    y = torch.empty_like(x)
-    t = time_fn(lambda: y.copy_(x), device, min_time)
-    return 8 * numel / t / 1e9
 
 
 def machine_info(device: str) -> Dict[str, object]:

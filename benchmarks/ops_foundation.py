@@ -1,33 +1,31 @@
-"""Rows for the foundation ops: rademacher_ and global_norm."""
+"""Rows for the foundation ops: rademacher_ and global_norm.
+
+rademacher_ has no foreach form: its unfused baseline is torch's own generator
+(bernoulli_, not counter-based, not reproducible across devices) eager and compiled.
+global_norm's foreach form (torch._foreach_norm) makes no list-sized temporaries, so its warm
+and cold rows run the same code.
+"""
 import torch
 
 from benchmarks.common import Case
+from benchmarks.variants import compiled_case, op_cases
 from natasha_ext import ops
 from natasha_ext.ops import reference
 
-
-def _rademacher(variant):
-    def setup(ts):
-        if variant == "fused":
-            return lambda: ops.rademacher_(ts, 1234, 0, fused=True)
-        if variant == "per-tensor":
-            return lambda: reference.rademacher_(ts, 1234, 0)
-        # torch's own generator (not counter-based, not reproducible across devices): a peer
-        return lambda: [t.bernoulli_(0.5).mul_(2).sub_(1) for t in ts]
-    return setup
+SEED = 1234
 
 
-def _global_norm(variant):
-    def setup(ts):
-        if variant == "fused":
-            return lambda: ops.global_norm(ts, fused=True)
-        if variant == "foreach":
-            return lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts)))
-        return lambda: reference.global_norm(ts)
-    return setup
+def _bernoulli(ts):
+    return lambda: [t.bernoulli_(0.5).mul_(2).sub_(1) for t in ts]
 
 
 def cases():
-    out = [Case("rademacher_", v, 4, _rademacher(v)) for v in ("fused", "per-tensor", "torch-bernoulli")]
-    out += [Case("global_norm", v, 4, _global_norm(v)) for v in ("fused", "foreach", "per-tensor")]
+    out = [Case("rademacher_", "fused", 4, lambda ts: lambda: ops.rademacher_(ts, SEED, 0, fused=True), role="fused"),
+           Case("rademacher_", "torch-bernoulli", 4, _bernoulli, role="baseline"),
+           compiled_case("rademacher_", 4, _bernoulli),
+           Case("rademacher_", "per-tensor", 4, lambda ts: lambda: reference.rademacher_(ts, SEED, 0))]
+    out += op_cases("global_norm", 4, lambda ts: ts,
+                    fused=lambda ts: ops.global_norm(ts, fused=True),
+                    form=lambda ts, temps: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts))),
+                    reference=reference.global_norm)
     return out

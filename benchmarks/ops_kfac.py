@@ -9,13 +9,16 @@
 * kfac_precondition[OxI]: U = G^-1 T A^-1 with the ANG reductions: fused vs reference.
 * kfac_smw_r1[OxI], kfac_smw_r8[OxI]: SMW apply with the reductions: fused vs reference.
 * ang_combine: the slerp combine over the whole model's parameter list (as matrices): fused vs
-  reference.
+  its foreach form (warm, cold, compiled) vs the per-tensor reference.
+Every per-layer row with a fused kernel also has a 'compiled' row: torch.compile of its reference
+(benchmarks.variants.compiled_case); the op's best_unfused is the faster of reference and compiled.
 CPU rows use smaller layers than CUDA rows (a 4608 x 4608 eigh takes minutes on two cores).
 bytes_per_param is 0 for the per-layer rows (their size is not the model's parameter count).
 """
 import torch
 
 from benchmarks.common import Case
+from benchmarks.variants import COLD, compiled_case, op_cases
 from natasha_ext import ops
 from natasha_ext.ops import reference
 
@@ -96,22 +99,26 @@ def _smw(o, i, rank, variant):
     return setup
 
 
-def _combine(variant):
-    def setup(ts):
-        mats = [t.reshape(t.shape[0], -1) for t in ts]
-        nat = [m * 0.5 + 0.1 for m in mats]
-        red = reference._kfac_reductions(mats, nat, torch.float32, _dev(ts))
-        scale = torch.tensor(0.9, device=_dev(ts))
-        if variant == "fused":
-            return lambda: ops.ang_combine_(nat, mats, red, scale, 0.3, False, fused=True)
-        if variant == "foreach":
-            def f():
-                c = reference.ang_coefficients(red, 0.3, False).to(torch.float32) * scale
-                torch._foreach_mul_(nat, c[0, 0])
-                torch._foreach_add_(nat, torch._foreach_mul(mats, c[0, 1]))
-            return f
-        return lambda: reference.ang_combine_(nat, mats, red, scale, 0.3, False)
-    return setup
+def _combine_inputs(ts):
+    mats = [t.reshape(t.shape[0], -1) for t in ts]
+    nat = [m * 0.5 + 0.1 for m in mats]
+    return dict(nat=nat, mats=mats, red=reference._kfac_reductions(mats, nat, torch.float32, _dev(ts)),
+                scale=torch.tensor(0.9, device=_dev(ts)))
+
+
+def ang_combine_foreach(nat, mats, red, scale, lam, temps=COLD):
+    c = reference.ang_coefficients(red, lam, False).to(torch.float32) * scale
+    torch._foreach_mul_(nat, c[0, 0])
+    torch._foreach_add_(nat, temps.new("mul", mats, c[0, 1]))
+
+
+def _with_compiled(op, setup, floor, **kwargs):
+    """fused, reference and compiled (of the reference) rows of a per-layer op, and its
+    matmul-floor row when ``floor``; setup(variant) -> the row's set-up."""
+    return ([Case(op, "fused", 0, setup("fused"), role="fused", **kwargs),
+             Case(op, "reference", 0, setup("reference"), role="baseline", **kwargs),
+             compiled_case(op, 0, setup("reference"), **kwargs)]
+            + ([Case(op, "matmul-floor", 0, setup("matmul-floor"), **kwargs)] if floor else []))
 
 
 def cases():
@@ -119,15 +126,19 @@ def cases():
     for dev, sizes in SIZES.items():
         for o, i in sizes:
             tag = f"[{o}x{i}]"
-            out += [Case(f"kfac_factor_ema{tag}", v, 0, _ema(o, i, v), devices=(dev,))
-                    for v in ("fused", "reference", "matmul-floor")]
+            out += _with_compiled(f"kfac_factor_ema{tag}", lambda v, o=o, i=i: _ema(o, i, v), True, devices=(dev,))
             out += [Case(f"kfac_inverse{tag}", v, 0, _inverse(o, i, v), devices=(dev,),
                          note="K-FAC refresh (both factors) vs IFANG's whole SMW apply")
                     for v in ("cholesky", "eigh", "smw-rank1", "smw-rank8")]
-            out += [Case(f"kfac_precondition{tag}", v, 0, _precondition(o, i, v), devices=(dev,))
-                    for v in ("fused", "reference", "matmul-floor")]
+            out += _with_compiled(f"kfac_precondition{tag}", lambda v, o=o, i=i: _precondition(o, i, v), True,
+                                  devices=(dev,))
             for r in (1, 8):
-                out += [Case(f"kfac_smw_r{r}{tag}", v, 0, _smw(o, i, r, v), devices=(dev,))
-                        for v in ("fused", "reference")]
-    out += [Case("ang_combine", v, 12, _combine(v)) for v in ("fused", "foreach", "reference")]
+                out += _with_compiled(f"kfac_smw_r{r}{tag}", lambda v, o=o, i=i, r=r: _smw(o, i, r, v), False,
+                                      devices=(dev,))
+    out += op_cases("ang_combine", 12, _combine_inputs,
+                    fused=lambda d: ops.ang_combine_(d["nat"], d["mats"], d["red"], d["scale"], 0.3, False,
+                                                     fused=True),
+                    form=lambda d, t: ang_combine_foreach(d["nat"], d["mats"], d["red"], d["scale"], 0.3, t),
+                    reference=lambda d: reference.ang_combine_(d["nat"], d["mats"], d["red"], d["scale"], 0.3,
+                                                               False))
     return out

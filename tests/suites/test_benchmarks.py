@@ -1,0 +1,101 @@
+"""The benchmark machinery (benchmarks/): interleaved rounds, the row set every op gets (fused,
+foreach warm/cold, compiled, per-tensor), best_unfused, and the noise flags."""
+import math
+
+import pytest
+import torch
+
+from benchmarks.common import Case
+from benchmarks.noise import flag_noise, summarize
+from benchmarks.ops_natasha import svrg_foreach
+from benchmarks.rounds import interleaved
+from benchmarks.run import run_ops, time_op
+from benchmarks.variants import Temps, compiled_case
+from natasha_ext import ops
+
+TINY = {"tiny": [(6, 5), (7,), (3, 2, 3, 3)]}
+
+
+def _row(spread, variant="v"):
+    return {"device": "cpu", "model": "tiny", "op": "op", "variant": variant, "spread": spread}
+
+
+def test_noise_flags_fire_above_the_thresholds_and_not_below():
+    rows = [_row(0.26, "wide"), _row(0.24, "narrow"), _row(float("nan"), "error")]
+    noisy, reasons = flag_noise({"cpu a": (10.0, 11.4)}, rows)  # drift 14 %, a row at 26 %
+    assert noisy and [r["noisy"] for r in rows] == [True, False, False]
+    assert len(reasons) == 1 and reasons[0].startswith("1 of 3 rows") and "op/wide" in reasons[0]
+    noisy, reasons = flag_noise({"cpu a": (10.0, 11.6)}, [_row(0.24)])  # drift 16 %, rows fine
+    assert noisy and len(reasons) == 1 and "copy bandwidth cpu a" in reasons[0]
+    noisy, reasons = flag_noise({"cpu a": (11.4, 10.0), "cpu b": (5.0, 5.0)}, [_row(0.24), _row(0.0)])
+    assert not noisy and reasons == []
+    # spread from planted samples: (1.3 - 1.0) / 1.1
+    st = summarize([1.1, 1.3, 1.0])
+    assert (st["min"], st["median"], st["max"]) == (1.0, 1.1, 1.3)
+    assert st["spread"] == pytest.approx(0.3 / 1.1)
+    assert flag_noise({}, [_row(st["spread"])])[0]
+    assert math.isnan(summarize([])["median"])
+
+
+def test_rounds_rotate_the_order_of_the_variants():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = interleaved(fns, "cpu", rounds=4, sample_s=0.0)  # one call per sample
+    assert calls[:3] == list("abc")  # calibration: one call each
+    assert calls[3:] == list("abc" "bca" "cab" "abc")
+    assert all(len(s) == 4 for s in samples.values())
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved(fns, "cpu", rounds=0, sample_s=0.0)
+
+
+def test_warm_foreach_form_reuses_its_temporaries_and_computes_what_the_cold_form_does():
+    gen = torch.Generator().manual_seed(3)
+    mk = lambda: [torch.randn(s, generator=gen) for s in TINY["tiny"]]
+    base = [mk() for _ in range(5)]
+    cold = [[t.clone() for t in ts] for ts in base] + [[torch.zeros(s) for s in TINY["tiny"]]]
+    warm = [[t.clone() for t in ts] for ts in base] + [[torch.zeros(s) for s in TINY["tiny"]]]
+    temps = Temps(warm=True)
+    run = temps.bind(lambda: svrg_foreach(*warm, 0.1, 0.7, temps))
+    for _ in range(3):
+        out_warm, out_cold = run(), svrg_foreach(*cold, 0.1, 0.7)
+        torch.testing.assert_close(out_warm, out_cold)
+    for a, b in zip(warm, cold):
+        torch.testing.assert_close(a, b)
+    assert len(temps._bufs) == 2  # d and x - a, allocated once over three calls
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
+def test_every_op_row_gets_compiled_warm_cold_and_a_best_unfused_headline():
+    rows, copy, noisy, reasons = run_ops(["cpu"], TINY, rounds=3, sample_s=0.001, only=["svrg_step"])
+    assert set(copy) == {"cpu tiny"} and all(f > 0 for f in copy["cpu tiny"])
+    svrg = {r["variant"]: r for r in rows if r["op"] == "svrg_step"}
+    assert list(svrg) == ["fused", "foreach-warm", "foreach-cold", "compiled", "per-tensor"]
+    adam = {r["variant"]: r for r in rows if r["op"] == "adam (torch.optim)"}
+    assert set(adam) == {"torch-fused", "torch-foreach"} and {r["bytes_per_param"] for r in adam.values()} == {28}
+    for r in rows:
+        assert isinstance(r["noisy"], bool) and r["run_noisy"] is noisy
+        if r["variant"] == "compiled" and r["error"]:
+            continue  # a form that does not compile is an error cell, not a crash
+        assert not r["error"], r
+        assert r["rounds"] == 3 and 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
+    assert svrg["compiled"]["error"] or svrg["compiled"]["ms"] > 0
+    timed = [v for v in ("foreach-warm", "foreach-cold", "compiled") if not svrg[v]["error"]]
+    best = min(timed, key=lambda v: svrg[v]["ms"])
+    fused = svrg["fused"]
+    assert fused["best_unfused"] == best
+    assert fused["speedup_vs_best_unfused"] == pytest.approx(svrg[best]["ms"] / fused["ms"])
+    assert fused["GBps"] == pytest.approx(32 * fused["params"] / fused["ms"] * 1e-6)
+    assert noisy == bool(reasons)
+
+
+def test_a_form_that_does_not_compile_is_an_error_cell():
+    def breaks(ts):
+        def call():
+            torch._dynamo.graph_break()
+            return torch._foreach_add(ts, 1.0)
+        return call
+
+    cases = [Case("op", "eager", 4, breaks, role="baseline"), compiled_case("op", 4, breaks)]
+    samples, errors = time_op("cpu", cases, [torch.ones(3)], rounds=2, sample_s=0.0)
+    assert len(samples["eager"]) == 2 and "compiled" not in samples
+    assert errors["compiled"]  # dynamo's fullgraph refusal, as text
