@@ -366,8 +366,9 @@ def defaults_table(markdown: bool = False) -> str:
                              f"={class_default(spec, flag_name)!r})", f.why))
     head = ("optimizer", "flag", "CLI default", "class default", "why")
     if markdown:
+        cell = lambda c: c.replace("|", "\\|")
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                         + ["| " + " | ".join(r) + " |" for r in rows])
+                         + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
     return "\n".join(f"  {o} {fl}={cli} (class: {cls}): {why}" for o, fl, cli, cls, why in rows)
 
 

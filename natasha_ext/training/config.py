@@ -99,7 +99,10 @@ class TrainConfig:
         if isinstance(self.optimizers, str):
             self.optimizers = [self.optimizers]
         if isinstance(self.seeds, (int, str)):
-            self.seeds = parse_seeds(str(self.seeds))
+            try:
+                self.seeds = parse_seeds(str(self.seeds))
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError("seeds", str(e)) from None
         self.optimizers = _optimizer_names(self.optimizers)
         self.seeds = list(self.seeds)
         self.model_args = dict(self.model_args)
@@ -158,9 +161,12 @@ class TrainConfig:
                                   f"{name} rejects {', '.join(f'{f}={self.hparams[f]!r}' for f in flags)}: {msg}")
 
     # ---------------------------------------------------------------------------- helpers
-    def with_hparams(self, **hparams) -> "TrainConfig":
-        """A copy with these hyperparameters added (e.g. one configuration of a paper's table)."""
-        return dataclasses.replace(self, hparams={**self.hparams, **hparams})
+    def for_optimizer(self, name: str, **hparams) -> "TrainConfig":
+        """The config of one run of optimizer ``name`` with these hyperparameters added (e.g. one
+        configuration of a paper's table); ``hparams`` of other optimizers are left out."""
+        spec = cli_optimizers.get_spec(name)
+        kept = {k: v for k, v in self.hparams.items() if k in spec.flags}
+        return dataclasses.replace(self, optimizers=[name], hparams={**kept, **hparams})
 
     def hyperparameters(self, name: str) -> Dict[str, Any]:
         """The hyperparameters optimizer ``name`` runs with: ``hparams``, else its defaults."""
@@ -172,7 +178,7 @@ class TrainConfig:
         that optimizer's hyperparameters, ``hparams`` last."""
         run = {k: v for k, v in vars(self).items() if k != "hparams"}
         hp = self.hyperparameters(name) if name is not None else {}
-        return SimpleNamespace(**run, **hp, **hparams, seed=seed)
+        return SimpleNamespace(**{**run, **hp, **hparams, "seed": seed})
 
     def build_model(self) -> torch.nn.Module:
         return models.get_model(self.model, in_channels=self.channels, image_size=self.image_size, num_classes=10,
