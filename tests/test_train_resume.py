@@ -126,6 +126,23 @@ def test_run_interrupted_then_resumed(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == len(ref["history"]) == 16
 
 
+def test_failed_run_keeps_the_finished_epochs(tmp_path, monkeypatch):
+    """An exception in a later run (here: seed 1) still leaves seed 0's rows and a summary."""
+    real = train_one.__globals__["make_optimizer"]
+
+    def failing(name, model, params=None, *, seed=0, **kw):
+        if seed == 1:
+            raise RuntimeError("boom")
+        return real(name, model, params, seed=seed, **kw)
+    monkeypatch.setitem(train_one.__globals__, "make_optimizer", failing)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="boom"):
+        run(TrainConfig(optimizers=["sgd"], **dict(TINY, seeds=[0, 1]), out=str(out)))
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["status"] == "failed" and [r["epoch"] for r in doc["history"]] == [0, 1, 2, 3]
+    assert doc["summary"][0]["seeds"] == 1
+
+
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     out = tmp_path / "run"
     run(TrainConfig(optimizers=["sgd"], **dict(TINY, epochs=1), out=str(out)))
@@ -170,6 +187,8 @@ def test_sigint_writes_finished_epochs_and_exits_130(tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
+    running = json.loads((out / "results.json").read_text())        # rewritten whole per epoch
+    assert running["status"] == "running" and len(running["history"]) >= 2
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

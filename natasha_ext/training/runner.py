@@ -4,7 +4,7 @@ The folder is created and proven writable before any data is loaded. Rows reach 
 epochs finish; results.json is rewritten per epoch; each (optimizer, seed) pair keeps a
 checkpoint (``checkpoints/``) so that ``run(config, resume=True)`` continues an interrupted
 run bit-identically. An interrupt (Ctrl-C) writes the summary of what finished and raises
-:class:`Interrupted`.
+:class:`Interrupted`; an error does the same (status "failed") and re-raises.
 """
 from __future__ import annotations
 
@@ -118,6 +118,10 @@ def run(config: TrainConfig, *, resume: bool = False) -> Dict[str, Any]:
         bar.close()
         _finish(files, "interrupted", task)
         raise Interrupted(out, len(files.rows)) from None
+    except Exception:                  # e.g. an optimizer's NonFiniteError: keep what finished, then raise
+        bar.close()
+        _finish(files, "failed", task)
+        raise
     bar.close()
     summary, table, paths = _finish(files, "finished", task)
     if config.plot:
