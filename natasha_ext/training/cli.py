@@ -43,13 +43,6 @@ def _model_arg(text: str) -> Tuple[str, Any]:
     return k.strip().replace("-", "_"), val
 
 
-def _seeds(text: str):
-    return parse_seeds(text)
-
-
-_seeds.__name__ = "seeds"          # argparse names the type in "invalid seeds value"
-
-
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults, except the optimizer flags' None (their help lists per-optimizer defaults)."""
 
@@ -88,7 +81,7 @@ def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentPar
     p.add_argument("--bootstrap", type=float, default=d.bootstrap, metavar="FRACTION",
                    help="each epoch, resample FRACTION x N training examples with replacement "
                         "(the Natasha report uses 0.1) instead of one pass over a permutation")
-    p.add_argument("--seeds", type=_seeds, default=d.seeds,
+    p.add_argument("--seeds", type=parse_seeds, default=d.seeds,
                    help="seeds of the initial weights and minibatch order: '0', '0,1,2' or '0-9'")
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")

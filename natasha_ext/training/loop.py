@@ -32,9 +32,8 @@ from natasha_ext.training.config import TrainConfig
 __all__ = ["make_optimizer", "hyperparameters", "evaluate", "EpochContext", "train_one", "loss_function"]
 
 
-def hyperparameters(config: TrainConfig, name: str) -> Dict[str, Any]:
-    """The hyperparameters optimizer ``name`` runs with under ``config``."""
-    return config.hyperparameters(name)
+#: ``hyperparameters(config, name)``: what optimizer ``name`` runs with under ``config``
+hyperparameters = TrainConfig.hyperparameters
 
 
 def make_optimizer(name: str, model: torch.nn.Module, params=None, *, seed: int = 0,

@@ -53,6 +53,8 @@ def _prepare(config: TrainConfig, out: Path, resume: bool) -> None:
     except OSError as e:
         raise ConfigError("out", f"cannot write results to {out}: {e.strerror or e}") from None
     if resume:
+        if not config.checkpoint:
+            raise ConfigError("resume", f"the run in {out} kept no checkpoints (--no-checkpoint): nothing to resume")
         diff = load_config(out).differences(config)
         if diff:
             raise ConfigError("resume", f"the run in {out} was made with other settings ({', '.join(diff)}); "
