@@ -133,7 +133,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[TrainCon
         try:
             saved = load_config(ns.resume)
         except (ConfigError, OSError, ValueError) as e:
-            parser.error(f"argument --resume: {e}")
+            parser.error(f"argument --resume: {getattr(e, 'message', e)}")
         return Command(dataclasses.replace(saved, **{k: getattr(ns, k) for k in RESUMABLE}), True)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(ns).items() if k in fields}
