@@ -87,7 +87,7 @@ def run_e2e(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
                     if name in cli_optimizers.OPTIMIZERS or name in VARIANTS:
                         base, over = VARIANTS.get(name, (name, {}))
                         spec = cli_optimizers.get_spec(base)
-                        args = train.parse_args([], optimizer=[base], device=device)
+                        args = train.TrainConfig(optimizers=[base], device=device, model=model_name)
                         hp = argparse.Namespace(**{**vars(args), **train.hyperparameters(args, base), **over, "seed": 0})
                         opt = spec.build(model, params, hp)
                         style = spec.closure

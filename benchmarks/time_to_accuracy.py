@@ -1,6 +1,6 @@
 """Time (and backpropagations) to a target training accuracy for every optimizer the CLI knows,
 on real MNIST with LeNet-5, through the same training program users run
-(``natasha_ext.train.run``). The accuracy is measured once per epoch, so the times are
+(``natasha_ext.training.run``). The accuracy is measured once per epoch, so the times are
 resolved to an epoch: "reached at epoch e" means the evaluation after epoch e was >= target.
 
 Each optimizer runs with its paper defaults; one learning rate for all would favour none, but the
@@ -16,18 +16,16 @@ import torch
 
 
 def run_tta(devices: Sequence[str], quick: bool, target: float = 0.90, out: str = "results/benchmarks") -> List[Dict]:
-    from natasha_ext import cli_optimizers, train
+    from natasha_ext.training import TrainConfig, run
 
     rows: List[Dict] = []
     for device in devices:
-        subset, epochs, seeds = ("2000/500/500", 4, "0") if quick else ("4000/1000/1000", 6, "0")
-        args = train.parse_args(
-            ["--model", "lenet5", "--dataset", "mnist", "--subset", subset, "--epochs", str(epochs),
-             "--batch-size", "50", "--seeds", seeds, "--no-progress", "--no-verbose", "--no-plot",
-             "--device", device, "--out", os.path.join(out, f"tta_{device}")],
-            optimizer=list(cli_optimizers.OPTIMIZERS))
-        history = train.run(args)["history"]
-        for name in args.optimizer:
+        subset, epochs = ("2000/500/500", 4) if quick else ("4000/1000/1000", 6)
+        args = TrainConfig(model="lenet5", dataset="mnist", subset=subset, epochs=epochs, batch_size=50, seeds=[0],
+                           optimizers=["all"], progress=False, verbose=False, plot=False, checkpoint=False,
+                           device=device, out=os.path.join(out, f"tta_{device}"))
+        history = run(args)["history"]
+        for name in args.optimizers:
             per_seed = []
             for seed in args.seeds:
                 hist = [r for r in history if r["optimizer"] == name and r["seed"] == seed]

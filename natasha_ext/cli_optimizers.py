@@ -1,58 +1,93 @@
-"""The optimizers the training program (``python -m natasha_ext.train``) knows: one entry each.
+"""The optimizers the training program (``python -m natasha_ext.train``) knows: one registry.
 
-Adding an optimizer is one entry in :data:`OPTIMIZERS`::
+Each entry of :data:`OPTIMIZERS` names an optimizer class and the constructor arguments the CLI
+exposes, one :class:`Flag` each::
 
     "adahessian": OptimizerSpec(
-        help="AdaHessian (Yao et al.); defaults: AdaHessian/Hybrid paper, Table I",
-        flags={"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "hessian_power": Flag(1.0, "Hessian power k")},
-        build=lambda model, params, a: AdaHessian(params, lr=a.lr, betas=(a.beta1, a.beta2),
-                                                  hessian_power=a.hessian_power, seed=a.seed),
-        closure="loss"),
+        cls=AdaHessian, closure="loss", help="AdaHessian (Yao et al. 2021) ...",
+        flags={"lr": Flag("learning rate", default=0.1, why="the AdaHessian/Hybrid paper's value"),
+               "beta1": Flag("first-moment decay", arg="betas", index=0), ...})
 
-* ``flags``: hyperparameter name -> default (or :class:`Flag` for help/type/choices). Each name
-  becomes ``--name`` (underscores -> dashes). A name shared by several optimizers (``lr``,
-  ``beta1`` ...) is one flag whose default depends on the optimizer chosen; a bool default gives
-  ``--name/--no-name``.
-* ``build(model, params, args)``: ``args`` is the parsed namespace with this optimizer's flags
-  resolved (plus ``seed``, ``device`` ...); ``model`` is there for optimizers that hook layers
-  (K-FAC).
-* ``closure``: ``"loss"`` — this package's second-order convention, ``step(closure)`` where
+* A flag's default is the class's own default, read from its constructor's signature. An entry
+  that wants another one states it *and why* (``default=..., why=...``); those differences are
+  the table :func:`defaults_table` prints (``--help`` shows it; ``python -m
+  natasha_ext.cli_optimizers`` prints it as markdown).
+* ``arg``/``index`` map a flag to its constructor argument (``--beta1`` -> ``betas[0]``,
+  ``--oja-eta`` -> ``eta``); ``none=0`` says that the CLI value 0 stands for the argument's
+  ``None`` ("none" / "the default rule").
+* The choices of string flags are the constants the optimizer modules export (``NORMS``,
+  ``CURVATURES``, ``HVP_METHODS``, ``LAMBDA_SCHEDULES``); every other value is checked by the
+  class itself: :func:`check_hyperparameters` builds the optimizer on a tiny probe model, so a
+  bad value is reported against its flag before any training starts.
+* A flag name shared by several optimizers (``lr``, ``beta1`` ...) is one flag whose default
+  depends on the optimizer chosen; a bool gives ``--name/--no-name``.
+* ``closure``: ``"loss"`` - this package's second-order convention, ``step(closure)`` where
   ``closure()`` returns the minibatch loss *without* calling backward (the optimizer
-  differentiates); ``"backward"`` — a ``torch.optim`` optimizer whose closure zeroes the grads,
+  differentiates); ``"backward"`` - a ``torch.optim`` optimizer whose closure zeroes the grads,
   calls ``backward()`` and returns the loss.
 * ``epoch_start`` / ``epoch_end``: optional hooks ``f(optimizer, ctx)`` (``ctx`` is the trainer's
-  :class:`~natasha_ext.train.EpochContext`: model, loss function, training tensors, metrics of
-  the epoch so far — e.g. the Hybrid switch reads ``ctx.metrics['val_loss']``, an SVRG method
-  computes its snapshot gradient from ``ctx.full_batches()``).
+  :class:`~natasha_ext.training.loop.EpochContext`: model, loss function, training tensors,
+  metrics of the epoch so far - the Hybrid switch reads ``ctx.metrics['val_loss']``).
 
-Only implemented optimizers are listed; the CLI's ``--optimizer`` choices are this dict's keys.
+The CLI's ``--optimizer`` choices are this dict's keys.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
-__all__ = ["Flag", "OptimizerSpec", "OPTIMIZERS", "get_spec", "flag_table", "flag_type"]
+from natasha_ext import data
+from natasha_ext.curvature.hvp import HVP_METHODS
+from natasha_ext.optim import ANG, ARC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
+from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
+from natasha_ext.optim.trust_region import CURVATURES, NORMS
+
+__all__ = ["Flag", "OptimizerSpec", "OPTIMIZERS", "get_spec", "flag_table", "flag_type", "class_default",
+           "defaults_table", "check_hyperparameters"]
+
+_CLASS = object()        # "the class's own default"
+_NONE = object()         # no CLI value stands for None
 
 
 @dataclass(frozen=True)
 class Flag:
-    """One hyperparameter flag: default, help text, optional type/choices (type defaults to the
-    default's type)."""
-    default: Any
+    """One hyperparameter flag of one optimizer.
+
+    help: the --help text; arg/index: the constructor argument (default: the flag's name) and,
+    for a tuple argument, the position in it; default/why: a CLI default other than the class's
+    and the reason; none: the CLI value meaning the argument's None; choices: allowed values;
+    type: the parser type (default: the default's type)."""
     help: str = ""
-    type: Optional[Callable[[str], Any]] = None
+    arg: Optional[str] = None
+    index: Optional[int] = None
+    default: Any = _CLASS
+    why: str = ""
+    none: Any = _NONE
     choices: Optional[Sequence[Any]] = None
+    type: Optional[Callable[[str], Any]] = None
+
+    def __post_init__(self):
+        if (self.default is _CLASS) != (not self.why):
+            raise ValueError("a Flag states a CLI default exactly when it says why it differs from the class's")
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    build: Callable[[torch.nn.Module, list, Any], torch.optim.Optimizer]
-    flags: Dict[str, Any] = field(default_factory=dict)
-    closure: str = "backward"          # "backward" (torch.optim) or "loss" (second-order convention)
+    """One registered optimizer: the class, its flags, its closure convention and epoch hooks.
+    ``takes_model``: the first constructor argument is the model (K-FAC hooks its layers);
+    otherwise the parameters are, and a class that accepts ``model=`` gets it too.
+    ``resolve(kwargs, run)`` fills run-dependent arguments (``run``: the build namespace)."""
+    cls: Callable[..., torch.optim.Optimizer]
+    flags: Dict[str, Flag] = field(default_factory=dict)
+    closure: str = "backward"
     help: str = ""
+    takes_model: bool = False
+    resolve: Optional[Callable[[Dict[str, Any], Any], None]] = None
     epoch_start: Optional[Callable[[torch.optim.Optimizer, Any], None]] = None
     epoch_end: Optional[Callable[[torch.optim.Optimizer, Any], None]] = None
 
@@ -61,228 +96,220 @@ class OptimizerSpec:
             raise ValueError(f"closure must be 'backward' or 'loss', got {self.closure!r}")
 
     def flag(self, name: str) -> Flag:
+        return self.flags[name]
+
+    def default(self, name: str) -> Any:
+        """The CLI default of flag ``name``: the entry's own, else the class's."""
         f = self.flags[name]
-        return f if isinstance(f, Flag) else Flag(f)
+        value = class_default(self, name) if f.default is _CLASS else f.default
+        kind = flag_type(name)
+        return kind(value) if kind in (int, float) and not isinstance(value, bool) else value
+
+    def build(self, model: nn.Module, params, a) -> torch.optim.Optimizer:
+        """The optimizer with the hyperparameters in namespace ``a`` (one attribute per flag,
+        plus ``seed`` and the run's ``epochs``/``batch_size``/``subset``/``dataset``/``bootstrap``)."""
+        kwargs: Dict[str, Any] = {}
+        for name, f in self.flags.items():
+            value = getattr(a, name)
+            if f.none is not _NONE and value == f.none:
+                value = None
+            arg = f.arg or name
+            if f.index is None:
+                kwargs[arg] = value
+            else:
+                kwargs.setdefault(arg, list(_signature_default(self.cls, arg)))[f.index] = value
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        if self.resolve is not None:
+            self.resolve(kwargs, a)
+        accepted = _accepted(self.cls)
+        if "seed" in accepted:
+            kwargs["seed"] = a.seed
+        if self.takes_model:
+            return self.cls(model, **kwargs)
+        if "model" in accepted:
+            kwargs["model"] = model
+        return self.cls(params, **kwargs)
 
 
-_BETAS = {"beta1": Flag(0.9, "first-moment decay"), "beta2": Flag(0.999, "second-moment decay")}
+def _accepted(cls) -> set:
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names
 
-# ---- K-FAC / ANG / IFANG helpers (natasha_ext.optim.kfac) ------------------------------------
-_KFAC_FLAGS = {
-    "lr": Flag(0.01, "learning rate"), "momentum": 0.9,
-    # 0.03, not the class default 1e-3: with cov_every 10 / inv_every 100 the stale early inverses
-    # made 1e-3 diverge on LeNet-5/MNIST within 2 epochs (K-FAC and ANG); 0.03 trains both (97 %/95 %).
-    "damping": Flag(3e-2, "K-FAC damping gamma of (A (x) G + gamma I); sqrt(gamma) per factor (eq. 8)"),
-    "stat_decay": Flag(0.95, "K-FAC: EMA decay of the factors"), "weight_decay": 0.0,
-    "kl_clip": Flag(1e-3, "K-FAC KL clipping (0 disables)"),
-    "cov_every": Flag(10, "steps between statistics refreshes"),
-    "inv_every": Flag(100, "K-FAC: steps between inverse refreshes"),
-    "inverse": Flag("cholesky", "K-FAC damped inverse", choices=("cholesky", "eigh")),
+
+def _signature_default(cls, arg: str) -> Any:
+    """The default of constructor argument ``arg``, looked up along the MRO (a subclass may
+    forward it through ``**kwargs``)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        p = inspect.signature(init).parameters.get(arg)
+        if p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not p.empty:
+            return p.default
+    raise TypeError(f"{cls.__name__} has no constructor argument {arg!r} with a default")
+
+
+def class_default(spec: OptimizerSpec, name: str) -> Any:
+    """The class's default of flag ``name``, in CLI terms (None as the flag's ``none`` value)."""
+    f = spec.flags[name]
+    value = _signature_default(spec.cls, f.arg or name)
+    if f.index is not None:
+        value = value[f.index]
+    if value is None and f.none is not _NONE:
+        value = f.none
+    return value
+
+
+# ---- shared flag groups -------------------------------------------------------------------------
+_LR = Flag("learning rate")
+_BETAS = {"beta1": Flag("first-moment decay", arg="betas", index=0),
+          "beta2": Flag("second-moment decay", arg="betas", index=1)}
+_HVP = {"hvp": Flag("Hessian-vector products", choices=HVP_METHODS),
+        "fd_eps": Flag("finite-difference HVP step q")}
+_PAPER = "the AdaHessian/Hybrid paper's grid-searched value (ResNet-18, 1200 MNIST images, batch 100)"
+
+_ADAHESSIAN = {
+    **_BETAS, "eps": Flag("denominator epsilon"), "weight_decay": Flag("decoupled weight decay"),
+    "hessian_power": Flag("AdaHessian: Hessian power k"),
+    "update_each": Flag("AdaHessian: steps between Hessian-diagonal refreshes"),
+    "n_samples": Flag("AdaHessian: Hutchinson probes per refresh"),
+    "block_size": Flag("AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)", none=0), **_HVP,
 }
-_ANG_FLAGS = {
-    "lam_schedule": Flag("linear", "ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)",
-                         choices=("linear", "exp", "cosine")),
-    "total_steps": Flag(0, "ANG: steps over which lambda reaches 1 (0: the whole run)"),
+
+_NATASHA = {
+    "lr": _LR, "sigma": Flag("Natasha regulariser weight sigma"),
+    "epoch_size": Flag("Natasha epoch length B (inner steps)"),
+    "subepochs": Flag("Natasha sub-epochs p (m = B/p)"),
+    "snapshot_batches": Flag("Natasha: minibatches averaged into mu per epoch (0: the first one)", none=0),
+}
+
+_KFAC_DAMPING_WHY = ("with cov_every 10 / inv_every 100 the stale early inverses made 1e-3 diverge on "
+                     "LeNet-5/MNIST within 2 epochs (K-FAC and ANG); 0.03 trains both")
+_KFAC = {
+    "lr": _LR, "momentum": Flag("momentum"),
+    "damping": Flag("K-FAC damping gamma of (A (x) G + gamma I); sqrt(gamma) per factor (eq. 8)",
+                    default=3e-2, why=_KFAC_DAMPING_WHY),
+    "stat_decay": Flag("K-FAC: EMA decay of the factors"), "weight_decay": Flag("L2 weight decay"),
+    "kl_clip": Flag("K-FAC KL clipping (0 disables)", none=0),
+    "cov_every": Flag("steps between statistics refreshes"),
+    "inv_every": Flag("K-FAC: steps between inverse refreshes"),
+    "inverse": Flag("K-FAC damped inverse: cholesky or eigh"),
+}
+_ANG = {
+    "lam_schedule": Flag("ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)", choices=LAMBDA_SCHEDULES),
+    "total_steps": Flag("ANG: steps over which lambda reaches 1 (0: the whole run)", none=0),
 }
 
 
-def _kfac_build(kind: str, model, a):
-    from natasha_ext import data
-    from natasha_ext.optim import ANG, IFANG, KFAC
-
-    kw = dict(lr=a.lr, momentum=a.momentum, damping=a.damping, weight_decay=a.weight_decay,
-              kl_clip=a.kl_clip or None, cov_every=a.cov_every)
-    if kind != "ifang":
-        kw.update(stat_decay=a.stat_decay, inv_every=a.inv_every, inverse=a.inverse)
-    if kind == "kfac":
-        return KFAC(model, **kw)
-    total = a.total_steps
-    if not total:
-        n_train, n_val, _ = data.parse_subset(getattr(a, "subset", "1200/200/200"))
-        n_train = n_train if n_train is not None else 60000 - n_val
-        total = a.epochs * -(-n_train // a.batch_size)
-    kw.update(lam_schedule=a.lam_schedule, total_steps=total)
-    return IFANG(model, rank=a.rank, **kw) if kind == "ifang" else ANG(model, **kw)
+def _run_steps(kwargs: Dict[str, Any], a) -> None:
+    """ANG/IFANG: lambda reaches 1 at the end of the run unless --total-steps says otherwise."""
+    if kwargs.get("total_steps") is None:
+        n_train = data.subset_sizes(a.dataset, a.subset)[0]
+        kwargs["total_steps"] = max(1, a.epochs * data.num_batches(n_train, a.batch_size, a.bootstrap))
 
 
-# ---- trust region / ARC: flags both take (norm of the region, curvature, HVP engine)
-_TR_COMMON = {
-    "norm": Flag("rmsprop", "TR/ARC: shape A of the region (eq. 3 RMSProp, eq. 2 Adagrad, or A = I)",
-                 choices=("rmsprop", "adagrad", "spherical")),
-    "beta": Flag(0.8, "TR/ARC: RMSProp decay of the ellipsoid (eq. 3)"),
-    "eps": Flag(1e-8, "TR/ARC: epsilon added to the ellipsoid diagonal"),
-    "gamma": Flag(2.0, "TR/ARC: radius / sigma factor (> 1)"),
-    "curvature": Flag("hessian", "TR/ARC: B = Hessian or generalised Gauss-Newton",
-                      choices=("hessian", "gauss_newton")),
-    "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
-    "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
+_TR = {
+    "norm": Flag("TR/ARC: shape A of the region (eq. 3 RMSProp, eq. 2 Adagrad, or A = I)", choices=NORMS),
+    "beta": Flag("TR/ARC: RMSProp decay of the ellipsoid (eq. 3)"),
+    "eps": Flag("TR/ARC: epsilon added to the ellipsoid diagonal"),
+    "gamma": Flag("TR/ARC: radius / sigma factor (> 1)"),
+    "curvature": Flag("TR/ARC: B = Hessian or generalised Gauss-Newton", choices=CURVATURES), **_HVP,
 }
-
-# ---- AdaHessian / Hybrid helpers (natasha_ext.optim.adahessian) -------------------------------
-_ADAHESSIAN_FLAGS = {
-    "eps": Flag(1e-4, "denominator epsilon"), "weight_decay": Flag(0.0, "decoupled weight decay"),
-    "hessian_power": Flag(1.0, "AdaHessian: Hessian power k"),
-    "update_each": Flag(1, "AdaHessian: steps between Hessian-diagonal refreshes"),
-    "n_samples": Flag(1, "AdaHessian: Hutchinson probes per refresh"),
-    "block_size": Flag(0, "AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)"),
-    "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
-    "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
-}
-
-
-def _adahessian():
-    from natasha_ext.optim import adahessian
-
-    return adahessian
-
-
-def _adahessian_kw(a) -> dict:
-    return dict(betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay, hessian_power=a.hessian_power,
-                update_each=a.update_each, n_samples=a.n_samples, block_size=a.block_size or None, hvp=a.hvp,
-                fd_eps=a.fd_eps, seed=a.seed)
 
 
 def _hybrid_epoch_end(opt, ctx) -> None:
     """The Hybrid's switch test: report the epoch's validation loss (the training loss when the
     run has no validation set)."""
-    loss = ctx.metrics.get("val_loss", float("nan"))
+    loss = ctx.metrics.get("val_loss", math.nan)
     if loss != loss:
-        loss = ctx.metrics.get("train_loss", float("nan"))
+        loss = ctx.metrics.get("train_loss", math.nan)
     opt.report_validation_loss(loss, epoch=ctx.epoch)
 
 
-# Defaults of the first-order baselines: the AdaHessian/Hybrid paper's grid-searched values
-# (ResNet-18, 1200 MNIST images, batch 100, 15 epochs).
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(
-        help="plain SGD (torch.optim.SGD); lr 0.01 as in the AdaHessian/Hybrid paper",
-        flags={"lr": Flag(0.01, "learning rate"), "weight_decay": Flag(0.0, "L2 weight decay")},
-        build=lambda model, params, a: torch.optim.SGD(params, lr=a.lr, weight_decay=a.weight_decay)),
+        torch.optim.SGD, help="plain SGD (torch.optim.SGD); lr 0.01 as in the AdaHessian/Hybrid paper",
+        flags={"lr": Flag("learning rate", default=0.01, why=_PAPER), "weight_decay": Flag("L2 weight decay")}),
     "sgd-momentum": OptimizerSpec(
+        torch.optim.SGD,
         help="SGD with heavy-ball momentum (torch.optim.SGD); lr 0.005, momentum 0.9 (AdaHessian/Hybrid paper)",
-        flags={"lr": 0.005, "momentum": Flag(0.9, "momentum"), "nesterov": Flag(False, "Nesterov momentum"),
-               "weight_decay": 0.0},
-        build=lambda model, params, a: torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
-                                                       weight_decay=a.weight_decay)),
+        flags={"lr": Flag("learning rate", default=0.005, why=_PAPER),
+               "momentum": Flag("momentum", default=0.9, why=_PAPER + "; torch's SGD has no momentum by default"),
+               "nesterov": Flag("Nesterov momentum"), "weight_decay": Flag("L2 weight decay")}),
     "adam": OptimizerSpec(
-        help="Adam (torch.optim.Adam); lr 0.001, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
-        flags={"lr": 0.001, **_BETAS, "eps": Flag(1e-8, "denominator epsilon"), "weight_decay": 0.0},
-        build=lambda model, params, a: torch.optim.Adam(params, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
-                                                        weight_decay=a.weight_decay)),
-    # ---- adahessian (AdaHessian / Hybrid; defaults: adahessian-hybrid-resnet18-mnist.md, Table I)
+        torch.optim.Adam, help="Adam (torch.optim.Adam); lr 0.001, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
+        flags={"lr": _LR, **_BETAS, "eps": Flag("denominator epsilon"), "weight_decay": Flag("L2 weight decay")}),
     "adahessian": OptimizerSpec(
-        help="AdaHessian (Yao et al. 2020): Hutchinson diagonal (fused kernel), conv-kernel spatial averaging, "
+        AdaHessian, closure="loss",
+        help="AdaHessian (Yao et al. 2021): Hutchinson diagonal (fused kernel), conv-kernel spatial averaging, "
              "Hessian power; lr 0.1, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
-        flags={"lr": 0.1, **_BETAS, **_ADAHESSIAN_FLAGS},
-        build=lambda model, params, a: _adahessian().AdaHessian(params, lr=a.lr, **_adahessian_kw(a)),
-        closure="loss"),
+        flags={"lr": Flag("learning rate", default=0.1,
+                          why=_PAPER + "; the class keeps Yao et al.'s 0.15"), **_ADAHESSIAN}),
     "hybrid": OptimizerSpec(
+        HybridSGDAdaHessian, closure="loss", epoch_end=_hybrid_epoch_end,
         help="Hybrid (AdaHessian/Hybrid paper): SGD-momentum (lr 0.005, momentum 0.9) until the validation loss "
              "falls below tl = 1.0, then AdaHessian (lr 0.001, betas (0.9, 0.999))",
-        flags={"lr": 0.001, **_BETAS, **_ADAHESSIAN_FLAGS,
-               "switch_threshold": Flag(1.0, "Hybrid: validation loss tl below which AdaHessian takes over"),
-               "sgd_lr": Flag(0.005, "Hybrid: learning rate of the SGD-momentum phase"), "momentum": 0.9},
-        build=lambda model, params, a: _adahessian().HybridSGDAdaHessian(
-            params, switch_threshold=a.switch_threshold, sgd_lr=a.sgd_lr, momentum=a.momentum, lr=a.lr,
-            **_adahessian_kw(a)),
-        closure="loss", epoch_end=lambda opt, ctx: _hybrid_epoch_end(opt, ctx)),
-    # ---- natasha (Natasha1.5 / Natasha2; defaults: natasha2-pytorch-report appendix, LeNet/MNIST)
+        flags={"lr": _LR, **_ADAHESSIAN,
+               "switch_threshold": Flag("Hybrid: validation loss tl below which AdaHessian takes over"),
+               "sgd_lr": Flag("Hybrid: learning rate of the SGD-momentum phase"), "momentum": Flag("momentum")}),
     "natasha15": OptimizerSpec(
+        Natasha15, closure="loss",
         help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging; alpha 0.01, B 27, p 9, sigma 0.5 "
              "(report appendix); --no-variance-reduction = the report's simplified Alg. 2",
-        flags={"lr": 0.01, "sigma": Flag(0.5, "Natasha regulariser weight sigma"),
-               "epoch_size": Flag(27, "Natasha epoch length B (inner steps)"),
-               "subepochs": Flag(9, "Natasha sub-epochs p (m = B/p)"),
-               "variance_reduction": Flag(True, "Natasha1.5: faithful variance-reduced estimator"),
-               "snapshot_batches": Flag(0, "Natasha: minibatches averaged into mu per epoch (0: the first one)")},
-        build=lambda model, params, a: _natasha().Natasha15(
-            params, lr=a.lr, sigma=a.sigma, epoch_size=a.epoch_size, subepochs=a.subepochs,
-            variance_reduction=a.variance_reduction, snapshot_batches=a.snapshot_batches or None, seed=a.seed),
-        closure="loss"),
+        flags={**_NATASHA, "variance_reduction": Flag("Natasha1.5: faithful variance-reduced estimator")}),
     "natasha2": OptimizerSpec(
+        Natasha2, closure="loss",
         help="Natasha2 (Allen-Zhu 2018): Oja's algorithm on I - eta H, kick along negative curvature, else a "
              "Natasha1.5 epoch; --hvp exact|finite_difference, --variant faithful|simplified (report Alg. 3-4)",
-        flags={"lr": 0.01, "sigma": Flag(0.5, "Natasha regulariser weight sigma"),
-               "epoch_size": Flag(27, "Natasha epoch length B (inner steps)"),
-               "subepochs": Flag(9, "Natasha sub-epochs p (m = B/p)"),
-               "snapshot_batches": Flag(0, "Natasha: minibatches averaged into mu per epoch (0: the first one)"),
-               "delta": Flag(0.2, "Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2)"),
-               "oja_eta": Flag(0.01, "Natasha2 Oja step eta (power method on I - eta H)"),
-               "oja_iters": Flag(0, "Natasha2 Oja iterations (0: ceil(1/delta^2), capped at 1000)"),
-               "hvp": Flag("exact", "Hessian-vector products", choices=("exact", "finite_difference")),
-               "fd_eps": Flag(1e-4, "finite-difference HVP step q"),
-               "variant": Flag("faithful", "Natasha2 variant", choices=("faithful", "simplified"))},
-        build=lambda model, params, a: _natasha().Natasha2(
-            params, lr=a.lr, sigma=a.sigma, epoch_size=a.epoch_size, subepochs=a.subepochs, delta=a.delta,
-            eta=a.oja_eta, oja_iters=a.oja_iters or None, hvp=a.hvp, fd_eps=a.fd_eps, variant=a.variant,
-            snapshot_batches=a.snapshot_batches or None, seed=a.seed),
-        closure="loss"),
-    # K-FAC / ANG / IFANG (asymptotic-natural-gradient.md): these hook the model's Linear/Conv2d
-    # layers, so build() passes the model; closure="loss" (the optimizer differentiates).
+        flags={**_NATASHA,
+               "delta": Flag("Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2)", default=0.2,
+                             why="ceil(1/delta^2) = 25 Oja iterations (HVPs) per outer step instead of 100, which keeps "
+                                 "the LeNet/MNIST runs of the Natasha report's setting affordable on a CPU"),
+               "oja_eta": Flag("Natasha2 Oja step eta (power method on I - eta H)", arg="eta", default=0.01,
+                               why="Oja's power method on I - eta H needs eta * |lambda_max(H)| <= 1: 0.01 allows "
+                                   "curvature up to 100, the class's 0.1 only up to 10"),
+               "oja_iters": Flag("Natasha2 Oja iterations (0: ceil(1/delta^2), capped at 1000)", none=0),
+               **_HVP, "variant": Flag("Natasha2 variant: faithful or simplified")}),
     "kfac": OptimizerSpec(
-        help="K-FAC (Martens & Grosse): EMA Kronecker factors, damped inverses, KL clip, momentum",
-        flags=_KFAC_FLAGS,
-        build=lambda model, params, a: _kfac_build("kfac", model, a),
-        closure="loss"),
+        KFAC, closure="loss", takes_model=True,
+        help="K-FAC (Martens & Grosse 2015): EMA Kronecker factors, damped inverses, KL clip, momentum",
+        flags=_KFAC),
     "ang": OptimizerSpec(
+        ANG, closure="loss", takes_model=True, resolve=_run_steps,
         help="Asymptotic natural gradient (Tang et al., eq. 7): K-FAC slerped toward the Euclidean gradient",
-        flags={**_KFAC_FLAGS, **_ANG_FLAGS},
-        build=lambda model, params, a: _kfac_build("ang", model, a),
-        closure="loss"),
+        flags={**_KFAC, **_ANG}),
     "ifang": OptimizerSpec(
+        IFANG, closure="loss", takes_model=True, resolve=_run_steps,
         help="Inverse-free ANG (eqs. 9-14): rank-s' group-mean factors applied by Sherman-Morrison-Woodbury",
-        flags={**{k: v for k, v in _KFAC_FLAGS.items() if k not in ("stat_decay", "inv_every", "inverse")},
-               "cov_every": Flag(1, "steps between statistics refreshes"),
-               "damping": Flag(1e-1, "IFANG damping gamma (sqrt(gamma) per low-rank factor; see optim.IFANG); "
-                                  "1e-2 diverged on LeNet-5/MNIST after 3 epochs"),
-               **_ANG_FLAGS,
-               "rank": Flag(1, "IFANG: number s' of row groups (rank of the factors)")},
-        build=lambda model, params, a: _kfac_build("ifang", model, a),
-        closure="loss"),
-    # ---- trust region / ARC (ellipsoidal-trust-region.md, Alg. 1; defaults: natasha_ext.optim.TrustRegion/ARC)
+        flags={**{k: v for k, v in _KFAC.items() if k not in ("stat_decay", "inv_every", "inverse")},
+               "damping": Flag("IFANG damping gamma (sqrt(gamma) per low-rank factor; see optim.IFANG)",
+                               default=1e-1, why="1e-2 diverged on LeNet-5/MNIST after 3 epochs"),
+               **_ANG, "rank": Flag("IFANG: number s' of row groups (rank of the factors)")}),
     "trust-region": OptimizerSpec(
+        TrustRegion, closure="loss",
         help="stochastic trust region (Alg. 1), Steihaug CG in the ellipsoidal RMSProp norm (eq. 3); "
              "--norm spherical = A = I; radius 1e-4, eta 0.01, gamma 2, beta 0.8, CG 50 its / tol 0.1",
-        flags={**_TR_COMMON,
-               "radius": Flag(1e-4, "TR: initial radius Delta_0 (A-norm)"),
-               "max_radius": Flag(10.0, "TR: radius cap"),
-               "eta": Flag(0.01, "TR: acceptance threshold on rho"),
-               "eta_very_successful": Flag(0.95, "TR: rho above which the radius grows by gamma"),
-               "cg_max_iters": Flag(50, "TR: Steihaug-CG iterations (curvature products) per step"),
-               "cg_tol": Flag(0.1, "TR: relative residual stopping CG")},
-        build=lambda model, params, a: _tr().TrustRegion(
-            params, radius=a.radius, max_radius=a.max_radius, eta=a.eta, eta_very_successful=a.eta_very_successful,
-            gamma=a.gamma, norm=a.norm, beta=a.beta, eps=a.eps, cg_max_iters=a.cg_max_iters, cg_tol=a.cg_tol,
-            curvature=a.curvature, hvp=a.hvp, fd_eps=a.fd_eps, seed=a.seed, model=model),
-        closure="loss"),
+        flags={**_TR, "radius": Flag("TR: initial radius Delta_0 (A-norm)"), "max_radius": Flag("TR: radius cap"),
+               "eta": Flag("TR: acceptance threshold on rho"),
+               "eta_very_successful": Flag("TR: rho above which the radius grows by gamma"),
+               "cg_max_iters": Flag("TR: Steihaug-CG iterations (curvature products) per step"),
+               "cg_tol": Flag("TR: relative residual stopping CG")}),
     "arc": OptimizerSpec(
+        ARC, closure="loss",
         help="adaptive cubic regularisation (Cartis et al. 2011) in the same adaptive norms, Lanczos + secular "
              "equation (or --subproblem cg); sigma 1, eta1 0.1, eta2 0.9, gamma 2, 25 Krylov its / tol 0.1",
-        flags={**_TR_COMMON,
-               "sigma": Flag(1.0, "ARC: initial cubic regularisation sigma"),
-               "eta1": Flag(0.1, "ARC: acceptance threshold on rho"),
-               "eta2": Flag(0.9, "ARC: rho above which sigma shrinks by gamma"),
-               "subproblem": Flag("lanczos", "ARC subproblem solver", choices=("lanczos", "cg")),
-               "subproblem_max_iters": Flag(25, "ARC: Krylov dimension / CG iterations per step"),
-               "subproblem_tol": Flag(0.1, "ARC: relative model-gradient tolerance")},
-        build=lambda model, params, a: _tr().ARC(
-            params, sigma=a.sigma, eta1=a.eta1, eta2=a.eta2, gamma=a.gamma, norm=a.norm, subproblem=a.subproblem,
-            beta=a.beta, eps=a.eps, subproblem_max_iters=a.subproblem_max_iters, subproblem_tol=a.subproblem_tol,
-            curvature=a.curvature, hvp=a.hvp, fd_eps=a.fd_eps, seed=a.seed, model=model),
-        closure="loss"),
+        flags={**_TR, "sigma": Flag("ARC: initial cubic regularisation sigma"),
+               "eta1": Flag("ARC: acceptance threshold on rho"),
+               "eta2": Flag("ARC: rho above which sigma shrinks by gamma"),
+               "subproblem": Flag("ARC subproblem solver: lanczos or cg"),
+               "subproblem_max_iters": Flag("ARC: Krylov dimension / CG iterations per step"),
+               "subproblem_tol": Flag("ARC: relative model-gradient tolerance")}),
 }
-
-
-def _tr():
-    from natasha_ext.optim import trust_region
-
-    return trust_region
-
-
-def _natasha():
-    from natasha_ext.optim import natasha
-
-    return natasha
 
 
 def get_spec(name: str) -> OptimizerSpec:
@@ -292,35 +319,89 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def flag_table() -> Dict[str, Dict[str, Flag]]:
-    """flag name -> {optimizer name -> Flag}: which optimizers use each flag, with their defaults.
+    """flag name -> {optimizer name -> Flag}: which optimizers use each flag.
     Raises if two optimizers give one flag different types (the flag could not parse both)."""
     table: Dict[str, Dict[str, Flag]] = {}
     for opt_name, spec in OPTIMIZERS.items():
         for flag_name in spec.flags:
             table.setdefault(flag_name, {})[opt_name] = spec.flag(flag_name)
-    for flag_name, per_opt in table.items():
-        kinds = {_flag_type(f) for f in per_opt.values()}
-        if kinds == {int, float}:      # 1 and 0.5 are both fine for a float flag
-            kinds = {float}
-        if len(kinds) > 1:
-            raise TypeError(f"flag --{flag_name.replace('_', '-')} has different types across optimizers "
-                            f"{sorted(per_opt)}: {kinds}; give it one type (or rename it)")
+    for flag_name in table:
+        flag_type(flag_name, table)
     return table
 
 
-def flag_type(name: str) -> Callable[[str], Any]:
+def flag_type(name: str, table: Optional[Dict[str, Dict[str, Flag]]] = None) -> Callable[[str], Any]:
     """The type one flag parses to (float wins over int when optimizers mix them)."""
-    kinds = {_flag_type(f) for f in flag_table()[name].values()}
-    return float if kinds == {int, float} else kinds.pop()
+    per_opt = (table or flag_table())[name]
+    kinds = {_raw_type(OPTIMIZERS[o], name) for o in per_opt}
+    if kinds <= {int, float}:
+        return float if float in kinds else int
+    if len(kinds) > 1:
+        raise TypeError(f"flag --{name.replace('_', '-')} has different types across optimizers "
+                        f"{sorted(per_opt)}: {kinds}; give it one type (or rename it)")
+    return kinds.pop()
 
 
-def _flag_type(f: Flag):
+def _raw_type(spec: OptimizerSpec, name: str):
+    f = spec.flags[name]
     if f.type is not None:
         return f.type
-    if isinstance(f.default, bool):
+    value = class_default(spec, name) if f.default is _CLASS else f.default
+    if isinstance(value, bool):
         return bool
-    if isinstance(f.default, float):
-        return float
-    if isinstance(f.default, int):
-        return int
-    return str if f.default is None else type(f.default)
+    if isinstance(value, (int, float, str)):
+        return type(value)
+    raise TypeError(f"flag --{name.replace('_', '-')} of {spec.cls.__name__}: cannot infer a type from the "
+                    f"default {value!r}; give Flag(type=...)")
+
+
+def defaults_table(markdown: bool = False) -> str:
+    """Every flag whose CLI default differs from its class's default, with the reason."""
+    rows: List[Tuple[str, str, str, str, str]] = []
+    for opt_name, spec in OPTIMIZERS.items():
+        for flag_name, f in spec.flags.items():
+            if f.default is not _CLASS:
+                rows.append((opt_name, "--" + flag_name.replace("_", "-"), repr(f.default),
+                             f"{spec.cls.__name__}({f.arg or flag_name}{'' if f.index is None else f'[{f.index}]'}"
+                             f"={class_default(spec, flag_name)!r})", f.why))
+    head = ("optimizer", "flag", "CLI default", "class default", "why")
+    if markdown:
+        cell = lambda c: c.replace("|", "\\|")
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+    return "\n".join(f"  {o} {fl}={cli} (class: {cls}): {why}" for o, fl, cli, cls, why in rows)
+
+
+def _probe_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def check_hyperparameters(name: str, given: Dict[str, Any], run) -> Optional[Tuple[List[str], str]]:
+    """Build optimizer ``name`` on a tiny probe model with the ``given`` flag values (the rest at
+    their defaults) so that its class checks them. Returns None when it builds, else (the flags
+    to blame, the class's message): one flag when it fails alone, all given ones when only
+    their combination does. ``run``: the namespace of run attributes (seed, epochs, ...)."""
+    from types import SimpleNamespace
+
+    spec = get_spec(name)
+    mine = {k: v for k, v in given.items() if k in spec.flags}
+    defaults = {k: spec.default(k) for k in spec.flags}
+
+    def error(values) -> Optional[str]:
+        model = _probe_model()
+        try:
+            spec.build(model, list(model.parameters()), SimpleNamespace(**{**vars(run), **defaults, **values}))
+        except (ValueError, TypeError, RuntimeError) as e:
+            return str(e)
+        return None
+
+    for k, v in mine.items():
+        msg = error({k: v})
+        if msg is not None:
+            return [k], msg
+    msg = error(mine) if len(mine) > 1 else None
+    return (sorted(mine), msg) if msg is not None else None
+
+
+if __name__ == "__main__":
+    print(defaults_table(markdown=True))

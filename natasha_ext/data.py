@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 __all__ = [
-    "DATASETS", "DatasetNotFoundError", "ChecksumError", "dataset_dir", "load_raw", "load_tensors",
-    "class_balanced_indices", "load_splits", "Splits", "parse_subset", "batches", "count_per_class",
+    "DATASETS", "DatasetNotFoundError", "DatasetCorruptError", "ChecksumError", "dataset_dir", "load_raw",
+    "load_tensors", "class_balanced_indices", "load_splits", "Splits", "parse_subset", "subset_sizes", "batches",
+    "num_batches", "count_per_class",
 ]
 
 _FILES = {
@@ -105,7 +107,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not installed; the message says how to install them."""
 
 
-class ChecksumError(RuntimeError):
+class DatasetCorruptError(RuntimeError):
+    """A dataset file cannot be read (truncated, not gzip, not idx); the message names the file."""
+
+
+class ChecksumError(DatasetCorruptError):
     """A dataset file does not match its known md5."""
 
 
@@ -160,12 +166,20 @@ def dataset_dir(name: str, root: Optional[os.PathLike] = None) -> Path:
     return folder
 
 
+def _gunzip(blob: bytes, path: Path, info: DatasetInfo) -> bytes:
+    try:
+        return gzip.decompress(blob)
+    except (EOFError, OSError, zlib.error) as e:      # truncated download, not a gzip file, bad CRC
+        raise DatasetCorruptError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt. "
+                                  f"Reinstall it ({info.install})") from None
+
+
 def _read_verified(path: Path, base: str, info: DatasetInfo, verify: bool) -> bytes:
     blob = path.read_bytes()
     gz = path.suffix == ".gz"
     if verify and gz and hashlib.md5(blob).hexdigest() == info.md5_gz[base]:
-        return gzip.decompress(blob)
-    raw = gzip.decompress(blob) if gz else blob
+        return _gunzip(blob, path, info)
+    raw = _gunzip(blob, path, info) if gz else blob
     if verify:
         got = hashlib.md5(raw).hexdigest()
         if got != info.md5_raw[base]:
@@ -176,7 +190,7 @@ def _read_verified(path: Path, base: str, info: DatasetInfo, verify: bool) -> by
 
 def _parse_idx(raw: bytes, path: Path) -> torch.Tensor:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file")
+        raise DatasetCorruptError(f"{path}: not an unsigned-byte idx file")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
@@ -184,7 +198,7 @@ def _parse_idx(raw: bytes, path: Path) -> torch.Tensor:
     for d in dims:
         count *= d
     if len(raw) != offset + count:
-        raise ValueError(f"{path}: idx header says {dims} but the payload has {len(raw) - offset} bytes")
+        raise DatasetCorruptError(f"{path}: idx header says {dims} but the payload has {len(raw) - offset} bytes")
     return torch.frombuffer(bytearray(raw[offset:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -308,7 +322,28 @@ def parse_subset(spec: str) -> Tuple[Optional[int], int, Optional[int]]:
             vals.append(v)
     if vals[1] is None:
         raise ValueError(f"the validation size in subset {spec!r} must be a number (0 for none)")
+    if vals[0] == 0:
+        raise ValueError(f"the training size in subset {spec!r} must be at least 1 (or 'all')")
     return vals[0], vals[1], vals[2]
+
+
+def subset_sizes(name: str, subset: str) -> Tuple[int, int, int]:
+    """(n_train, n_val, n_test) of ``subset`` with 'all' resolved against ``name``'s official sizes;
+    raises ValueError when the subset asks for more than the dataset has."""
+    n_train, n_val, n_test = parse_subset(subset)
+    sizes = _info(name).sizes
+    n_train = sizes["train"] - n_val if n_train is None else n_train
+    n_test = sizes["test"] if n_test is None else n_test
+    if n_train + n_val > sizes["train"] or n_test > sizes["test"] or n_train < 1:
+        raise ValueError(f"subset {subset!r} asks for {n_train}+{n_val} training/validation and {n_test} test "
+                         f"images; {name} has {sizes['train']} and {sizes['test']}")
+    return n_train, n_val, n_test
+
+
+def num_batches(n: int, batch_size: int, bootstrap: Optional[float] = None) -> int:
+    """Minibatches per epoch of :func:`batches` over ``n`` examples (``drop_last=False``)."""
+    m = max(1, round(bootstrap * n)) if bootstrap is not None else n
+    return -(-m // batch_size)
 
 
 @dataclass

@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from natasha_ext import data, models, train  # noqa: E402
+from natasha_ext import data, models, training
+from natasha_ext.training import TrainConfig
 
 # (label, CLI optimizer name, the paper's hyperparameters)
 CONFIGS = [
@@ -91,14 +88,12 @@ def selected(only):
 
 def run(a: argparse.Namespace) -> dict:
     configs = selected(a.only)
-    args = train.parse_args(["--model", "resnet18", "--dataset", "mnist", "--subset", a.subset,
-                             "--data-seed", str(a.data_seed), "--epochs", str(a.epochs),
-                             "--batch-size", str(a.batch_size), "--seeds", a.seeds, "--device", a.device,
-                             "--out", a.out] + ([] if a.progress else ["--no-progress"]))
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    args = TrainConfig(model="resnet18", dataset="mnist", subset=a.subset, data_seed=a.data_seed, epochs=a.epochs,
+                       batch_size=a.batch_size, seeds=a.seeds, device=a.device, out=a.out, progress=a.progress)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     splits = data.load_splits("mnist", a.subset, seed=a.data_seed).to(a.device)
     sizes = "/".join(str(getattr(splits, k)[0].shape[0]) for k in ("train", "val", "test"))
     build = lambda: models.get_model("resnet18", in_channels=1, image_size=28, num_classes=10)
@@ -113,16 +108,13 @@ def run(a: argparse.Namespace) -> dict:
         torch.manual_seed(seed)
         init = copy.deepcopy(build().state_dict())  # same initial weights for every optimizer
         for label, name, hp in configs:
-            run_args = copy.copy(args)
             hp = dict(hp)
             if name in ("adahessian", "hybrid"):
                 hp.update(hvp=a.hvp, update_each=a.update_each)
-            for k, v in hp.items():
-                setattr(run_args, k, v)
             model = build()
             model.load_state_dict(init)
             model.to(a.device)
-            hist = train.train_one(run_args, name, model, splits, seed, log=log)
+            hist = training.train_one(args.for_optimizer(name, **hp), name, model, splits, seed, log=log)
             for r in hist:
                 r["optimizer"] = label
             rows.extend(hist)
@@ -216,13 +208,13 @@ def plot_figures(rows, path, title):
 def write(res, a, argv) -> str:
     rows, out = res["rows"], Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = train.summarize(rows)
+    summary = training.summarize(rows)
     t1, t2 = tables(summary, rows)
-    train._write_csv(out / "history.csv", rows, train.HISTORY_COLUMNS)
-    train._write_csv(out / "summary.csv", summary, list(summary[0].keys()))
+    training.write_csv(out / "history.csv", rows, training.HISTORY_COLUMNS)
+    training.write_csv(out / "summary.csv", summary, list(summary[0].keys()))
     title = f"ResNet-18 / MNIST {a.subset}, {a.epochs} epochs, {len(res['args'].seeds)} seed(s)"
     plot_figures(rows, out / "figures.png", title)
-    train.plot_curves(rows, out / "curves.png", title)
+    training.plot_curves(rows, out / "curves.png", title)
     argv = sys.argv[1:] if argv is None else argv
     cmd = "python python/adahessian_table1.py" + ("" if not argv else " " + " ".join(argv))
     hps = [f"- {label}: `{name}`, " + ", ".join(f"{k}={v}" for k, v in hp.items()) for label, name, hp in res["configs"]]
@@ -241,7 +233,7 @@ def write(res, a, argv) -> str:
     doc = {"setting": res["setting"], "command": cmd, "wall_time_s": res["wall"], "paper": PAPER,
            "hyperparameters": {label: hp for label, _, hp in res["configs"]},
            "hybrid_switch_epoch": switch_epochs(rows), "summary": summary, "history": rows}
-    (out / "results.json").write_text(json.dumps(train._json_safe(doc), indent=1) + "\n")
+    training.write_json(out / "results.json", doc)
     text = "Table I (accuracy %)\n" + text_table(T1_HEAD, t1) + "\n\nTable II (training time)\n" + text_table(T2_HEAD, t2)
     return text
 

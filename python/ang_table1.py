@@ -22,7 +22,7 @@ and reports the epoch *projected* from the class medians with the same 391-itera
 (n_inverse = 4, n_factors = 36, n_plain = 351): this is stated in the output.
 ``--tables-only`` re-renders table1.md / timing.json from the timing.csv and history.csv in --out.
 
-Curves: natasha_ext.train.train_one (the training CLI's loop, tqdm bars) for SGD (momentum 0.9,
+Curves: natasha_ext.training.train_one (the training CLI's loop, tqdm bars) for SGD (momentum 0.9,
 lr 0.01 as in the paper), K-FAC, ANG with the 'linear', 'exp' and 'cosine' lambda strategies and
 IFANG (rank 1), all second-order methods at the paper's lr 0.005, on a class-balanced slice of the
 same padded data. The short default uses LeNet-5 (32x32x3 input) and 1200 training images so it
@@ -42,20 +42,18 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from natasha_ext import data, models, train  # noqa: E402
+from natasha_ext import data, models, training
+from natasha_ext.training import TrainConfig
 
 # Table 1 of the paper (TITAN RTX, ResNet on CIFAR): seconds, gap vs K-FAC
 PAPER = {"K-FAC": (4.77, 56.34), "SGD": (0.0144, 32.72), "ANG": (4.855, 56.48), "IFANG": (0.341, 43.2)}
@@ -279,7 +277,7 @@ def main(argv=None) -> int:
                 extra.update(inverse=a.inverse, cov_every=schedule[0], inv_every=schedule[1])
             if name == "ang":
                 extra.update(total_steps=EPOCH_ITERS)
-            opt, spec = train.make_optimizer(name, model, **extra)
+            opt, spec = training.make_optimizer(name, model, **extra)
             runs.append((label, opt, spec, model))
         timing_rows = time_optimizers(runs, batches, device, a.progress)
         for label, *_ in runs:
@@ -294,40 +292,36 @@ def main(argv=None) -> int:
                    f"batch {batch}, {iters} timed iterations per optimizer (cov_every {schedule[0]}, inv_every "
                    f"{schedule[1]} for K-FAC/ANG, {a.inverse} inverses; IFANG rank 1 statistics every step), "
                    f"{device} ({dev_name}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-        train._write_csv(out / "timing.csv", timing_rows, ["optimizer", "iteration", "seconds", "kind", "loss"])
+        training.write_csv(out / "timing.csv", timing_rows, ["optimizer", "iteration", "seconds", "kind", "loss"])
     curve_table, curve_setting, curve_rows = "", "", []
     if not a.skip_curves:
         model_name = a.curves_model or ("resnet18" if a.full else "lenet5")
         subset = a.curves_subset or ("10000/1000/1000" if a.full else "1200/500/500")
         epochs = a.curves_epochs or (20 if a.full else 6)
-        margs = ["--model-arg", 'stem="small"'] if model_name == "resnet18" else []
-        args = train.parse_args(["--model", model_name, *margs, "--dataset", dataset, "--subset", subset,
-                                 "--image-size", "32", "--channels", "3", "--epochs", str(epochs),
-                                 "--batch-size", str(a.curves_batch_size), "--device", device, "--out", str(out)]
-                                + ([] if a.progress else ["--no-progress"]))
+        args = TrainConfig(model=model_name, model_args={"stem": "small"} if model_name == "resnet18" else {},
+                           dataset=dataset, subset=subset, image_size=32, channels=3, epochs=epochs,
+                           batch_size=a.curves_batch_size, device=device, out=str(out), progress=a.progress)
         splits = data.load_splits(dataset, subset, seed=0, size=32, channels=3).to(device)
-        build = lambda: models.get_model(model_name, in_channels=3, image_size=32, num_classes=10,
-                                         **({"stem": "small"} if model_name == "resnet18" else {}))
+        build = args.build_model
         torch.manual_seed(a.seed)
         init = copy.deepcopy(build().state_dict())
         for label, name, hp in CURVES:
-            run_args = copy.copy(args)
-            for k, v in hp.items():
-                setattr(run_args, k, v)
+            hp = dict(hp)
             if name in ("kfac", "ang"):
-                run_args.cov_every, run_args.inv_every = (COV_EVERY, INV_EVERY) if a.full else (1, 10)
+                hp["cov_every"], hp["inv_every"] = (COV_EVERY, INV_EVERY) if a.full else (1, 10)
             model = build()
             model.load_state_dict(init)
             model.to(device)
-            hist = train.train_one(run_args, name, model, splits, a.seed, log=lambda s: print(s, flush=True))
+            hist = training.train_one(args.for_optimizer(name, **hp), name, model, splits, a.seed,
+                                      log=lambda s: print(s, flush=True))
             for r in hist:
                 r["optimizer"] = label
             curve_rows.extend(hist)
         sizes = "/".join(str(getattr(splits, k)[0].shape[0]) for k in ("train", "val", "test"))
-        train._write_csv(out / "history.csv", curve_rows, train.HISTORY_COLUMNS)
-        train.plot_curves(curve_rows, out / "curves.png",
+        training.write_csv(out / "history.csv", curve_rows, training.HISTORY_COLUMNS)
+        training.plot_curves(curve_rows, out / "curves.png",
                           f"{model_name} / {dataset} padded to 32x32x3 ({sizes}), {epochs} epochs, seed {a.seed}")
-        curve_table = train.format_table(train.summarize(curve_rows))
+        curve_table = training.format_table(training.summarize(curve_rows))
         ksched = (COV_EVERY, INV_EVERY) if a.full else (1, 10)
         curve_setting = (f"{model_name} on {dataset} padded to 32x32x3, class-balanced {sizes} (train/val/test), "
                          f"{epochs} epochs of batch {a.curves_batch_size}, seed {a.seed}; SGD lr 0.01 momentum 0.9; "
@@ -362,7 +356,7 @@ def rerender(out: Path, full: bool) -> int:
             hist = [{k: (v if k == "optimizer" else num(v)) for k, v in r.items()} for r in csv.DictReader(f)]
         for r in hist:
             r["seed"], r["epoch"] = int(r["seed"]), int(r["epoch"])
-        curve_table = train.format_table(train.summarize(hist))
+        curve_table = training.format_table(training.summarize(hist))
     tab = table1(rows, full)
     old.update(table1=tab, curves_final=curve_table)
     (out / "timing.json").write_text(json.dumps(old, indent=1, default=str) + "\n")

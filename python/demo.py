@@ -12,19 +12,15 @@ Setting: LeNet-5, class-balanced 2000/500/1000 MNIST subset, 5 epochs of batch 5
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from natasha_ext.training import TrainConfig, main as train_main
 
-from natasha_ext import train  # noqa: E402
-
-DEMO = ["--dataset", "mnist", "--model", "lenet5", "--subset", "2000/500/1000", "--epochs", "5",
-        "--batch-size", "50", "--seeds", "0,1", "--optimizer", "all", "--out", os.path.join("results", "demo"),
-        "--no-progress", "--threads", "1"]   # one thread: small convnets gain nothing from more, and a
-#                                           busy machine makes multi-threaded torch stall
+# one thread: small convnets gain nothing from more, and a busy machine makes multi-threaded torch stall
+DEMO = TrainConfig(dataset="mnist", model="lenet5", subset="2000/500/1000", epochs=5, batch_size=50, seeds=[0, 1],
+                   optimizers=["all"], out=os.path.join("results", "demo"), progress=False, threads=1)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train.main(DEMO + argv)        # argparse: later flags win, so user flags override the demo's
+    return train_main(argv, defaults=DEMO)      # the demo's settings are the defaults; flags override them
 
 
 if __name__ == "__main__":

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from natasha_ext import data, models, train  # noqa: E402
+from natasha_ext import data, models, training
+from natasha_ext.training import TrainConfig
 
 # (label, CLI optimizer name, hyperparameter overrides)
 CONFIGS = [
@@ -69,9 +67,8 @@ def main(argv=None) -> int:
     epochs = a.epochs if a.epochs is not None else (30 if a.full else 4)
     subset = a.subset or ("full" if a.full else "12000/1000/1000")
     a.bootstrap = a.bootstrap if a.bootstrap is not None else (0.1 if a.full else 0.5)
-    args = train.parse_args(["--model", "lenet5", "--dataset", "mnist", "--subset", subset, "--epochs", str(epochs),
-                             "--batch-size", str(a.batch_size), "--bootstrap", str(a.bootstrap), "--seeds", a.seeds,
-                             "--device", a.device, "--out", a.out] + (["--no-progress"] if not a.progress else []))
+    args = TrainConfig(model="lenet5", dataset="mnist", subset=subset, epochs=epochs, batch_size=a.batch_size,
+                       bootstrap=a.bootstrap, seeds=a.seeds, device=a.device, out=a.out, progress=a.progress)
     if a.threads:
         torch.set_num_threads(a.threads)
     configs = [c for c in CONFIGS if a.only is None or c[0] in a.only.split(",")]
@@ -87,25 +84,23 @@ def main(argv=None) -> int:
             hp = dict(hp)
             if name == "natasha2":
                 hp["variant"] = a.natasha2_variant
-            run_args = copy.copy(args)
-            for k, v in hp.items():
-                setattr(run_args, k, v)
             model = models.get_model("lenet5")
             model.load_state_dict(init)
             model.to(a.device)
-            hist = train.train_one(run_args, name, model, splits, seed, log=lambda s: print(s, flush=True))
+            hist = training.train_one(args.for_optimizer(name, **hp), name, model, splits, seed,
+                                      log=lambda s: print(s, flush=True))
             for r in hist:
                 r["optimizer"] = label
             rows.extend(hist)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = train.summarize(rows)
-    table = train.format_table(summary)
-    train._write_csv(out / "history.csv", rows, train.HISTORY_COLUMNS)
+    summary = training.summarize(rows)
+    table = training.format_table(summary)
+    training.write_csv(out / "history.csv", rows, training.HISTORY_COLUMNS)
     (out / "summary.txt").write_text(table + "\n")
     cols = list(summary[0].keys()) if summary else []
-    train._write_csv(out / "summary.csv", summary, cols)
-    train.plot_curves(rows, out / "curves.png", f"LeNet-5 / MNIST {sizes}, {epochs} epochs, bootstrap {a.bootstrap}")
+    training.write_csv(out / "summary.csv", summary, cols)
+    training.plot_curves(rows, out / "curves.png", f"LeNet-5 / MNIST {sizes}, {epochs} epochs, bootstrap {a.bootstrap}")
     wall = time.time() - t0
     setting = (f"MNIST {sizes} (train/val/test), LeNet-5, {epochs} epochs, bootstrap {a.bootstrap} of the training "
                f"set per epoch, batch {a.batch_size}, seeds {','.join(map(str, args.seeds))}, device {a.device}, "

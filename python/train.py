@@ -2,12 +2,9 @@
 
     python python/train.py --optimizer sgd sgd-momentum adam --model lenet5 --epochs 5 --seeds 0-2
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from natasha_ext.train import main  # noqa: E402
+from natasha_ext.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

