@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from natasha_ext import data
-from tests.mnist_helpers import truncated_mnist
+from tests.training.mnist_helpers import truncated_mnist
 
 
 def _installed(name):

@@ -11,7 +11,7 @@ import torch
 from natasha_ext import cli_optimizers, data, training
 from natasha_ext.cli_optimizers import Flag, OptimizerSpec
 from natasha_ext.training import TrainConfig
-from tests.mnist_helpers import truncated_mnist
+from tests.training.mnist_helpers import truncated_mnist
 from natasha_ext.curvature.hvp import HVP
 from natasha_ext.optim import NatashaOptimizer
 

@@ -15,11 +15,11 @@ import torch
 from natasha_ext import cli_optimizers, data
 from natasha_ext.training import Interrupted, TrainConfig, json_safe, main, run, train_one
 from natasha_ext.training.checkpoint import RunCheckpoint
-from tests.mnist_helpers import requires_mnist
+from tests.training.mnist_helpers import requires_mnist
 
 pytestmark = requires_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(model="mlp", model_args={"hidden": (16,)}, subset="200/50/50", epochs=3, batch_size=50,
             progress=False, verbose=False, plot=False)
 TIMING = ("wall_time", "epoch_time")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.mnist_helpers import requires_mnist
+from tests.training.mnist_helpers import requires_mnist
 
 pytestmark = requires_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(monkeypatch, program, argv):
