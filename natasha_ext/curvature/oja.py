@@ -27,6 +27,7 @@ import torch
 
 from natasha_ext import ops
 from natasha_ext.ops import PhiloxStream
+from natasha_ext.precision import accumulation_dtype
 
 
 @dataclass
@@ -37,10 +38,6 @@ class OjaResult:
     rayleigh: torch.Tensor
     hvps: int
     iterations: int
-
-
-def _acc(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]], like: Sequence[torch.Tensor], *,
@@ -59,7 +56,7 @@ def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tenso
         raise ValueError("oja_min_eigenvector needs at least one tensor")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    acc = _acc(like[0])
+    acc = accumulation_dtype(like)
     w = [torch.empty(p.shape, dtype=acc, device=p.device) for p in like]
     rng.rademacher_(w, fused=fused)
     exclude = set(exclude)

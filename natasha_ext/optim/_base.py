@@ -1,6 +1,12 @@
 """Plumbing shared by every optimizer of the package (a torch.optim.Optimizer subclass).
 
-* ``fused=None|True|False`` resolved once against the compiled kernels.
+* ``fused=None|True|False``: the user's request, kept as given and passed to every op call (the
+  ops decide per call: False the reference, True the kernel or an error with the reason, None
+  the kernel when it can take the arguments, else the reference). ``fused=True`` is also checked
+  once at construction so a missing build fails early.
+* One state policy: per-parameter state named in ``ACCUMULATION_STATE`` lives in
+  :func:`natasha_ext.precision.accumulation_dtype` of its parameter and is restored in that
+  dtype by ``load_state_dict`` (torch.optim would cast it to the parameter dtype).
 * A Philox stream (seed, offset) for the optimizer's random draws, kept in ``state_dict``.
 * Counters users can log (gradients, HVPs, skipped steps ...), kept in ``state_dict``.
 * Parameter checks: sparse gradients, complex parameters, mixed devices/dtypes are refused with
@@ -20,6 +26,33 @@ import torch
 
 from natasha_ext import distributed, ops
 from natasha_ext.ops import PhiloxStream
+from natasha_ext.precision import accumulation_dtype
+
+#: The arguments every optimizer of the package shares, documented once; each class's docstring
+#: carries them through :func:`shared_args_doc`.
+SHARED_ARGS_DOC = """\
+        fused (bool, optional): the compiled kernels. None (default): a kernel where it can take
+            the arguments, else the pure-PyTorch reference (said once in a debug log); True:
+            require the kernels (a RuntimeError with the reason otherwise); False: always the
+            reference. ``opt.fused`` reads the request back.
+        seed (int, optional): seed of the optimizer's Philox stream (probes, start vectors,
+            signs); None draws it from torch's global generator. The stream's (seed, offset)
+            is saved in ``state_dict``, so a resumed run draws the same numbers.
+        raise_on_nonfinite (bool): raise :class:`NonFiniteError` instead of skipping a step whose
+            gradients or curvature products hold NaN/inf (default False: skip it, count it in
+            ``counters['skipped_steps']``, change nothing).
+        process_group (optional): a torch.distributed group (``natasha_ext.distributed.WORLD``
+            for the default one): losses, gradients and curvature products are averaged across
+            its ranks and the Philox seed is broadcast from its first rank, so every rank takes
+            the same step (see :mod:`natasha_ext.distributed`)."""
+
+
+def shared_args_doc(cls):
+    """Class decorator: replace the ``{shared_args}`` line of ``cls.__doc__`` by
+    :data:`SHARED_ARGS_DOC` (docstrings may be stripped under ``python -OO``)."""
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace("        {shared_args}", SHARED_ARGS_DOC)
+    return cls
 
 
 class NonFiniteError(FloatingPointError):
@@ -31,12 +64,15 @@ class NatashaOptimizer(torch.optim.Optimizer):
 
     #: names of the counters this optimizer exposes in ``self.counters``
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps")
+    #: per-parameter state kept in the accumulation dtype of its parameter (fp32 for fp16/bf16/
+    #: fp32 parameters, fp64 for fp64 ones); ``load_state_dict`` restores these keys in that dtype
+    ACCUMULATION_STATE: tuple = ()
 
     def __init__(self, params, defaults: dict, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         super().__init__(params, defaults)
         self._check_params()
-        self.fused = self._resolve_fused(fused)
+        self._fused = self._check_fused(fused)
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.rng = PhiloxStream(seed)
         self.counters: Dict[str, float] = {k: 0 for k in self.COUNTERS}
@@ -115,16 +151,27 @@ class NatashaOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "fused"):
+        if "_fused" in self.__dict__:  # past __init__ (torch's __init__ adds the first groups)
             self._check_params()
 
-    def _resolve_fused(self, fused: Optional[bool]) -> bool:
-        params = [p for g in self.param_groups for p in g["params"]]
+    def _check_fused(self, fused: Optional[bool]) -> Optional[bool]:
+        """The request as given; ``fused=True`` fails here, with the reason, when no kernel is
+        loaded for the parameters' device (every op would refuse it at the first step)."""
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        if not params:
-            return False
-        return ops._dispatch.use_fused(params, fused)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if fused and params:
+            ops._dispatch.use_fused(params, True)
+        return fused
+
+    @property
+    def fused(self) -> Optional[bool]:
+        """The ``fused`` request (None, True or False) that every op call of this optimizer gets."""
+        return self._fused
+
+    def accumulation_zeros(self, p: torch.Tensor) -> torch.Tensor:
+        """Zeros shaped like ``p`` in its accumulation dtype (contiguous): new optimizer state."""
+        return torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device)
 
     @staticmethod
     def check_grads(params: Iterable[torch.Tensor]) -> None:
@@ -162,12 +209,26 @@ class NatashaOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("natasha", None)
         super().load_state_dict(state_dict)
+        self._restore_accumulation_state(state_dict)
         if extra is not None:
             self.load_extra_state(extra)
 
+    def _restore_accumulation_state(self, state_dict: dict) -> None:
+        # torch.optim casts floating state to the parameter dtype; the ACCUMULATION_STATE of
+        # fp16/bf16 parameters is fp32, so it is restored from the saved tensors in its own dtype
+        # (a resume stays bit-identical)
+        saved = state_dict["state"]
+        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(g_saved["params"], g["params"]):
+                entry = saved.get(pid, {})
+                for key in self.ACCUMULATION_STATE:
+                    if isinstance(entry.get(key), torch.Tensor):
+                        self.state[p][key] = entry[key].to(device=p.device, dtype=accumulation_dtype(p), copy=True)
+
     def __getstate__(self) -> dict:
         # torch.optim keeps only defaults/state/param_groups; deepcopy and pickle must also carry
-        # the stream, counters and the subclasses' public attributes (private ones are hooks).
+        # the stream, counters, the fused request and the subclasses' public attributes (other
+        # private ones are hooks).
         state = super().__getstate__()
-        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") or k == "_fused"})
         return state

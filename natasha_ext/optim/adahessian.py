@@ -25,6 +25,7 @@ from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, gradie
 from natasha_ext.ops import adahessian as aops
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.precision import accumulation_dtype
 
 
 class _GraphHVP:
@@ -84,6 +85,7 @@ class AdaHessian(NatashaOptimizer):
     """
 
     COUNTERS = ("steps", "gradients", "hvps", "hessian_updates", "skipped_steps")
+    ACCUMULATION_STATE = ("exp_avg", "exp_hessian_diag_sq", "momentum_buffer")
 
     def __init__(self, params, lr: float = 0.15, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
@@ -109,21 +111,6 @@ class AdaHessian(NatashaOptimizer):
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
-
-    #: per-parameter state kept in fp32 (fp64 for fp64 params) whatever the parameter dtype
-    _STATE_ACC = ("exp_avg", "exp_hessian_diag_sq", "momentum_buffer")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 state of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                for key in self._STATE_ACC:
-                    if pid in saved and key in saved[pid]:
-                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=aops.state_dtype(p.dtype),
-                                                                copy=True)
 
     # ------------------------------------------------------------------ schedule
     def _schedule_steps(self) -> int:
@@ -218,7 +205,7 @@ class AdaHessian(NatashaOptimizer):
             if due:
                 units = self._units(groups)
                 if n > 1:
-                    curv = [torch.zeros(p.shape, dtype=aops.state_dtype(p.dtype), device=p.device) for p in params]
+                    curv = [self.accumulation_zeros(p) for p in params]
                 for s in range(n):
                     z = [None] * len(params)
                     for ui, (_, idx, _) in enumerate(units):
@@ -258,11 +245,10 @@ class AdaHessian(NatashaOptimizer):
             for p in ps:
                 st = self.state[p]
                 if "exp_avg" not in st:
-                    sdt = aops.state_dtype(p.dtype)
                     st["step"] = torch.tensor(0.0)
                     st["hessian_step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-                    st["exp_hessian_diag_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                    st["exp_avg"] = self.accumulation_zeros(p)
+                    st["exp_hessian_diag_sq"] = self.accumulation_zeros(p)
                 st["step"] += 1
                 if due:
                     st["hessian_step"] += 1
@@ -371,7 +357,7 @@ class HybridSGDAdaHessian(AdaHessian):
                 bufs = []
                 for p, g in zip(ps, gs):
                     st = self.state[p]
-                    sdt = aops.state_dtype(p.dtype)  # fp32 buffer for fp16/bf16 params
+                    sdt = accumulation_dtype(p)  # fp32 buffer for fp16/bf16 params
                     if "momentum_buffer" not in st:
                         st["momentum_buffer"] = g.detach().to(sdt, copy=True)
                     else:

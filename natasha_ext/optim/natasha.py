@@ -59,13 +59,11 @@ from natasha_ext import distributed, ops
 from natasha_ext.curvature import HVP, evaluate_closure, gradients, oja_min_eigenvector
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.precision import accumulation_dtype
 
 #: cap on Natasha2's default Oja iteration count ceil(1/delta^2) (the report advises delta >= 0.05,
 #: i.e. at most 400 iterations)
 MAX_DEFAULT_OJA_ITERS = 1000
-
-def _acc(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class _NatashaEpochs(NatashaOptimizer):
@@ -73,7 +71,7 @@ class _NatashaEpochs(NatashaOptimizer):
 
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "epochs", "subepochs", "kicks", "oja_runs",
                 "oja_iterations", "last_rayleigh")
-    _STATE_ACC = ("anchor", "avg_sum", "mu", "center")  # per-param state kept in fp32/fp64
+    ACCUMULATION_STATE = ("anchor", "avg_sum", "mu", "center")
 
     def __init__(self, params, defaults, *, fused, seed, raise_on_nonfinite, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -126,7 +124,7 @@ class _NatashaEpochs(NatashaOptimizer):
             st = self.state[p]
             if "anchor" in st:
                 continue
-            acc = _acc(p)
+            acc = accumulation_dtype(p)
             st["anchor"] = p.detach().to(acc, copy=True)
             st["avg_sum"] = torch.zeros_like(p, dtype=acc, memory_format=torch.contiguous_format)
             if vr:
@@ -146,17 +144,6 @@ class _NatashaEpochs(NatashaOptimizer):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.position.update({k: int(v) for k, v in state["position"].items()})
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 state of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                for key in self._STATE_ACC:
-                    if pid in saved and key in saved[pid]:
-                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=_acc(p), copy=True)
 
     # ------------------------------------------------------------------ gradients
     def _loss_and_grads(self, closure, params):

@@ -86,6 +86,7 @@ class _RegularisedNewton(NatashaOptimizer):
                 "rejected", "subproblem_iters")
     _GLOBAL: tuple = ()
     _PER_GROUP = ("norm", "beta", "eps")
+    ACCUMULATION_STATE = ("square_avg",)
 
     def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -130,8 +131,7 @@ class _RegularisedNewton(NatashaOptimizer):
         """Per-parameter ellipsoid state (persisted) and CG scratch (not persisted)."""
         work = getattr(self, "_work", None)
         if work is None or work["ids"] != [id(p) for p in params]:
-            sd = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
-            mk = lambda: [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, sd)]
+            mk = lambda: [self.accumulation_zeros(p) for p in params]
             work = {"ids": [id(p) for p in params], "a": mk(), "s": mk(), "r": mk(), "p": mk()}
             self._work = work
         return work
@@ -243,17 +243,6 @@ class _RegularisedNewton(NatashaOptimizer):
         if gs > 0:
             s, gs = -s, -gs
         return unflatten(s, a), gs + 0.5 * theta * radius * radius, len(lz.alphas)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 ellipsoid of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                if pid in saved and "square_avg" in saved[pid]:
-                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    self.state[p]["square_avg"] = saved[pid]["square_avg"].to(device=p.device, dtype=dt, copy=True)
 
     def extra_state(self) -> dict:
         st = super().extra_state()
