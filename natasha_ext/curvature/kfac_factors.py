@@ -1,7 +1,11 @@
 """K-FAC statistics: forward/backward hooks that collect, per supported layer, the layer inputs
 ``a`` (with a bias column of ones) and the pre-activation gradients ``g``, and turn them into
-Kronecker-factor statistics (asymptotic-natural-gradient.md eqs. 8-12; Martens & Grosse 2015,
-Grosse & Martens 2016 for convolutions).
+Kronecker-factor statistics (Tang, Jiang, Song, Gong, Li, Yu, Wang & Wang, "AsymptoticNG: a
+regularized natural gradient optimization algorithm with look-ahead strategy", 2021, eqs. 8-12;
+Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate curvature",
+2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
+2016, for convolutions). The strategies of :mod:`natasha_ext.curvature.kronecker` turn them
+into preconditioners.
 
 Supported layers: ``nn.Linear`` and ``nn.Conv2d`` (groups=1, numeric padding, zeros padding
 mode). A layer's gradient is handled as the matrix T = [dW | db] of shape (out, in [+1]); conv
@@ -41,6 +45,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["SUPPORTED_LAYERS", "layer_support", "KFACLayer", "FactorCollector"]
 
@@ -151,7 +157,7 @@ class FactorCollector:
 
     # ------------------------------------------------------------------ hooks
     def _stat_dtype(self, i):
-        return torch.float64 if self.layers[i].weight.dtype == torch.float64 else torch.float32
+        return accumulation_dtype(self.layers[i].weight)
 
     def _forward(self, i: int, module, inputs, output):
         layer = self.layers[i]
@@ -192,8 +198,7 @@ class FactorCollector:
         return x.shape[0] if x.dim() > 1 else 1
 
     def _a_rows_one(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        x = x.to(dt)
+        x = x.to(accumulation_dtype(layer.weight))
         if layer.kind == "conv2d":
             m = layer.module
             if x.dim() == 3:

@@ -1,6 +1,8 @@
-"""AdaHessian (Yao et al. 2020) and the hybrid SGD-momentum -> AdaHessian optimizer of Attias,
-Cadei and Novakovic ("Discussion on the viability of a modern second order method ...",
-``papers/adahessian-hybrid-resnet18-mnist.md``).
+"""AdaHessian (Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney, "ADAHESSIAN: an adaptive second
+order optimizer for machine learning", 2020) and the hybrid SGD-momentum -> AdaHessian optimizer
+of Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in
+non-convex optimization training a deep convolutional neural network" (EPFL, undated; "Attias et
+al." below, whose equation numbers are used).
 
 AdaHessian preconditions Adam's bias-corrected first moment with a running root-mean-square of
 the spatially averaged Hessian diagonal:
@@ -11,8 +13,8 @@ the spatially averaged Hessian diagonal:
     v_h    = beta2 v + (1 - beta2) D^(s)^2, v^ = v_h / (1 - beta2^h)            (eq. 10)
     x     <- x - lr (m^ / (v^^(k/2) + eps) + weight_decay x)   (Hessian power k, decoupled decay)
 
-Paper defaults: AdaHessian lr=0.1 (ours 0.15, the original implementation's), betas=(0.9, 0.999);
-Hybrid tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
+Defaults: AdaHessian lr=0.15 (the original implementation's), betas=(0.9, 0.999); Hybrid as
+Attias et al.: tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from natasha_ext.curvature.hutchinson import rademacher_probe
 from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, gradients
 from natasha_ext.ops import adahessian as aops
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 from natasha_ext.precision import accumulation_dtype
 
 
@@ -47,12 +49,13 @@ class _GraphHVP:
         self.g = None
 
 
+@shared_args_doc
 class AdaHessian(NatashaOptimizer):
     r"""AdaHessian with a fused update kernel and Hutchinson probes from the optimizer's Philox stream.
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (default 0.15; the paper tuned 0.1 for ResNet-18 on MNIST).
+        lr: learning rate (default 0.15).
         betas: (beta1, beta2) of the gradient and Hessian-diagonal moments (default (0.9, 0.999)).
         eps: added to the preconditioner (default 1e-4).
         weight_decay: decoupled weight decay (AdamW-style, default 0).
@@ -67,11 +70,9 @@ class AdaHessian(NatashaOptimizer):
             closure mode only).
         abs_before_average: True (the original implementation): D^(s) = mean |D|;
             False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
-        seed: seed of the probes' Philox stream (None: drawn from torch's global generator).
-        fused: None (kernels when available), True (require them), False (pure PyTorch).
-        process_group: torch.distributed group (``natasha_ext.distributed.WORLD``): in closure
-            mode the gradients and Hessian-vector products are averaged across its ranks and the
-            probe seed is broadcast (same as ``distributed.attach(opt, group)``).
+        {shared_args}
+        With a process group, closure mode averages the gradients and Hessian-vector products and
+        the probes' seed is shared (same as ``distributed.attach(opt, group)``).
 
     Two ways to call it:
       * ``opt.step(closure)`` with ``closure()`` returning the loss *without* calling backward;
@@ -265,18 +266,22 @@ class AdaHessian(NatashaOptimizer):
                 bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
 
 
+@shared_args_doc
 class HybridSGDAdaHessian(AdaHessian):
     r"""SGD with momentum until the validation loss falls below ``switch_threshold``, then AdaHessian.
 
-    The paper's HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
+    Attias et al.'s HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
     poorly conditioned there), second-order steps once the validation loss the user reports via
     :meth:`report_validation_loss` drops strictly below tl (``switch_threshold``, default 1.0).
 
     SGD phase: ``buf <- momentum buf + g`` (torch.optim.SGD's form; ``buf = g`` at the first step),
     ``x <- x - sgd_lr buf``. AdaHessian phase: fresh moments, :class:`AdaHessian` with ``lr``,
-    ``betas`` ... (paper: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
+    ``betas`` ... (Attias et al.: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
     ``switch_step`` / ``switch_epoch`` record when the switch happened (None before); both and
     the phase survive ``state_dict`` round trips.
+
+    Args: switch_threshold, sgd_lr, momentum, and those of :class:`AdaHessian`:
+        {shared_args}
     """
 
     COUNTERS = AdaHessian.COUNTERS + ("sgd_steps",)

@@ -1,14 +1,16 @@
 """Natasha1.5 and Natasha2 (Allen-Zhu, "Natasha 2: Faster non-convex optimization than SGD",
-NeurIPS 2018; the algorithms as written out in natasha2-pytorch-report, Alg. 1-4).
+NeurIPS 2018), with the algorithms as written out by Liu, Liu, Liu & Li, "Implementing and
+evaluating Natasha2 with PyTorch" (Columbia University project report, undated), Algorithms 1-4;
+"Liu et al." below.
 
-Natasha1.5 epoch k (report Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepochs``, m = B/p:
+Natasha1.5 epoch k (Liu et al. Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepochs``, m = B/p:
 
     x_hat <- y_k;  x_tilde <- x_hat;  mu <- grad f_S(x_tilde)
     for s = 0 .. p-1:
         x_0 <- x_hat
         for t = 0 .. m-1:
             d  = grad f_i(x_t) - grad f_i(x_tilde) + mu + 2 sigma (x_t - x_hat)      (faithful)
-            d  = grad f_i(x_t) + sigma (x_t - x_hat)                                 (report Alg. 2)
+            d  = grad f_i(x_t) + sigma (x_t - x_hat)                                 (Liu et al. Alg. 2)
             x_{t+1} = argmin_y { psi(y) + ||y - x_t||^2 / (2 lr) + <d, y> }  = prox_{lr psi}(x_t - lr d)
         x_hat <- (x_0 + ... + x_{m-1}) / m
     y_{k+1} <- x_hat
@@ -16,7 +18,7 @@ Natasha1.5 epoch k (report Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepo
 psi = 0 for Natasha1.5 on its own; inside faithful Natasha2 psi(x) = L max(0, ||x - y_k|| - delta/L2)^2
 (the F^k regulariser), whose prox is a closed-form shrink towards y_k (see ops.svrg_step).
 
-Natasha2 outer iteration k (report Alg. 1 lines 12-38; Alg. 3/4 for ``variant='simplified'``):
+Natasha2 outer iteration k (Liu et al. Alg. 1 lines 12-38; Alg. 3/4 for ``variant='simplified'``):
 Oja's algorithm on I - eta H(y_k) gives a unit v; if v^T H v <= -delta/2 the iterate is kicked,
 y_{k+1} = y_k +- (delta/L2) v with a random sign, otherwise one Natasha1.5 epoch runs on F^k.
 
@@ -58,10 +60,10 @@ import torch
 from natasha_ext import distributed, ops
 from natasha_ext.curvature import HVP, evaluate_closure, gradients, oja_min_eigenvector
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 from natasha_ext.precision import accumulation_dtype
 
-#: cap on Natasha2's default Oja iteration count ceil(1/delta^2) (the report advises delta >= 0.05,
+#: cap on Natasha2's default Oja iteration count ceil(1/delta^2) (Liu et al. advise delta >= 0.05,
 #: i.e. at most 400 iterations)
 MAX_DEFAULT_OJA_ITERS = 1000
 
@@ -274,27 +276,27 @@ class _NatashaEpochs(NatashaOptimizer):
                 self.counters["epochs"] += 1
 
 
+@shared_args_doc
 class Natasha15(_NatashaEpochs):
     r"""Natasha1.5: SVRG epochs with sub-epoch averaging and the sigma ||x - x_hat||^2 regulariser.
 
     Args:
         params: parameters or param groups.
-        lr (float): alpha, the inner step size (report: 0.01). Per group.
-        sigma (float): regulariser weight (report: 0.5). Per group. The faithful estimator adds
+        lr (float): alpha, the inner step size (Liu et al.: 0.01). Per group.
+        sigma (float): regulariser weight (Liu et al.: 0.5). Per group. The faithful estimator adds
             2 sigma (x_t - x_hat) (gradient of sigma ||x - x_hat||^2); the simplified one sigma (x_t - x_hat)
-            as in the report's Alg. 2.
-        epoch_size (int): B, inner iterations per epoch (report: 27).
-        subepochs (int): p, sub-epochs per epoch (report: 9); m = B/p >= 2 must be an integer.
+            as in Liu et al.'s Alg. 2.
+        epoch_size (int): B, inner iterations per epoch (Liu et al.: 27).
+        subepochs (int): p, sub-epochs per epoch (Liu et al.: 9); m = B/p >= 2 must be an integer.
         variance_reduction (bool): True: the faithful estimator grad f_i(x_t) - grad f_i(x_tilde) + mu
-            + 2 sigma (x_t - x_hat) (two gradients per call); False: the report's Alg. 2.
+            + 2 sigma (x_t - x_hat) (two gradients per call); False: Liu et al.'s Alg. 2.
         snapshot_batches (int, optional): minibatches averaged into mu at each epoch start (see the
             module docstring); None: the epoch's first minibatch.
-        fused (bool, optional): use the compiled svrg_step kernel (None: when available).
-        seed (int, optional): Philox seed (unused by Natasha1.5's maths, kept for uniformity).
-        raise_on_nonfinite (bool): raise NonFiniteError instead of skipping a non-finite call.
-        process_group (optional): torch.distributed group (``natasha_ext.distributed.WORLD``):
-            each rank evaluates the closure on its shard; gradients are averaged, the two of a
-            faithful call (at x_t and at x_tilde) in one bucket, so mu needs no collective of its own.
+        {shared_args}
+        Natasha1.5's maths draws no random numbers (``seed`` is kept for uniformity). With a
+        process group each rank evaluates the closure on its shard and the two gradients of a
+        faithful call (at x_t and at x_tilde) are averaged in one bucket, so mu needs no
+        collective of its own.
 
     ``step(closure)``: ``closure()`` returns the minibatch loss without calling backward.
     """
@@ -324,6 +326,7 @@ class Natasha15(_NatashaEpochs):
         return self._inner_call(closure, params)
 
 
+@shared_args_doc
 class Natasha2(_NatashaEpochs):
     r"""Natasha2: Oja's algorithm finds negative curvature (kick along it), else a Natasha1.5 epoch.
 
@@ -333,20 +336,20 @@ class Natasha2(_NatashaEpochs):
         delta (float): curvature threshold: kick when v^T H v <= -delta/2 (paper's delta).
         eta (float): Oja step, power method on I - eta H; needs eta * |lambda_max(H)| <= 1.
         oja_iters (int, optional): Oja iterations per outer iteration; default ceil(1/delta^2)
-            (report Alg. 3 line 6) capped at ``MAX_DEFAULT_OJA_ITERS`` = 1000.
+            (Liu et al. Alg. 3 line 6) capped at ``MAX_DEFAULT_OJA_ITERS`` = 1000.
         L (float): smoothness L in F^k(x) = f(x) + L max(0, ||x - y_k|| - delta/L2)^2 (faithful only).
         L2 (float): second-order smoothness; the kick length is delta/L2 and the F^k radius delta/L2
-            (faithful). The simplified variant kicks by delta (report Alg. 3 line 11, where L = L2 = 1).
+            (faithful). The simplified variant kicks by delta (Liu et al. Alg. 3 line 11, where L = L2 = 1).
         hvp ('exact' | 'finite_difference'): double backward, or (grad f(x + q v) - grad f(x)) / q
-            with q = ``fd_eps`` (report Alg. 4, q = 1e-4).
-        variant ('faithful' | 'simplified'): faithful = report Alg. 1 (variance-reduced estimator
-            with 2 sigma, F^k applied by its closed-form prox, kick delta/L2); simplified = report
+            with q = ``fd_eps`` (Liu et al. Alg. 4, q = 1e-4).
+        variant ('faithful' | 'simplified'): faithful = Liu et al. Alg. 1 (variance-reduced estimator
+            with 2 sigma, F^k applied by its closed-form prox, kick delta/L2); simplified = Liu et al.
             Alg. 3-4 (estimator grad f_i(x_t) + sigma (x_t - x_hat), no F^k, kick delta).
         snapshot_batches (int, optional): as in :class:`Natasha15` (faithful variant).
-        fused, seed: as usual; the Oja start vector and the kick sign come from ``self.rng``.
-        raise_on_nonfinite, process_group: as in :class:`Natasha15`; with a group every rank
-            draws the same Oja start vector and kick sign (Philox seed broadcast from rank 0) and
-            HVPs are averaged, so the kick decision agrees across ranks.
+        {shared_args}
+        The Oja start vector and the kick sign come from the Philox stream; with a process group
+        every rank draws the same ones and the HVPs are averaged, so the kick decision agrees
+        across ranks.
     """
 
     def __init__(self, params, lr: float = 0.01, sigma: float = 0.5, epoch_size: int = 27, subepochs: int = 9,

@@ -1,6 +1,7 @@
 """Stochastic ellipsoidal trust region (Algorithm 1 of "Adaptive norms for deep learning with
-regularized Newton methods") and adaptive cubic regularisation (Cartis, Gould & Toint 2011) in
-the same adaptive norms.
+regularized Newton methods", anonymous authors, under double-blind review, 2019; its equation
+numbers are used below) and adaptive cubic regularisation (Cartis, Gould & Toint, "Adaptive cubic
+regularisation methods for unconstrained optimization. Part I", 2011) in the same adaptive norms.
 
 Both minimise a second-order model of the minibatch loss around the current weights w,
 
@@ -52,7 +53,7 @@ from natasha_ext.curvature.hvp import HVP, HVP_METHODS
 from natasha_ext.curvature.lanczos import Lanczos, cubic_tridiag, flatten, leftmost, unflatten
 from natasha_ext.curvature.steihaug import cubic_cg, steihaug_cg
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 
 NORMS = ("rmsprop", "adagrad", "spherical")
 CURVATURES = ("hessian", "gauss_newton")
@@ -254,6 +255,7 @@ class _RegularisedNewton(NatashaOptimizer):
         self.last_step = dict(state.get("last_step", {}))
 
 
+@shared_args_doc
 class TrustRegion(_RegularisedNewton):
     r"""Stochastic ellipsoidal (or spherical) trust region, Algorithm 1 of the paper.
 
@@ -267,8 +269,7 @@ class TrustRegion(_RegularisedNewton):
             refinement): rho < eta: reject, radius /= gamma; eta <= rho < eta_very_successful:
             accept, radius kept; rho >= eta_very_successful: accept, radius = min(gamma radius,
             max_radius). ``eta_very_successful=eta`` is Alg. 1 verbatim (every success enlarges).
-            The appendix table of the paper is not part of the text this implementation was
-            written from; gamma=2 is the common choice in the TR literature (Conn et al. 2000).
+            gamma=2 is the common choice (Conn, Gould & Toint, "Trust-region methods", 2000).
         norm: 'rmsprop' (eq. 3), 'adagrad' (eq. 2) or 'spherical' (A = I). Per group.
         beta: RMSProp decay of eq. 3 (default 0.8). Per group.
         eps: epsilon of eqs. 2-3 (default 1e-8); keeps A uniformly equivalent (Lemma 2). Per group.
@@ -280,12 +281,10 @@ class TrustRegion(_RegularisedNewton):
             the step is the eigenpoint (default 0: only an exactly vanishing gradient).
         eigen_iters: Lanczos iterations for the eigenpoint when the gradient vanishes (default
             10; 0 disables it, then a stationary point ends the progress).
-        fused, seed, raise_on_nonfinite: see :class:`NatashaOptimizer`.
         model: optional module whose output pairs with a loss-only closure when
             ``curvature='gauss_newton'`` (see the module docstring).
-        process_group: torch.distributed group (or ``natasha_ext.distributed.WORLD``): losses,
-            gradients and curvature products are averaged across it, so every rank takes the same
-            accept/reject decision (see :mod:`natasha_ext.distributed`).
+        {shared_args}
+        With a process group every rank takes the same accept/reject decision.
 
     ``step(closure)`` returns the loss at the current point (before the step).
     """
@@ -388,6 +387,7 @@ class TrustRegion(_RegularisedNewton):
         self.radius = float(state["radius"])
 
 
+@shared_args_doc
 class ARC(_RegularisedNewton):
     r"""Adaptive cubic regularisation (Cartis, Gould & Toint 2011) in the adaptive norm:
     m(s) = g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3, rho = (L(w) - L(w+s)) / (L(w) - m(s)).
@@ -414,6 +414,7 @@ class ARC(_RegularisedNewton):
         curvature, hvp, fd_eps, grad_tol, eigen_iters, model: as :class:`TrustRegion` (with a vanishing
             gradient Lanczos starts from a Philox Rademacher vector, which finds the escape
             direction -theta_min/sigma along the leftmost eigenvector).
+        {shared_args}
     """
 
     _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
