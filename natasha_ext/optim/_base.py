@@ -9,8 +9,11 @@
   dtype by ``load_state_dict`` (torch.optim would cast it to the parameter dtype).
 * A Philox stream (seed, offset) for the optimizer's random draws, kept in ``state_dict``.
 * Counters users can log (gradients, HVPs, skipped steps ...), kept in ``state_dict``.
-* Parameter checks: sparse gradients, complex parameters, mixed devices/dtypes are refused with
-  errors naming the argument.
+* Parameter checks: sparse gradients, complex parameters, mixed devices are refused with
+  errors naming the argument; each family's ``_check_group`` validates a param group's
+  hyperparameters in ``__init__``, ``add_param_group``, every ``step`` and ``load_state_dict``.
+* ``load_state_dict`` checks everything first (class tag, group keys and values, state shapes)
+  and either loads all of it or changes nothing.
 * An optional ``process_group`` (``set_process_group``): while ``step()`` runs, the shared
   curvature engines average losses, gradients and HVPs across it (see
   :mod:`natasha_ext.distributed`); the Philox seed is broadcast when the group is attached.
@@ -72,6 +75,7 @@ class NatashaOptimizer(torch.optim.Optimizer):
                  raise_on_nonfinite: bool = False, process_group=None):
         super().__init__(params, defaults)
         self._check_params()
+        self._check_groups()
         self._fused = self._check_fused(fused)
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.rng = PhiloxStream(seed)
@@ -92,6 +96,7 @@ class NatashaOptimizer(torch.optim.Optimizer):
 
         @functools.wraps(step)
         def step_with_group(self, *args, **kw):
+            self._check_groups()  # the group dicts may have been edited (LR schedulers, users)
             group = getattr(self, "_process_group", None)
             if group is None or distributed.active_group() is group:  # none, or a nested super().step
                 return step(self, *args, **kw)
@@ -150,9 +155,32 @@ class NatashaOptimizer(torch.optim.Optimizer):
                                      f"{type(self).__name__} needs all parameters on one device")
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's add_param_group, then the parameter and hyperparameter checks; a group
+        that fails them is removed again (the optimizer is left as it was)."""
         super().add_param_group(param_group)
-        if "_fused" in self.__dict__:  # past __init__ (torch's __init__ adds the first groups)
-            self._check_params()
+        if "_fused" in self.__dict__:  # past __init__ (which checks the groups it was given)
+            try:
+                self._check_params()
+                self._check_groups()
+            except Exception:
+                self.param_groups.pop()
+                raise
+
+    # ------------------------------------------------------------------ hyperparameters
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        """The family's validator of one param group's hyperparameters (host-side, cheap; errors
+        name the argument): used on the defaults by ``__init__`` and on every group by
+        ``add_param_group``, ``step`` and ``load_state_dict``."""
+
+    def _check_groups(self, groups: Optional[List[dict]] = None) -> None:
+        """Validate every param group (``groups``: the given dicts instead of this optimizer's);
+        the error names the group."""
+        for gi, group in enumerate(self.param_groups if groups is None else groups):
+            try:
+                self._check_group(group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{type(self).__name__}: param group {gi}: {e}") from None
 
     def _check_fused(self, fused: Optional[bool]) -> Optional[bool]:
         """The request as given; ``fused=True`` fails here, with the reason, when no kernel is
@@ -193,8 +221,9 @@ class NatashaOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
-        """Non-per-parameter state to checkpoint; subclasses extend the dict."""
-        return {"rng": self.rng.state_dict(), "counters": dict(self.counters)}
+        """Non-per-parameter state to checkpoint; subclasses extend the dict. ``class`` tags the
+        optimizer class, which ``load_state_dict`` checks."""
+        return {"class": type(self).__name__, "rng": self.rng.state_dict(), "counters": dict(self.counters)}
 
     def load_extra_state(self, state: dict) -> None:
         self.rng.load_state_dict(state["rng"])
@@ -206,12 +235,55 @@ class NatashaOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict, checked first so that it either loads everything or
+        changes nothing: the optimizer class, each group's keys and hyperparameters, the extra
+        state's sections and every per-parameter state tensor's shape."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("natasha", None)
+        self._check_loadable(state_dict, extra)
         super().load_state_dict(state_dict)
         self._restore_accumulation_state(state_dict)
-        if extra is not None:
-            self.load_extra_state(extra)
+        self.load_extra_state(extra)
+
+    def _check_loadable(self, state_dict: dict, extra) -> None:
+        name = type(self).__name__
+        if not isinstance(extra, dict):
+            raise ValueError(f"{name}.load_state_dict: state_dict has no 'natasha' section; it was not saved by a "
+                             "natasha_ext optimizer")
+        saved_class = extra.get("class", name)  # checkpoints older than the tag: checked by their contents
+        if saved_class != name:
+            raise ValueError(f"{name}.load_state_dict: the state_dict was saved by {saved_class}; load it into a "
+                             f"{saved_class}")
+        missing = sorted(set(self.extra_state()) - set(extra) - {"class"})
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: the 'natasha' section lacks {missing}")
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state_dict has "
+                             f"{len(groups) if isinstance(groups, list) else 'no'} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            lacking = sorted(set(group) - set(saved))
+            if lacking:
+                raise ValueError(f"{name}.load_state_dict: param group {gi} of the state_dict lacks {lacking}")
+        self._check_groups(groups)
+        saved_state = state_dict.get("state", {})
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            for pid, p in zip(saved["params"], group["params"]):
+                for key, value in saved_state.get(pid, {}).items():
+                    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                        continue  # scalars (step counts) fit any parameter
+                    want = self._state_shape(p, key)
+                    if want is not None and (len(want) != value.dim() or
+                                             any(w not in (-1, v) for w, v in zip(want, value.shape))):
+                        raise ValueError(f"{name}.load_state_dict: state[{key!r}] of parameter {pid} (param group "
+                                         f"{gi}) has shape {tuple(value.shape)}, expected {tuple(want)} for a "
+                                         f"parameter of shape {tuple(p.shape)}")
+
+    def _state_shape(self, p: torch.Tensor, key: str) -> Optional[tuple]:
+        """The shape per-parameter state ``key`` of ``p`` must have (-1: any size; None: not
+        checked). Per-parameter state is shaped like its parameter unless a family says so."""
+        return tuple(p.shape)
 
     def _restore_accumulation_state(self, state_dict: dict) -> None:
         # torch.optim casts floating state to the parameter dtype; the ACCUMULATION_STATE of

@@ -93,25 +93,31 @@ class AdaHessian(NatashaOptimizer):
                  block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
                  raise_on_nonfinite: bool = False, process_group=None, _extra_defaults: Optional[dict] = None):
-        V.positive("lr", lr)
-        V.betas(betas)
-        V.positive("eps", eps)
-        V.nonnegative("weight_decay", weight_decay)
-        V.in_range("hessian_power", hessian_power, 0.0, 1.0, low_open=True, high_open=False)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                        block_size=block_size)
+        defaults.update(_extra_defaults or {})
+        self._check_group(defaults)
+        V.positive("lr", lr)  # at construction > 0; a scheduler may later bring it to 0
+        defaults["betas"] = tuple(betas)
         V.positive_int("update_each", update_each)
         V.positive_int("n_samples", n_samples)
-        if block_size is not None:
-            V.positive_int("block_size", block_size)
         V.choice("hvp", hvp, HVP_METHODS)
         V.positive("fd_eps", fd_eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        hessian_power=hessian_power, block_size=block_size)
-        defaults.update(_extra_defaults or {})
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])  # 0 is a valid value (LR schedulers reach it)
+        V.betas(group["betas"])
+        V.positive("eps", group["eps"])
+        V.nonnegative("weight_decay", group["weight_decay"])
+        V.in_range("hessian_power", group["hessian_power"], 0.0, 1.0, low_open=True, high_open=False)
+        if group["block_size"] is not None:
+            V.positive_int("block_size", group["block_size"])
 
     # ------------------------------------------------------------------ schedule
     def _schedule_steps(self) -> int:
@@ -294,7 +300,6 @@ class HybridSGDAdaHessian(AdaHessian):
                  raise_on_nonfinite: bool = False, process_group=None):
         V._num("switch_threshold", switch_threshold)
         V.positive("sgd_lr", sgd_lr)
-        V.in_range("momentum", momentum, 0.0, 1.0)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
                          block_size=block_size, hvp=hvp, abs_before_average=abs_before_average, fd_eps=fd_eps,
@@ -305,6 +310,12 @@ class HybridSGDAdaHessian(AdaHessian):
         self.switch_step: Optional[int] = None
         self.switch_epoch: Optional[int] = None
         self.validation_reports = 0
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.nonnegative("sgd_lr", group["sgd_lr"])
+        V.in_range("momentum", group["momentum"], 0.0, 1.0)
 
     def report_validation_loss(self, loss, epoch: Optional[int] = None) -> bool:
         """Tell the optimizer the current validation loss; switches to AdaHessian (and returns

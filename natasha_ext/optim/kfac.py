@@ -153,15 +153,27 @@ class _KroneckerFamily(NatashaOptimizer):
         if process_group is not None:
             self.set_process_group(process_group)
 
-    @staticmethod
-    def _check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every) -> None:
-        V.nonnegative("lr", lr)
-        V.in_range("momentum", momentum, 0.0, 1.0)
-        V.positive("damping", damping)
-        V.nonnegative("weight_decay", weight_decay)
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])
+        V.in_range("momentum", group["momentum"], 0.0, 1.0)
+        V.positive("damping", group["damping"])
+        V.nonnegative("weight_decay", group["weight_decay"])
+
+    @classmethod
+    def _check_common(cls, lr, momentum, damping, weight_decay, kl_clip, cov_every) -> None:
+        cls._check_group(dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay))
         if kl_clip is not None:
             V.nonnegative("kl_clip", kl_clip)
         V.positive_int("cov_every", cov_every)
+
+    def _state_shape(self, p: torch.Tensor, key: str):
+        layer = {id(l.weight): l for l in getattr(self, "_layers", ())}.get(id(p)) if key.startswith("kfac_") else None
+        if layer is None:
+            return super()._state_shape(p, key)
+        a, g = layer.a_dim, layer.out_features
+        return {"kfac_A": (a, a), "kfac_A_inv": (a, a), "kfac_G": (g, g), "kfac_G_inv": (g, g),
+                "kfac_YA": (-1, a), "kfac_YG": (-1, g)}.get(key)
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> None:

@@ -83,8 +83,11 @@ class _NatashaEpochs(NatashaOptimizer):
         self.position = {"in_epoch": 0, "snap": 0, "t": 0, "s": 0, "k": 0}
 
     # ------------------------------------------------------------------ hyperparameters
-    @staticmethod
-    def _check_epoch_args(epoch_size, subepochs, snapshot_batches):
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])
+        V.nonnegative("sigma", group["sigma"])
+        epoch_size, subepochs = group["epoch_size"], group["subepochs"]
         V.positive_int("epoch_size", epoch_size)
         V.positive_int("subepochs", subepochs)
         if epoch_size % subepochs:
@@ -93,8 +96,10 @@ class _NatashaEpochs(NatashaOptimizer):
         if epoch_size // subepochs < 2:
             raise ValueError(f"invalid epoch_size/subepochs: m = {epoch_size // subepochs} (need m >= 2: the "
                              "sub-epoch average of x_0 .. x_{m-1} never moves with m = 1)")
-        if snapshot_batches is not None:
-            V.positive_int("snapshot_batches", snapshot_batches)
+        if group["snapshot_batches"] is not None:
+            V.positive_int("snapshot_batches", group["snapshot_batches"])
+        if not isinstance(group["variance_reduction"], bool):
+            raise TypeError(f"variance_reduction must be a bool, got {type(group['variance_reduction']).__name__}")
 
     def _hp(self, name):
         """A structural hyperparameter, which must agree across param groups."""
@@ -305,13 +310,9 @@ class Natasha15(_NatashaEpochs):
                  variance_reduction: bool = True, snapshot_batches: Optional[int] = None, *,
                  fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
                  process_group=None):
-        V.nonnegative("lr", lr)
-        V.nonnegative("sigma", sigma)
-        self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
-        if not isinstance(variance_reduction, bool):
-            raise TypeError(f"variance_reduction must be a bool, got {type(variance_reduction).__name__}")
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs,
                         variance_reduction=variance_reduction, snapshot_batches=snapshot_batches)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
 
@@ -357,23 +358,25 @@ class Natasha2(_NatashaEpochs):
                  L2: float = 1.0, hvp: str = "exact", fd_eps: float = 1e-4, variant: str = "faithful",
                  snapshot_batches: Optional[int] = None, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
-        V.nonnegative("lr", lr)
-        V.nonnegative("sigma", sigma)
-        self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
-        V.positive("delta", delta)
-        V.positive("eta", eta)
-        if oja_iters is not None:
-            V.positive_int("oja_iters", oja_iters)
-        V.nonnegative("L", L)
-        V.positive("L2", L2)
-        V.choice("hvp", hvp, ("exact", "finite_difference"))
-        V.positive("fd_eps", fd_eps)
-        V.choice("variant", variant, ("faithful", "simplified"))
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs, delta=delta, eta=eta,
                         oja_iters=oja_iters, L=L, L2=L2, hvp=hvp, fd_eps=fd_eps, variant=variant,
                         snapshot_batches=snapshot_batches, variance_reduction=(variant == "faithful"))
+        self._check_group(defaults)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("delta", group["delta"])
+        V.positive("eta", group["eta"])
+        if group["oja_iters"] is not None:
+            V.positive_int("oja_iters", group["oja_iters"])
+        V.nonnegative("L", group["L"])
+        V.positive("L2", group["L2"])
+        V.choice("hvp", group["hvp"], ("exact", "finite_difference"))
+        V.positive("fd_eps", group["fd_eps"])
+        V.choice("variant", group["variant"], ("faithful", "simplified"))
 
     def _uses_center(self) -> bool:
         return self._hp("variant") == "faithful"

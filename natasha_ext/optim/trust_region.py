@@ -99,20 +99,25 @@ class _RegularisedNewton(NatashaOptimizer):
         self.last_step: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ plumbing
-    def _check_group(self, group: dict) -> None:
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
         V.choice("norm", group["norm"], NORMS)
         V.in_range("beta", group["beta"], 0.0, 1.0, low_open=True, high_open=True)
         V.positive("eps", group["eps"])
+        V.choice("curvature", group["curvature"], CURVATURES)
+        V.choice("hvp", group["hvp"], HVP_METHODS)
+        V.positive("fd_eps", group["fd_eps"])
+        V.nonnegative("grad_tol", group["grad_tol"])
+        V.positive_int("eigen_iters", group["eigen_iters"], allow_zero=True)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        self._check_group(g)
-        first = self.param_groups[0]
-        for k in self._GLOBAL:
-            if g[k] != first[k]:
-                raise ValueError(f"{k} is a global hyperparameter of {type(self).__name__} (one subproblem over all "
-                                 f"parameters); param groups may differ only in {self._PER_GROUP}")
+    def _check_groups(self, groups=None) -> None:
+        groups = self.param_groups if groups is None else groups
+        super()._check_groups(groups)
+        for g in groups[1:]:
+            for k in self._GLOBAL:
+                if g[k] != groups[0][k]:
+                    raise ValueError(f"{k} is a global hyperparameter of {type(self).__name__} (one subproblem over "
+                                     f"all parameters); param groups may differ only in {self._PER_GROUP}")
 
     def _params(self) -> List[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -298,28 +303,25 @@ class TrustRegion(_RegularisedNewton):
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
-        V.positive("radius", radius)
-        V.positive("max_radius", max_radius)
-        if max_radius < radius:
-            raise ValueError(f"invalid max_radius: {max_radius!r} (must be >= radius={radius!r})")
-        V.in_range("eta", eta, 0.0, 1.0, low_open=True)
-        V.in_range("eta_very_successful", eta_very_successful, eta, 1.0)
-        V.greater_than("gamma", gamma, 1.0)
-        V.choice("norm", norm, NORMS)
-        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
-        V.positive("eps", eps)
-        V.positive_int("cg_max_iters", cg_max_iters)
-        V.positive("cg_tol", cg_tol)
-        V.choice("curvature", curvature, CURVATURES)
-        V.choice("hvp", hvp, HVP_METHODS)
-        V.positive("fd_eps", fd_eps)
-        V.nonnegative("grad_tol", grad_tol)
-        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
         defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
                         gamma=gamma, norm=norm, beta=beta, eps=eps, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
                         curvature=curvature, hvp=hvp, fd_eps=fd_eps, grad_tol=grad_tol, eigen_iters=eigen_iters)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.radius = float(radius)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("radius", group["radius"])
+        V.positive("max_radius", group["max_radius"])
+        if group["max_radius"] < group["radius"]:
+            raise ValueError(f"invalid max_radius: {group['max_radius']!r} (must be >= radius={group['radius']!r})")
+        V.in_range("eta", group["eta"], 0.0, 1.0, low_open=True)
+        V.in_range("eta_very_successful", group["eta_very_successful"], group["eta"], 1.0)
+        V.greater_than("gamma", group["gamma"], 1.0)
+        V.positive_int("cg_max_iters", group["cg_max_iters"])
+        V.positive("cg_tol", group["cg_tol"])
 
     def step(self, closure: Callable = None):
         params = self._params()
@@ -426,28 +428,25 @@ class ARC(_RegularisedNewton):
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
-        V.positive("sigma", sigma)
-        V.in_range("eta1", eta1, 0.0, 1.0, low_open=True)
-        V.in_range("eta2", eta2, eta1, 1.0)
-        V.greater_than("gamma", gamma, 1.0)
-        V.nonnegative("sigma_min", sigma_min)
-        V.choice("norm", norm, NORMS)
-        V.choice("subproblem", subproblem, ("lanczos", "cg"))
-        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
-        V.positive("eps", eps)
-        V.positive_int("subproblem_max_iters", subproblem_max_iters)
-        V.positive("subproblem_tol", subproblem_tol)
-        V.choice("curvature", curvature, CURVATURES)
-        V.choice("hvp", hvp, HVP_METHODS)
-        V.positive("fd_eps", fd_eps)
-        V.nonnegative("grad_tol", grad_tol)
-        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
         defaults = dict(sigma=sigma, eta1=eta1, eta2=eta2, gamma=gamma, sigma_min=sigma_min, norm=norm,
                         subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
                         subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
                         grad_tol=grad_tol, eigen_iters=eigen_iters)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.sigma = float(sigma)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("sigma", group["sigma"])
+        V.in_range("eta1", group["eta1"], 0.0, 1.0, low_open=True)
+        V.in_range("eta2", group["eta2"], group["eta1"], 1.0)
+        V.greater_than("gamma", group["gamma"], 1.0)
+        V.nonnegative("sigma_min", group["sigma_min"])
+        V.choice("subproblem", group["subproblem"], ("lanczos", "cg"))
+        V.positive_int("subproblem_max_iters", group["subproblem_max_iters"])
+        V.positive("subproblem_tol", group["subproblem_tol"])
 
     def _lanczos_step(self, matvec, params, a, grads, gnorm_zero: bool, g0):
         asq = flatten(a).rsqrt()
