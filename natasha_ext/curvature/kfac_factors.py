@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from natasha_ext.precision import accumulation_dtype
 
-__all__ = ["SUPPORTED_LAYERS", "layer_support", "KFACLayer", "FactorCollector"]
+__all__ = ["SUPPORTED_LAYERS", "layer_support", "find_layers", "KFACLayer", "FactorCollector"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -66,6 +66,30 @@ def layer_support(module: nn.Module) -> Tuple[bool, str]:
             return False, f"padding_mode={module.padding_mode!r}"
         return True, ""
     return False, type(module).__name__
+
+
+def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int]) -> Tuple[List["KFACLayer"], List[str]]:
+    """The layers of ``model`` K-FAC preconditions: supported modules whose weight is in ``owned``
+    (parameter -> param group index), with their bias when it is owned too. Returns (layers,
+    fallback), fallback naming each other module with owned parameters and why it is not
+    preconditioned. A layer's weight and bias must share a param group."""
+    layers, fallback = [], []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w not in owned:
+            if any(p in owned for p in mod.parameters(recurse=False)):
+                fallback.append(f"{name or '<root>'} ({type(mod).__name__})")
+            continue
+        ok, why = layer_support(mod)
+        if not ok:
+            fallback.append(f"{name or '<root>'} ({why})")
+            continue
+        b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) and mod.bias in owned else None
+        if b is not None and owned[b] != owned[w]:
+            raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
+                             "preconditions them together and needs one group")
+        layers.append(KFACLayer(name, mod, bias=b is not None))
+    return layers, fallback
 
 
 def _inert_hook(*args, **kwargs):

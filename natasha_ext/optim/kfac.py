@@ -84,7 +84,7 @@ import torch.nn as nn
 
 from natasha_ext import ops
 from natasha_ext.curvature.hvp import evaluate_closure, gradients
-from natasha_ext.curvature.kfac_factors import FactorCollector, KFACLayer, layer_support
+from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
@@ -181,33 +181,14 @@ class _KroneckerFamily(NatashaOptimizer):
         updates (after a deepcopy/unpickle, or to move to another copy of the model)."""
         self.remove_hooks()
         owned = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        layers, names, fallback = [], [], []
-        covered = set()
-        for name, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            if not isinstance(w, torch.Tensor) or w not in owned:
-                if any(p in owned for p in mod.parameters(recurse=False)):
-                    fallback.append(f"{name or '<root>'} ({type(mod).__name__})")
-                continue
-            ok, why = layer_support(mod)
-            if not ok:
-                fallback.append(f"{name or '<root>'} ({why})")
-                continue
-            b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) and mod.bias in owned else None
-            if b is not None and owned[b] != owned[w]:
-                raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
-                                 "preconditions them together and needs one group")
-            layers.append(KFACLayer(name, mod, bias=b is not None))
-            names.append(name or "<root>")
-            covered.update(p for p in layers[-1].params())
+        layers, fallback = find_layers(model, owned)
         if not layers:
             raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
                              f"weight is among the optimizer's parameters; nothing to precondition "
                              f"(unsupported: {fallback or 'no layers with parameters'})")
         self._layers = layers
         self._layer_group = [owned[l.weight] for l in layers]
-        self._plain = [p for g in self.param_groups for p in g["params"] if p not in covered]
-        self.layer_names, self.fallback_names = names, fallback
+        self.layer_names, self.fallback_names = [l.name or "<root>" for l in layers], fallback
         col = FactorCollector(layers, mode=self.curvature.collector_mode, rank=self.curvature.rank,
                               batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None))
         col.collecting = self._due(self.cov_every)
