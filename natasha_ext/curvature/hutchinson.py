@@ -13,8 +13,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from natasha_ext import ops
-from natasha_ext.ops.adahessian import hutchinson_diag_, spatial_group_size, state_dtype
+from natasha_ext.ops.adahessian import hutchinson_diag_, spatial_group_size
 from natasha_ext.ops.reference import _group_mean
+from natasha_ext.precision import accumulation_dtype
 
 
 def rademacher_probe(params: Sequence[torch.Tensor], rng: ops.PhiloxStream, fused: Optional[bool] = None
@@ -36,7 +37,7 @@ def hutchinson_diagonal(hvp: Callable[[List[torch.Tensor]], List[torch.Tensor]],
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     params = list(params)
-    diag = [torch.zeros(p.shape, dtype=state_dtype(p.dtype), device=p.device) for p in params]
+    diag = [torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device) for p in params]
     for s in range(n_samples):
         z, offset = rademacher_probe(params, rng, fused)
         hz = hvp(z)

@@ -1,7 +1,11 @@
 """K-FAC statistics: forward/backward hooks that collect, per supported layer, the layer inputs
 ``a`` (with a bias column of ones) and the pre-activation gradients ``g``, and turn them into
-Kronecker-factor statistics (asymptotic-natural-gradient.md eqs. 8-12; Martens & Grosse 2015,
-Grosse & Martens 2016 for convolutions).
+Kronecker-factor statistics (Tang, Jiang, Song, Gong, Li, Yu, Wang & Wang, "AsymptoticNG: a
+regularized natural gradient optimization algorithm with look-ahead strategy", 2021, eqs. 8-12;
+Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate curvature",
+2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
+2016, for convolutions). The strategies of :mod:`natasha_ext.curvature.kronecker` turn them
+into preconditioners.
 
 Supported layers: ``nn.Linear`` and ``nn.Conv2d`` (groups=1, numeric padding, zeros padding
 mode). A layer's gradient is handled as the matrix T = [dW | db] of shape (out, in [+1]); conv
@@ -42,7 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SUPPORTED_LAYERS", "layer_support", "KFACLayer", "FactorCollector"]
+from natasha_ext.precision import accumulation_dtype
+
+__all__ = ["SUPPORTED_LAYERS", "layer_support", "find_layers", "KFACLayer", "FactorCollector"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -60,6 +66,30 @@ def layer_support(module: nn.Module) -> Tuple[bool, str]:
             return False, f"padding_mode={module.padding_mode!r}"
         return True, ""
     return False, type(module).__name__
+
+
+def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int]) -> Tuple[List["KFACLayer"], List[str]]:
+    """The layers of ``model`` K-FAC preconditions: supported modules whose weight is in ``owned``
+    (parameter -> param group index), with their bias when it is owned too. Returns (layers,
+    fallback), fallback naming each other module with owned parameters and why it is not
+    preconditioned. A layer's weight and bias must share a param group."""
+    layers, fallback = [], []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w not in owned:
+            if any(p in owned for p in mod.parameters(recurse=False)):
+                fallback.append(f"{name or '<root>'} ({type(mod).__name__})")
+            continue
+        ok, why = layer_support(mod)
+        if not ok:
+            fallback.append(f"{name or '<root>'} ({why})")
+            continue
+        b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) and mod.bias in owned else None
+        if b is not None and owned[b] != owned[w]:
+            raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
+                             "preconditions them together and needs one group")
+        layers.append(KFACLayer(name, mod, bias=b is not None))
+    return layers, fallback
 
 
 def _inert_hook(*args, **kwargs):
@@ -151,7 +181,7 @@ class FactorCollector:
 
     # ------------------------------------------------------------------ hooks
     def _stat_dtype(self, i):
-        return torch.float64 if self.layers[i].weight.dtype == torch.float64 else torch.float32
+        return accumulation_dtype(self.layers[i].weight)
 
     def _forward(self, i: int, module, inputs, output):
         layer = self.layers[i]
@@ -192,8 +222,7 @@ class FactorCollector:
         return x.shape[0] if x.dim() > 1 else 1
 
     def _a_rows_one(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        x = x.to(dt)
+        x = x.to(accumulation_dtype(layer.weight))
         if layer.kind == "conv2d":
             m = layer.module
             if x.dim() == 3:

@@ -1,12 +1,14 @@
 """Oja's algorithm for the minimum eigenvector of a Hessian from Hessian-vector products.
 
-Natasha2 (Allen-Zhu 2018; natasha2-pytorch-report Alg. 1 lines 13-18, Alg. 3 lines 3-9) runs
+Natasha2 (Allen-Zhu, "Natasha 2: Faster non-convex optimization than SGD", NeurIPS 2018; as
+written out by Liu, Liu, Liu & Li, "Implementing and evaluating Natasha2 with PyTorch", Columbia
+University project report, undated, Alg. 1 lines 13-18 and Alg. 3 lines 3-9) runs
 Oja's algorithm -- the online power method -- on I - eta H:
 
     v_0 = random unit vector,   v_{t+1} = (I - eta H) v_t / ||(I - eta H) v_t||,
 
 whose top eigenvector is H's minimum eigenvector when eta * |lambda(H)| <= 1. Normalising every
-step keeps fp32 from overflowing (report, Sec. 3.3). The fused :func:`natasha_ext.ops.oja_step`
+step keeps fp32 from overflowing (Liu et al., Sec. 3.3). The fused :func:`natasha_ext.ops.oja_step`
 folds the normalisation into the *next* step (H is linear, so H(w/||w||) = Hw/||w||): one pass
 reads w and Hw once, writes w, and returns ||w_new|| and the Rayleigh quotient of w/||w||; the
 norm stays a device tensor, so the loop has no host sync.
@@ -27,6 +29,7 @@ import torch
 
 from natasha_ext import ops
 from natasha_ext.ops import PhiloxStream
+from natasha_ext.precision import accumulation_dtype
 
 
 @dataclass
@@ -37,10 +40,6 @@ class OjaResult:
     rayleigh: torch.Tensor
     hvps: int
     iterations: int
-
-
-def _acc(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]], like: Sequence[torch.Tensor], *,
@@ -59,7 +58,7 @@ def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tenso
         raise ValueError("oja_min_eigenvector needs at least one tensor")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    acc = _acc(like[0])
+    acc = accumulation_dtype(like)
     w = [torch.empty(p.shape, dtype=acc, device=p.device) for p in like]
     rng.rademacher_(w, fused=fused)
     exclude = set(exclude)

@@ -1,6 +1,8 @@
-"""AdaHessian (Yao et al. 2020) and the hybrid SGD-momentum -> AdaHessian optimizer of Attias,
-Cadei and Novakovic ("Discussion on the viability of a modern second order method ...",
-``papers/adahessian-hybrid-resnet18-mnist.md``).
+"""AdaHessian (Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney, "ADAHESSIAN: an adaptive second
+order optimizer for machine learning", 2020) and the hybrid SGD-momentum -> AdaHessian optimizer
+of Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in
+non-convex optimization training a deep convolutional neural network" (EPFL, undated; "Attias et
+al." below, whose equation numbers are used).
 
 AdaHessian preconditions Adam's bias-corrected first moment with a running root-mean-square of
 the spatially averaged Hessian diagonal:
@@ -11,8 +13,8 @@ the spatially averaged Hessian diagonal:
     v_h    = beta2 v + (1 - beta2) D^(s)^2, v^ = v_h / (1 - beta2^h)            (eq. 10)
     x     <- x - lr (m^ / (v^^(k/2) + eps) + weight_decay x)   (Hessian power k, decoupled decay)
 
-Paper defaults: AdaHessian lr=0.1 (ours 0.15, the original implementation's), betas=(0.9, 0.999);
-Hybrid tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
+Defaults: AdaHessian lr=0.15 (the original implementation's), betas=(0.9, 0.999); Hybrid as
+Attias et al.: tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from natasha_ext.curvature.hutchinson import rademacher_probe
 from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, gradients
 from natasha_ext.ops import adahessian as aops
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
+from natasha_ext.precision import accumulation_dtype
 
 
 class _GraphHVP:
@@ -46,12 +49,13 @@ class _GraphHVP:
         self.g = None
 
 
+@shared_args_doc
 class AdaHessian(NatashaOptimizer):
     r"""AdaHessian with a fused update kernel and Hutchinson probes from the optimizer's Philox stream.
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (default 0.15; the paper tuned 0.1 for ResNet-18 on MNIST).
+        lr: learning rate (default 0.15).
         betas: (beta1, beta2) of the gradient and Hessian-diagonal moments (default (0.9, 0.999)).
         eps: added to the preconditioner (default 1e-4).
         weight_decay: decoupled weight decay (AdamW-style, default 0).
@@ -66,11 +70,9 @@ class AdaHessian(NatashaOptimizer):
             closure mode only).
         abs_before_average: True (the original implementation): D^(s) = mean |D|;
             False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
-        seed: seed of the probes' Philox stream (None: drawn from torch's global generator).
-        fused: None (kernels when available), True (require them), False (pure PyTorch).
-        process_group: torch.distributed group (``natasha_ext.distributed.WORLD``): in closure
-            mode the gradients and Hessian-vector products are averaged across its ranks and the
-            probe seed is broadcast (same as ``distributed.attach(opt, group)``).
+        {shared_args}
+        With a process group, closure mode averages the gradients and Hessian-vector products and
+        the probes' seed is shared (same as ``distributed.attach(opt, group)``).
 
     Two ways to call it:
       * ``opt.step(closure)`` with ``closure()`` returning the loss *without* calling backward;
@@ -84,46 +86,38 @@ class AdaHessian(NatashaOptimizer):
     """
 
     COUNTERS = ("steps", "gradients", "hvps", "hessian_updates", "skipped_steps")
+    ACCUMULATION_STATE = ("exp_avg", "exp_hessian_diag_sq", "momentum_buffer")
 
     def __init__(self, params, lr: float = 0.15, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
                  block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
                  raise_on_nonfinite: bool = False, process_group=None, _extra_defaults: Optional[dict] = None):
-        V.positive("lr", lr)
-        V.betas(betas)
-        V.positive("eps", eps)
-        V.nonnegative("weight_decay", weight_decay)
-        V.in_range("hessian_power", hessian_power, 0.0, 1.0, low_open=True, high_open=False)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                        block_size=block_size)
+        defaults.update(_extra_defaults or {})
+        self._check_group(defaults)
+        V.positive("lr", lr)  # at construction > 0; a scheduler may later bring it to 0
+        defaults["betas"] = tuple(betas)
         V.positive_int("update_each", update_each)
         V.positive_int("n_samples", n_samples)
-        if block_size is not None:
-            V.positive_int("block_size", block_size)
         V.choice("hvp", hvp, HVP_METHODS)
         V.positive("fd_eps", fd_eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        hessian_power=hessian_power, block_size=block_size)
-        defaults.update(_extra_defaults or {})
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
 
-    #: per-parameter state kept in fp32 (fp64 for fp64 params) whatever the parameter dtype
-    _STATE_ACC = ("exp_avg", "exp_hessian_diag_sq", "momentum_buffer")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 state of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                for key in self._STATE_ACC:
-                    if pid in saved and key in saved[pid]:
-                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=aops.state_dtype(p.dtype),
-                                                                copy=True)
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])  # 0 is a valid value (LR schedulers reach it)
+        V.betas(group["betas"])
+        V.positive("eps", group["eps"])
+        V.nonnegative("weight_decay", group["weight_decay"])
+        V.in_range("hessian_power", group["hessian_power"], 0.0, 1.0, low_open=True, high_open=False)
+        if group["block_size"] is not None:
+            V.positive_int("block_size", group["block_size"])
 
     # ------------------------------------------------------------------ schedule
     def _schedule_steps(self) -> int:
@@ -218,7 +212,7 @@ class AdaHessian(NatashaOptimizer):
             if due:
                 units = self._units(groups)
                 if n > 1:
-                    curv = [torch.zeros(p.shape, dtype=aops.state_dtype(p.dtype), device=p.device) for p in params]
+                    curv = [self.accumulation_zeros(p) for p in params]
                 for s in range(n):
                     z = [None] * len(params)
                     for ui, (_, idx, _) in enumerate(units):
@@ -258,11 +252,10 @@ class AdaHessian(NatashaOptimizer):
             for p in ps:
                 st = self.state[p]
                 if "exp_avg" not in st:
-                    sdt = aops.state_dtype(p.dtype)
                     st["step"] = torch.tensor(0.0)
                     st["hessian_step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-                    st["exp_hessian_diag_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                    st["exp_avg"] = self.accumulation_zeros(p)
+                    st["exp_hessian_diag_sq"] = self.accumulation_zeros(p)
                 st["step"] += 1
                 if due:
                     st["hessian_step"] += 1
@@ -279,18 +272,22 @@ class AdaHessian(NatashaOptimizer):
                 bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
 
 
+@shared_args_doc
 class HybridSGDAdaHessian(AdaHessian):
     r"""SGD with momentum until the validation loss falls below ``switch_threshold``, then AdaHessian.
 
-    The paper's HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
+    Attias et al.'s HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
     poorly conditioned there), second-order steps once the validation loss the user reports via
     :meth:`report_validation_loss` drops strictly below tl (``switch_threshold``, default 1.0).
 
     SGD phase: ``buf <- momentum buf + g`` (torch.optim.SGD's form; ``buf = g`` at the first step),
     ``x <- x - sgd_lr buf``. AdaHessian phase: fresh moments, :class:`AdaHessian` with ``lr``,
-    ``betas`` ... (paper: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
+    ``betas`` ... (Attias et al.: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
     ``switch_step`` / ``switch_epoch`` record when the switch happened (None before); both and
     the phase survive ``state_dict`` round trips.
+
+    Args: switch_threshold, sgd_lr, momentum, and those of :class:`AdaHessian`:
+        {shared_args}
     """
 
     COUNTERS = AdaHessian.COUNTERS + ("sgd_steps",)
@@ -303,7 +300,6 @@ class HybridSGDAdaHessian(AdaHessian):
                  raise_on_nonfinite: bool = False, process_group=None):
         V._num("switch_threshold", switch_threshold)
         V.positive("sgd_lr", sgd_lr)
-        V.in_range("momentum", momentum, 0.0, 1.0)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
                          block_size=block_size, hvp=hvp, abs_before_average=abs_before_average, fd_eps=fd_eps,
@@ -314,6 +310,12 @@ class HybridSGDAdaHessian(AdaHessian):
         self.switch_step: Optional[int] = None
         self.switch_epoch: Optional[int] = None
         self.validation_reports = 0
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.nonnegative("sgd_lr", group["sgd_lr"])
+        V.in_range("momentum", group["momentum"], 0.0, 1.0)
 
     def report_validation_loss(self, loss, epoch: Optional[int] = None) -> bool:
         """Tell the optimizer the current validation loss; switches to AdaHessian (and returns
@@ -371,7 +373,7 @@ class HybridSGDAdaHessian(AdaHessian):
                 bufs = []
                 for p, g in zip(ps, gs):
                     st = self.state[p]
-                    sdt = aops.state_dtype(p.dtype)  # fp32 buffer for fp16/bf16 params
+                    sdt = accumulation_dtype(p)  # fp32 buffer for fp16/bf16 params
                     if "momentum_buffer" not in st:
                         st["momentum_buffer"] = g.detach().to(sdt, copy=True)
                     else:

@@ -1,15 +1,29 @@
-"""K-FAC, Asymptotic Natural Gradient (ANG) and Inverse-Free ANG (IFANG).
+"""K-FAC, the asymptotic natural gradient (ANG) and its inverse-free form (IFANG): one family
+of optimizers, each a curvature strategy of :mod:`natasha_ext.curvature.kronecker` combined with
+a direction rule.
 
-Paper: Tang et al., "AsymptoticNG: a regularized natural gradient optimization algorithm with
-look-ahead strategy" (asymptotic-natural-gradient.md), eqs. 1-14, Algorithms 1-2; K-FAC after
-Martens & Grosse (2015) and, for convolutions, Grosse & Martens (2016).
+==========  =====================================================  ==================================
+class       curvature (Kronecker factors A (x) G of the Fisher)    direction
+==========  =====================================================  ==================================
+KFAC        DenseKronecker: EMA factors, damped inverses            natural gradient U (KL-clipped)
+ANG         DenseKronecker                                          spherical blend of U and T (eq. 7)
+IFANG       LowRankKronecker: minibatch YA, YG, Sherman-Morrison-   spherical blend of U and T (eq. 7)
+            Woodbury
+==========  =====================================================  ==================================
+
+Papers: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+curvature" (2015) for K-FAC; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix
+for convolution layers" (2016) for convolutions; Tang, Jiang, Song, Gong, Li, Yu, Wang & Wang,
+"AsymptoticNG: a regularized natural gradient optimization algorithm with look-ahead strategy"
+(2021), eqs. 1-14 and Algorithms 1-2, for ANG and IFANG.
 
 Per supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient is the matrix T = [dW | db]
 (out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
 a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
 (:mod:`natasha_ext.curvature.kfac_factors`). ``damping`` is the Tikhonov damping gamma of the
 Kronecker block, (A (x) G + gamma I)^-1, applied as factored Tikhonov damping (Martens & Grosse
-2015, Sec. 6.3, pi = 1): eq. 8's per-factor lam is sqrt(gamma), so the preconditioned gradient is
+2015, Sec. 6.3, pi = 1): the per-factor lam of Tang et al.'s eq. 8 is sqrt(gamma), so the
+preconditioned gradient is
 
     U = (G + lam I)^-1 T (A + lam I)^-1,   lam = sqrt(damping)
       (= ((A + lam I) (x) (G + lam I))^-1 vec T,  (A + lam I) (x) (G + lam I) = A (x) G + gamma I
@@ -17,27 +31,23 @@ Kronecker block, (A (x) G + gamma I)^-1, applied as factored Tikhonov damping (M
 
 Adding gamma itself to each factor would damp the block by only gamma^2 in the directions the
 factors do not see (inputs that are always zero, the n - s' directions of IFANG's rank-s'
-factors): with the issue's default gamma = 1e-3 the KL-clipped step could still reach
-sqrt(kl_clip) / gamma^2 ~ 30 in those directions and training diverges; with sqrt(gamma) per
-factor the bound is sqrt(kl_clip / gamma) ~ 1, as in the usual eigenvalue-damped K-FAC.
+factors), so a KL-clipped step could reach sqrt(kl_clip) / gamma^2 there; with sqrt(gamma) per
+factor the bound is sqrt(kl_clip / gamma), as in the usual eigenvalue-damped K-FAC.
 
-* :class:`KFAC`: EMA factors (``stat_decay``) refreshed every ``cov_every`` steps, damped inverses
-  (Cholesky or eigh) every ``inv_every`` steps, U applied matrix-free, KL clipping
-  nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, T_l>)), then heavy-ball momentum:
-  buf <- momentum buf + nu U;  p <- p - lr buf.
-* :class:`ANG`: K-FAC's U blended with T by the spherical interpolation of eq. 7,
-      d = ||t||_G ( sin((1-lam)W)/sin W * U/||t||_G + sin(lam W)/sin W * T/||t|| ),
-      cos W = t^T G^-1 t / (||t||_G ||t||),
-  with ||t||_G read as ||G^-1 t|| (the only reading under which W is the angle between the two
-  directions and the blend has unit norm before the amplitude, as the paper states), lam going
-  from 0 (natural gradient) toward 1 (Euclidean direction with the natural gradient's
-  amplitude) by ``lam_schedule``; eq. 7's fallback uses the plain gradient when t^T G^-1 t <= 0.
-  The KL clip factor is computed from t^T G^-1 t (the natural-gradient step), and scales d.
-* :class:`IFANG`: as ANG but with low-rank factors from the current minibatch (s' = ``rank``
-  group means of the rows of A and DS, eqs. 9-12) applied by Sherman-Morrison-Woodbury
-  (eqs. 11-13): only s' x s' systems (a scalar for s' = 1) are solved; no factor inverse or
-  eigendecomposition is ever formed. Algorithm 1's "M >= n" branch (dense inverse when the layer
-  is narrower than s') is not needed: the SMW form is exact for every n.
+Every member: KL clipping nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, T_l>)) (computed from
+t^T G^-1 t, the natural-gradient step), then heavy-ball momentum
+buf <- momentum buf + nu d;  p <- p - lr buf.
+ANG's and IFANG's direction is the spherical interpolation of Tang et al.'s eq. 7,
+
+    d = ||t||_G ( sin((1-lam)W)/sin W * U/||t||_G + sin(lam W)/sin W * T/||t|| ),
+    cos W = t^T G^-1 t / (||t||_G ||t||),
+
+with ||t||_G read as ||G^-1 t|| (the only reading under which W is the angle between the two
+directions and the blend has unit norm before the amplitude, as the paper states), lam going
+from 0 (natural gradient) toward 1 (Euclidean direction with the natural gradient's amplitude)
+by ``lam_schedule`` (:mod:`natasha_ext.optim.lambda_schedules`); eq. 7's fallback uses the plain
+gradient when t^T G^-1 t <= 0. IFANG's low-rank factors make Algorithm 1's "M >= n" branch (a
+dense inverse when the layer is narrower than s') unnecessary: the SMW form is exact for every n.
 
 Parameters of layers that cannot be preconditioned (norms, embeddings, grouped convs, and any
 parameter of a module without hooks) take the SGD-momentum update with the same lr, momentum
@@ -67,44 +77,21 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
 from natasha_ext import ops
 from natasha_ext.curvature.hvp import evaluate_closure, gradients
-from natasha_ext.curvature.kfac_factors import FactorCollector, KFACLayer, layer_support
+from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
+from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
+from natasha_ext.optim.lambda_schedules import LAMBDA_SCHEDULES, lambda_schedule
+from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
-
-LAMBDA_SCHEDULES = ("linear", "exp", "cosine")
-
-
-def lambda_schedule(kind: Union[str, Callable[[int], float]], total_steps: Optional[int], rate: float = 5.0):
-    """lam(step) in [0, 1], from 0 at step 0 toward 1 at ``total_steps`` (then held at 1).
-
-    The paper (Sec. 2.2, 3.1 and Fig. 2) sets lam "by a linear or exponential strategy" and plots
-    three curves without formulas; ours are:
-      'linear':  lam = s,                                   s = step / total_steps
-      'exp':     lam = (1 - exp(-rate s)) / (1 - exp(-rate))  (concave: the Euclidean share grows fast)
-      'cosine':  lam = (1 - cos(pi s)) / 2                    (slow start and finish)
-    A callable gets the step index and must return a float in [0, 1]."""
-    if callable(kind):
-        return kind
-    V.choice("lam_schedule", kind, LAMBDA_SCHEDULES)
-    if total_steps is None:
-        raise ValueError(f"total_steps is required with lam_schedule={kind!r}")
-    V.positive_int("total_steps", total_steps)
-    T = float(total_steps)
-    if kind == "linear":
-        return lambda t: min(1.0, t / T)
-    if kind == "exp":
-        den = 1.0 - math.exp(-rate)
-        return lambda t: min(1.0, (1.0 - math.exp(-rate * min(t, T) / T)) / den)
-    return lambda t: 0.5 * (1.0 - math.cos(math.pi * min(t, T) / T))
 
 
 def _reached_leaves(loss: torch.Tensor) -> set:
@@ -128,43 +115,18 @@ def _remove_handles(collector_box):
         col.remove()
 
 
-class KFAC(NatashaOptimizer):
-    """K-FAC with damped Kronecker inverses, KL clipping and momentum (see the module docstring).
-
-    Args (defaults from the issue; Martens & Grosse's usual values):
-        model_or_params: nn.Module, or params / param groups together with ``model=``.
-        lr (0.01), momentum (0.9), damping (1e-3: gamma of (A (x) G + gamma I); sqrt(gamma) is added
-        to each factor, eq. 8),
-        stat_decay (0.95, EMA of the factors), weight_decay (0), kl_clip (1e-3; None or 0 disables),
-        cov_every (10), inv_every (100), inverse ('cholesky' | 'eigh').
-        batch_averaged (True): the loss is a mean over the batch (per-example gradients are
-        grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
-        fused, seed, raise_on_nonfinite, process_group: as every optimizer of the package.
-
-    Distributed (``process_group``): the gradients are averaged by the shared engines; the factor
-    statistics of all layers are averaged in one bucketed all-reduce per statistics refresh (per
-    dtype), after the EMA, so every rank holds the factors of the global batch (equal shards).
-    """
+class _KroneckerFamily(NatashaOptimizer):
+    """Hooks, KL clipping, momentum and the step of every member; ``self.curvature`` (a strategy
+    of :mod:`natasha_ext.curvature.kronecker`) supplies the factors and U, :meth:`_direction`
+    turns U into the step direction."""
 
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
-    _lowrank = False
+    ACCUMULATION_STATE = DenseKronecker.STATE + LowRankKronecker.STATE + ("momentum_buffer",)
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
-                 stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
-                 cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
-                 model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
-                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
-                 process_group=None):
-        V.nonnegative("lr", lr)
-        V.in_range("momentum", momentum, 0.0, 1.0)
-        V.positive("damping", damping)
-        V.in_range("stat_decay", stat_decay, 0.0, 1.0)
-        V.nonnegative("weight_decay", weight_decay)
-        if kl_clip is not None:
-            V.nonnegative("kl_clip", kl_clip)
-        V.positive_int("cov_every", cov_every)
-        V.positive_int("inv_every", inv_every)
-        V.choice("inverse", inverse, ("cholesky", "eigh"))
+    def __init__(self, model_or_params, curvature, *, lr: float, momentum: float, damping: float,
+                 weight_decay: float, kl_clip: Optional[float], cov_every: int, model: Optional[nn.Module],
+                 batch_averaged: bool, grad_scaler, fused: Optional[bool], seed: Optional[int],
+                 raise_on_nonfinite: bool, process_group):
         if isinstance(model_or_params, nn.Module):
             if model is not None and model is not model_or_params:
                 raise ValueError("model= given together with a different nn.Module as model_or_params")
@@ -179,13 +141,10 @@ class KFAC(NatashaOptimizer):
             params = model_or_params
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
-        self.stat_decay = float(stat_decay)
+        self.curvature = curvature
         self.kl_clip = None if not kl_clip else float(kl_clip)
         self.cov_every = int(cov_every)
-        self.inv_every = int(inv_every)
-        self.inverse = inverse
         self.batch_averaged = bool(batch_averaged)
-        self.rank = getattr(self, "rank", 1)
         self._grad_scaler = grad_scaler
         self._box = [None]
         self.layer_names: List[str] = []
@@ -194,40 +153,43 @@ class KFAC(NatashaOptimizer):
         if process_group is not None:
             self.set_process_group(process_group)
 
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])
+        V.in_range("momentum", group["momentum"], 0.0, 1.0)
+        V.positive("damping", group["damping"])
+        V.nonnegative("weight_decay", group["weight_decay"])
+
+    @classmethod
+    def _check_common(cls, lr, momentum, damping, weight_decay, kl_clip, cov_every) -> None:
+        cls._check_group(dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay))
+        if kl_clip is not None:
+            V.nonnegative("kl_clip", kl_clip)
+        V.positive_int("cov_every", cov_every)
+
+    def _state_shape(self, p: torch.Tensor, key: str):
+        layer = {id(l.weight): l for l in getattr(self, "_layers", ())}.get(id(p)) if key.startswith("kfac_") else None
+        if layer is None:
+            return super()._state_shape(p, key)
+        a, g = layer.a_dim, layer.out_features
+        return {"kfac_A": (a, a), "kfac_A_inv": (a, a), "kfac_G": (g, g), "kfac_G_inv": (g, g),
+                "kfac_YA": (-1, a), "kfac_YG": (-1, g)}.get(key)
+
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> None:
         """(Re-)register the hooks on ``model``'s supported layers whose weights this optimizer
         updates (after a deepcopy/unpickle, or to move to another copy of the model)."""
         self.remove_hooks()
         owned = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        layers, names, fallback = [], [], []
-        covered = set()
-        for name, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            if not isinstance(w, torch.Tensor) or w not in owned:
-                if any(p in owned for p in mod.parameters(recurse=False)):
-                    fallback.append(f"{name or '<root>'} ({type(mod).__name__})")
-                continue
-            ok, why = layer_support(mod)
-            if not ok:
-                fallback.append(f"{name or '<root>'} ({why})")
-                continue
-            b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) and mod.bias in owned else None
-            if b is not None and owned[b] != owned[w]:
-                raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
-                                 "preconditions them together and needs one group")
-            layers.append(KFACLayer(name, mod, bias=b is not None))
-            names.append(name or "<root>")
-            covered.update(p for p in layers[-1].params())
+        layers, fallback = find_layers(model, owned)
         if not layers:
             raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
                              f"weight is among the optimizer's parameters; nothing to precondition "
                              f"(unsupported: {fallback or 'no layers with parameters'})")
         self._layers = layers
         self._layer_group = [owned[l.weight] for l in layers]
-        self._plain = [p for g in self.param_groups for p in g["params"] if p not in covered]
-        self.layer_names, self.fallback_names = names, fallback
-        col = FactorCollector(layers, mode="lowrank" if self._lowrank else "full", rank=self.rank,
+        self.layer_names, self.fallback_names = [l.name or "<root>" for l in layers], fallback
+        col = FactorCollector(layers, mode=self.curvature.collector_mode, rank=self.curvature.rank,
                               batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None))
         col.collecting = self._due(self.cov_every)
         col.shard = self._shard()
@@ -279,52 +241,18 @@ class KFAC(NatashaOptimizer):
                 f"SGD fallback ({len(self.fallback_names)}): {', '.join(self.fallback_names) or '-'}\n)")
 
     # ------------------------------------------------------------------ state
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; factors and momentum are kept
-        # in fp32 for fp16/bf16 parameters, so restore the saved dtypes (bit-exact resume).
-        saved = state_dict.get("state", {})
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, entry in saved.items():
-            p = params[int(idx)]
-            for k, v in entry.items():
-                if isinstance(v, torch.Tensor) and k in self.state[p]:
-                    self.state[p][k] = v.detach().clone().to(device=p.device)
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
         col = self._collector
-        if col is not None:
+        if col is not None:  # the restored step counter decides whether the next pass collects
             col.collecting = self._due(self.cov_every)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ curvature
     def _due(self, every: int) -> bool:
         return int(self.counters["steps"]) % every == 0
 
-    def _stat_dtype(self, layer: KFACLayer) -> torch.dtype:
-        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-
-    def _update_statistics(self, ready: List[int]) -> None:
-        col = self._collector
-        decay_of = {}
-        fa, ra, sa, fg, rg, sg = [], [], [], [], [], []
-        for i in ready:
-            layer = self._layers[i]
-            st = self.state[layer.weight]
-            dt = self._stat_dtype(layer)
-            fresh = "kfac_A" not in st
-            if fresh:
-                st["kfac_A"] = torch.zeros(layer.a_dim, layer.a_dim, dtype=dt, device=layer.weight.device)
-                st["kfac_G"] = torch.zeros(layer.out_features, layer.out_features, dtype=dt, device=layer.weight.device)
-            decay_of[i] = 0.0 if fresh else self.stat_decay
-            a, s_a = col.a_rows(i)
-            g, s_g = col.g_rows(i)
-            fa.append(st["kfac_A"]); ra.append(a); sa.append(s_a)
-            fg.append(st["kfac_G"]); rg.append(g); sg.append(s_g)
-        # one call per kind and decay (the first update of a layer starts its EMA)
-        for decay in sorted(set(decay_of.values())):
-            sel = [j for j, i in enumerate(ready) if decay_of[i] == decay]
-            ops.kfac_factor_ema_([fa[j] for j in sel], [ra[j] for j in sel], [sa[j] for j in sel], decay, fused=self.fused)
-            ops.kfac_factor_ema_([fg[j] for j in sel], [rg[j] for j in sel], [sg[j] for j in sel], decay, fused=self.fused)
-        self._average_across_ranks(fa + fg)
-        self.counters["factor_updates"] += 1
+    def _layer_states(self) -> List[dict]:
+        return [self.state[layer.weight] for layer in self._layers]
 
     def _average_across_ranks(self, tensors: List[torch.Tensor]) -> None:
         """In place: average ``tensors`` over the process group (one bucketed all-reduce per
@@ -334,72 +262,32 @@ class KFAC(NatashaOptimizer):
         for t, avg in zip(tensors, self.reduce_mean(tensors)):
             t.copy_(avg)
 
-    def _damped_inverses(self, mats: List[torch.Tensor], lams: List[float]) -> List[torch.Tensor]:
-        """(F + lam I)^-1 for each factor; same-size factors are batched. Cholesky falls back to
-        eigh (eigenvalues clamped at 0) for factors that are numerically indefinite."""
-        out: List[Optional[torch.Tensor]] = [None] * len(mats)
-        by_size = {}
-        for j, m in enumerate(mats):
-            by_size.setdefault((m.shape[0], m.dtype), []).append(j)
-        pending_eigh = []
-        infos = []
-        for (n, dt), idx in by_size.items():
-            eye = torch.eye(n, dtype=dt, device=mats[idx[0]].device)
-            stack = torch.stack([mats[j] + lams[j] * eye for j in idx])
-            if self.inverse == "cholesky":
-                L, info = torch.linalg.cholesky_ex(stack)
-                inv = torch.cholesky_inverse(L)
-                infos.append((idx, info))
-                for k, j in enumerate(idx):
-                    out[j] = inv[k]
-            else:
-                pending_eigh += idx
-        if infos:
-            bad = torch.cat([info for _, info in infos]) != 0
-            if bool(bad.any()):  # one host sync per inverse refresh
-                flat = [j for idx, _ in infos for j in idx]
-                pending_eigh += [flat[k] for k in torch.nonzero(bad).flatten().tolist()]
-        for j in pending_eigh:
-            m = mats[j]
-            evals, evecs = torch.linalg.eigh(0.5 * (m + m.t()))
-            out[j] = (evecs / (evals.clamp_min(0) + lams[j])) @ evecs.t()
-        return out
-
-    def _refresh_inverses(self, have: List[int]) -> None:
-        mats, lams = [], []
-        for i in have:
-            st = self.state[self._layers[i].weight]
-            lam = self._factor_damping(i)
-            mats += [st["kfac_A"], st["kfac_G"]]
-            lams += [lam, lam]
-        invs = self._damped_inverses(mats, lams)
-        for k, i in enumerate(have):
-            st = self.state[self._layers[i].weight]
-            st["kfac_A_inv"], st["kfac_G_inv"] = invs[2 * k], invs[2 * k + 1]
-        self.counters["inverse_updates"] += 1
-
     def _factor_damping(self, i: int) -> float:
-        """Eq. 8's per-factor lam = sqrt(damping) of layer i's param group (factored Tikhonov)."""
+        """The per-factor lam = sqrt(damping) of layer i's param group (factored Tikhonov)."""
         return math.sqrt(float(self.param_groups[self._layer_group[i]]["damping"]))
 
-    def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
-        """(U list, [L, 3] reductions) for the layers idx (K-FAC: the stored damped inverses)."""
-        ginv = [self.state[self._layers[i].weight]["kfac_G_inv"] for i in idx]
-        ainv = [self.state[self._layers[i].weight]["kfac_A_inv"] for i in idx]
-        return ops.kfac_precondition(ts, ginv, ainv, fused=self.fused)
-
     def _prepare(self, ready: List[int]) -> List[int]:
-        """Update statistics/inverses as scheduled; return the layers that can be preconditioned."""
+        """Update the statistics and inverses as scheduled; return the layers that can be
+        preconditioned."""
+        states = self._layer_states()
         if ready and self._due(self.cov_every):
-            self._update_statistics(ready)
-        have = [i for i in range(len(self._layers)) if "kfac_A" in self.state[self._layers[i].weight]]
-        missing_inv = [i for i in have if "kfac_A_inv" not in self.state[self._layers[i].weight]]
-        if have and (self._due(self.inv_every) or missing_inv):
-            self._refresh_inverses(have)
+            # after the update: every rank then holds the factors of the global batch
+            self._average_across_ranks(self.curvature.update(self._layers, states, self._collector, ready,
+                                                             self.fused))
+            self.counters["factor_updates"] += 1
+        have = [i for i, st in enumerate(states) if self.curvature.has_statistics(st)]
+        lams = [self._factor_damping(i) for i in range(len(states))]
+        if self.curvature.refresh(states, have, lams, int(self.counters["steps"])):
+            self.counters["inverse_updates"] += 1
         return have
 
+    def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
+        """(U list, [L, 3] reductions) for the layers idx."""
+        return self.curvature.precondition(ts, [self.state[self._layers[i].weight] for i in idx],
+                                           [self._factor_damping(i) for i in idx], self.fused)
+
     def _direction(self, nat, ts, red, scale) -> None:
-        """K-FAC: d = nu U (KL clip)."""
+        """The natural gradient: d = nu U (KL clip)."""
         if scale is not None:
             torch._foreach_mul_(nat, scale.to(nat[0].dtype))
 
@@ -458,7 +346,7 @@ class KFAC(NatashaOptimizer):
             for i in pre:
                 layer = self._layers[i]
                 wd = float(self.param_groups[self._layer_group[i]]["weight_decay"])
-                dt = self._stat_dtype(layer)
+                dt = accumulation_dtype(layer.weight)
                 gb = None
                 if layer.bias is not None:
                     gb = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
@@ -490,7 +378,7 @@ class KFAC(NatashaOptimizer):
                     continue
                 d = directions.get(p)
                 if d is None:
-                    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    acc = accumulation_dtype(p)
                     d = p.grad.to(acc)
                     if wd:
                         d = d + wd * p.to(acc)
@@ -508,32 +396,62 @@ class KFAC(NatashaOptimizer):
                     p.copy_(p.to(d.dtype) - lr * d)
 
 
-class ANG(KFAC):
-    """Asymptotic natural gradient: K-FAC's natural gradient blended with the Euclidean gradient
-    by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
+@shared_args_doc
+class KFAC(_KroneckerFamily):
+    """K-FAC with damped Kronecker inverses, KL clipping and momentum (see the module docstring).
 
-    Extra args: lam_schedule ('linear' | 'exp' | 'cosine' | callable(step) -> lam),
-    total_steps (steps over which lam reaches 1; required for the named schedules),
-    lam_rate (5.0, the 'exp' schedule's rate), per_layer (False: one angle W for the whole
-    parameter vector as eq. 7 is written; True: one per layer, Algorithm 2's per-layer loop).
-    The schedule's position is the optimizer's step counter, saved in ``state_dict``.
-    ``opt.last_coefficients`` holds the last [L, 2] (c1, c2) with d = c1 U + c2 T (device tensor).
+    Args (defaults: Martens & Grosse's usual values):
+        model_or_params: nn.Module, or params / param groups together with ``model=``.
+        lr (0.01), momentum (0.9), damping (1e-3: gamma of (A (x) G + gamma I); sqrt(gamma) is added
+        to each factor, Tang et al. eq. 8),
+        stat_decay (0.95, EMA of the factors), weight_decay (0), kl_clip (1e-3; None or 0 disables),
+        cov_every (10), inv_every (100), inverse ('cholesky' | 'eigh').
+        batch_averaged (True): the loss is a mean over the batch (per-example gradients are
+        grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
+        {shared_args}
+
+    Distributed (``process_group``): the gradients are averaged by the shared engines; the factor
+    statistics of all layers are averaged in one bucketed all-reduce per statistics refresh (per
+    dtype), after the EMA, so every rank holds the factors of the global batch (equal shards).
     """
 
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
-                 lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 per_layer: bool = False, **kwargs):
-        V.positive("lam_rate", lam_rate)
-        self._lam_fn = lambda_schedule(lam_schedule, total_steps, lam_rate)
-        super().__init__(model_or_params, lr, momentum, damping, stat_decay, weight_decay, kl_clip,
-                         cov_every, inv_every, inverse, **kwargs)
+                 model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
+                 fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
+                 process_group=None):
+        self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
+        V.in_range("stat_decay", stat_decay, 0.0, 1.0)
+        V.positive_int("inv_every", inv_every)
+        V.choice("inverse", inverse, INVERSES)
+        super().__init__(model_or_params, DenseKronecker(stat_decay, inv_every, inverse), lr=lr, momentum=momentum,
+                         damping=damping, weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every,
+                         model=model, batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused,
+                         seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
+
+    # the dense strategy's settings, readable and settable on the optimizer as before
+    stat_decay = property(lambda self: self.curvature.stat_decay,
+                          lambda self, v: setattr(self.curvature, "stat_decay", float(v)))
+    inv_every = property(lambda self: self.curvature.inv_every,
+                         lambda self, v: setattr(self.curvature, "inv_every", int(v)))
+    inverse = property(lambda self: self.curvature.inverse, lambda self, v: setattr(self.curvature, "inverse", v))
+
+
+class _AsymptoticBlend:
+    """ANG's direction rule (eq. 7's spherical blend of U and T), mixed into ANG and IFANG."""
+
+    def _init_blend(self, lam_schedule, total_steps, lam_rate, per_layer) -> None:
         self.lam_schedule = lam_schedule if isinstance(lam_schedule, str) else "callable"
         self.total_steps = total_steps
         self.lam_rate = float(lam_rate)
         self.per_layer = bool(per_layer)
         self.last_coefficients = None
+
+    @staticmethod
+    def _blend_fn(lam_schedule, total_steps, lam_rate):
+        V.positive("lam_rate", lam_rate)
+        return lambda_schedule(lam_schedule, total_steps, lam_rate)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -560,51 +478,75 @@ class ANG(KFAC):
                                                   fused=self.fused)
 
 
-class IFANG(ANG):
-    """Inverse-free ANG: ANG with per-minibatch low-rank factors applied by Sherman-Morrison-
-    Woodbury (eqs. 9-14, Algorithms 1-2). The M rows of a layer's A and DS are grouped into
-    s' = ``rank`` group means (contiguous example blocks), YA = means/sqrt(s'),
+@shared_args_doc
+class ANG(_AsymptoticBlend, KFAC):
+    """Asymptotic natural gradient: K-FAC's natural gradient blended with the Euclidean gradient
+    by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
+
+    Args: those of :class:`KFAC`, and
+        lam_schedule ('linear' | 'exp' | 'cosine' | callable(step) -> lam),
+        total_steps (steps over which lam reaches 1; required for the named schedules),
+        lam_rate (5.0, the 'exp' schedule's rate), per_layer (False: one angle W for the whole
+        parameter vector as eq. 7 is written; True: one per layer, Algorithm 2's per-layer loop).
+        {shared_args}
+
+    The schedule's position is the optimizer's step counter, saved in ``state_dict``.
+    ``opt.last_coefficients`` holds the last [L, 2] (c1, c2) with d = c1 U + c2 T (device tensor).
+    """
+
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+                 stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
+                 cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
+                 lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 per_layer: bool = False, **kwargs):
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+        super().__init__(model_or_params, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
+                         weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, inv_every=inv_every,
+                         inverse=inverse, **kwargs)
+        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
+
+
+@shared_args_doc
+class IFANG(_AsymptoticBlend, _KroneckerFamily):
+    """Inverse-free ANG: ANG's direction with per-minibatch low-rank factors applied by Sherman-
+    Morrison-Woodbury (Tang et al. 2021, eqs. 9-14, Algorithms 1-2). The M rows of a layer's A and
+    DS are grouped into s' = ``rank`` group means (contiguous example blocks), YA = means/sqrt(s'),
     YG = sqrt(L/s') * means of per-example DS (L conv positions), and
         U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1,   lam = sqrt(damping)
     with (lam I + Y^T Y)^-1 = lam^-1 [I - Y^T (lam I + Y Y^T)^-1 Y]: a scalar for s' = 1, a small
     s' x s' Cholesky otherwise. The statistics come from the current minibatch (eqs. 9-10), so
     ``cov_every`` defaults to 1 (a larger value reuses the last YA, YG); there is no EMA and no
-    inverse refresh (``stat_decay``, ``inv_every``, ``inverse`` do not apply).
+    inverse refresh, so KFAC's ``stat_decay``, ``inv_every`` and ``inverse`` are not arguments.
     ``damping`` defaults to 1e-2 (lam = 0.1 per factor), not K-FAC's 1e-3: rank-s' factors see
-    only s' directions, the other n - s' are damped by lam alone, and with 1e-3 the KL-clipped
-    step (norm ~ sqrt(kl_clip / damping), independent of lr) oscillates on the MNIST checks
-    (tests/test_kfac_train.py's grid: the best rank-1 per-factor lam there was 0.1-0.3).
+    only s' directions and the other n - s' are damped by lam alone, so the KL-clipped step can
+    reach a norm of sqrt(kl_clip / damping) independent of lr.
+
+    Args: model_or_params, lr, momentum, damping, weight_decay, kl_clip, cov_every as
+        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, per_layer as :class:`ANG`;
+        model, batch_averaged, grad_scaler as :class:`KFAC`.
+        {shared_args}
+
     With a process group the s' groups are blocks of the global batch (rank r's shard is the
     r-th block of examples): each rank computes its share of every group mean and one all-reduce
     combines them, so N ranks equal one process for every s'.
     """
 
-    _lowrank = True
-
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-2,
                  weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
-                 rank: int = 1, **kwargs):
+                 rank: int = 1, lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
+                 grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
+                 raise_on_nonfinite: bool = False, process_group=None):
         V.positive_int("rank", rank)
-        self.rank = int(rank)
-        super().__init__(model_or_params, lr, momentum, damping, 0.95, weight_decay, kl_clip, cov_every, 1,
-                         "cholesky", **kwargs)
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+        self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
+        super().__init__(model_or_params, LowRankKronecker(rank), lr=lr, momentum=momentum, damping=damping,
+                         weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, model=model,
+                         batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
+                         raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
+        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
 
-    def _prepare(self, ready: List[int]) -> List[int]:
-        col = self._collector
-        if ready and self._due(self.cov_every):
-            fresh = []
-            for i in ready:
-                ya, yg = col.low_rank(i)
-                st = self.state[self._layers[i].weight]
-                st["kfac_YA"], st["kfac_YG"] = ya.contiguous(), yg.contiguous()
-                fresh += [st["kfac_YA"], st["kfac_YG"]]
-            # each rank holds its share of the global batch's group means: average them (one bucket)
-            self._average_across_ranks(fresh)
-            self.counters["factor_updates"] += 1
-        return [i for i in range(len(self._layers)) if "kfac_YA" in self.state[self._layers[i].weight]]
-
-    def _precondition(self, idx, ts):
-        ya = [self.state[self._layers[i].weight]["kfac_YA"] for i in idx]
-        yg = [self.state[self._layers[i].weight]["kfac_YG"] for i in idx]
-        lams = [self._factor_damping(i) for i in idx]
-        return ops.kfac_smw_apply(ts, ya, yg, lams, fused=self.fused)
+    @property
+    def rank(self) -> int:
+        """s', the number of row groups (the rank of the factors)."""
+        return self.curvature.rank

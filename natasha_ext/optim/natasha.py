@@ -1,14 +1,16 @@
 """Natasha1.5 and Natasha2 (Allen-Zhu, "Natasha 2: Faster non-convex optimization than SGD",
-NeurIPS 2018; the algorithms as written out in natasha2-pytorch-report, Alg. 1-4).
+NeurIPS 2018), with the algorithms as written out by Liu, Liu, Liu & Li, "Implementing and
+evaluating Natasha2 with PyTorch" (Columbia University project report, undated), Algorithms 1-4;
+"Liu et al." below.
 
-Natasha1.5 epoch k (report Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepochs``, m = B/p:
+Natasha1.5 epoch k (Liu et al. Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepochs``, m = B/p:
 
     x_hat <- y_k;  x_tilde <- x_hat;  mu <- grad f_S(x_tilde)
     for s = 0 .. p-1:
         x_0 <- x_hat
         for t = 0 .. m-1:
             d  = grad f_i(x_t) - grad f_i(x_tilde) + mu + 2 sigma (x_t - x_hat)      (faithful)
-            d  = grad f_i(x_t) + sigma (x_t - x_hat)                                 (report Alg. 2)
+            d  = grad f_i(x_t) + sigma (x_t - x_hat)                                 (Liu et al. Alg. 2)
             x_{t+1} = argmin_y { psi(y) + ||y - x_t||^2 / (2 lr) + <d, y> }  = prox_{lr psi}(x_t - lr d)
         x_hat <- (x_0 + ... + x_{m-1}) / m
     y_{k+1} <- x_hat
@@ -16,7 +18,7 @@ Natasha1.5 epoch k (report Alg. 1 lines 22-35), B = ``epoch_size``, p = ``subepo
 psi = 0 for Natasha1.5 on its own; inside faithful Natasha2 psi(x) = L max(0, ||x - y_k|| - delta/L2)^2
 (the F^k regulariser), whose prox is a closed-form shrink towards y_k (see ops.svrg_step).
 
-Natasha2 outer iteration k (report Alg. 1 lines 12-38; Alg. 3/4 for ``variant='simplified'``):
+Natasha2 outer iteration k (Liu et al. Alg. 1 lines 12-38; Alg. 3/4 for ``variant='simplified'``):
 Oja's algorithm on I - eta H(y_k) gives a unit v; if v^T H v <= -delta/2 the iterate is kicked,
 y_{k+1} = y_k +- (delta/L2) v with a random sign, otherwise one Natasha1.5 epoch runs on F^k.
 
@@ -58,14 +60,12 @@ import torch
 from natasha_ext import distributed, ops
 from natasha_ext.curvature import HVP, evaluate_closure, gradients, oja_min_eigenvector
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
+from natasha_ext.precision import accumulation_dtype
 
-#: cap on Natasha2's default Oja iteration count ceil(1/delta^2) (the report advises delta >= 0.05,
+#: cap on Natasha2's default Oja iteration count ceil(1/delta^2) (Liu et al. advise delta >= 0.05,
 #: i.e. at most 400 iterations)
 MAX_DEFAULT_OJA_ITERS = 1000
-
-def _acc(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class _NatashaEpochs(NatashaOptimizer):
@@ -73,7 +73,7 @@ class _NatashaEpochs(NatashaOptimizer):
 
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "epochs", "subepochs", "kicks", "oja_runs",
                 "oja_iterations", "last_rayleigh")
-    _STATE_ACC = ("anchor", "avg_sum", "mu", "center")  # per-param state kept in fp32/fp64
+    ACCUMULATION_STATE = ("anchor", "avg_sum", "mu", "center")
 
     def __init__(self, params, defaults, *, fused, seed, raise_on_nonfinite, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -83,8 +83,11 @@ class _NatashaEpochs(NatashaOptimizer):
         self.position = {"in_epoch": 0, "snap": 0, "t": 0, "s": 0, "k": 0}
 
     # ------------------------------------------------------------------ hyperparameters
-    @staticmethod
-    def _check_epoch_args(epoch_size, subepochs, snapshot_batches):
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        V.nonnegative("lr", group["lr"])
+        V.nonnegative("sigma", group["sigma"])
+        epoch_size, subepochs = group["epoch_size"], group["subepochs"]
         V.positive_int("epoch_size", epoch_size)
         V.positive_int("subepochs", subepochs)
         if epoch_size % subepochs:
@@ -93,8 +96,10 @@ class _NatashaEpochs(NatashaOptimizer):
         if epoch_size // subepochs < 2:
             raise ValueError(f"invalid epoch_size/subepochs: m = {epoch_size // subepochs} (need m >= 2: the "
                              "sub-epoch average of x_0 .. x_{m-1} never moves with m = 1)")
-        if snapshot_batches is not None:
-            V.positive_int("snapshot_batches", snapshot_batches)
+        if group["snapshot_batches"] is not None:
+            V.positive_int("snapshot_batches", group["snapshot_batches"])
+        if not isinstance(group["variance_reduction"], bool):
+            raise TypeError(f"variance_reduction must be a bool, got {type(group['variance_reduction']).__name__}")
 
     def _hp(self, name):
         """A structural hyperparameter, which must agree across param groups."""
@@ -126,7 +131,7 @@ class _NatashaEpochs(NatashaOptimizer):
             st = self.state[p]
             if "anchor" in st:
                 continue
-            acc = _acc(p)
+            acc = accumulation_dtype(p)
             st["anchor"] = p.detach().to(acc, copy=True)
             st["avg_sum"] = torch.zeros_like(p, dtype=acc, memory_format=torch.contiguous_format)
             if vr:
@@ -146,17 +151,6 @@ class _NatashaEpochs(NatashaOptimizer):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.position.update({k: int(v) for k, v in state["position"].items()})
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 state of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                for key in self._STATE_ACC:
-                    if pid in saved and key in saved[pid]:
-                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=_acc(p), copy=True)
 
     # ------------------------------------------------------------------ gradients
     def _loss_and_grads(self, closure, params):
@@ -287,27 +281,27 @@ class _NatashaEpochs(NatashaOptimizer):
                 self.counters["epochs"] += 1
 
 
+@shared_args_doc
 class Natasha15(_NatashaEpochs):
     r"""Natasha1.5: SVRG epochs with sub-epoch averaging and the sigma ||x - x_hat||^2 regulariser.
 
     Args:
         params: parameters or param groups.
-        lr (float): alpha, the inner step size (report: 0.01). Per group.
-        sigma (float): regulariser weight (report: 0.5). Per group. The faithful estimator adds
+        lr (float): alpha, the inner step size (Liu et al.: 0.01). Per group.
+        sigma (float): regulariser weight (Liu et al.: 0.5). Per group. The faithful estimator adds
             2 sigma (x_t - x_hat) (gradient of sigma ||x - x_hat||^2); the simplified one sigma (x_t - x_hat)
-            as in the report's Alg. 2.
-        epoch_size (int): B, inner iterations per epoch (report: 27).
-        subepochs (int): p, sub-epochs per epoch (report: 9); m = B/p >= 2 must be an integer.
+            as in Liu et al.'s Alg. 2.
+        epoch_size (int): B, inner iterations per epoch (Liu et al.: 27).
+        subepochs (int): p, sub-epochs per epoch (Liu et al.: 9); m = B/p >= 2 must be an integer.
         variance_reduction (bool): True: the faithful estimator grad f_i(x_t) - grad f_i(x_tilde) + mu
-            + 2 sigma (x_t - x_hat) (two gradients per call); False: the report's Alg. 2.
+            + 2 sigma (x_t - x_hat) (two gradients per call); False: Liu et al.'s Alg. 2.
         snapshot_batches (int, optional): minibatches averaged into mu at each epoch start (see the
             module docstring); None: the epoch's first minibatch.
-        fused (bool, optional): use the compiled svrg_step kernel (None: when available).
-        seed (int, optional): Philox seed (unused by Natasha1.5's maths, kept for uniformity).
-        raise_on_nonfinite (bool): raise NonFiniteError instead of skipping a non-finite call.
-        process_group (optional): torch.distributed group (``natasha_ext.distributed.WORLD``):
-            each rank evaluates the closure on its shard; gradients are averaged, the two of a
-            faithful call (at x_t and at x_tilde) in one bucket, so mu needs no collective of its own.
+        {shared_args}
+        Natasha1.5's maths draws no random numbers (``seed`` is kept for uniformity). With a
+        process group each rank evaluates the closure on its shard and the two gradients of a
+        faithful call (at x_t and at x_tilde) are averaged in one bucket, so mu needs no
+        collective of its own.
 
     ``step(closure)``: ``closure()`` returns the minibatch loss without calling backward.
     """
@@ -316,13 +310,9 @@ class Natasha15(_NatashaEpochs):
                  variance_reduction: bool = True, snapshot_batches: Optional[int] = None, *,
                  fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
                  process_group=None):
-        V.nonnegative("lr", lr)
-        V.nonnegative("sigma", sigma)
-        self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
-        if not isinstance(variance_reduction, bool):
-            raise TypeError(f"variance_reduction must be a bool, got {type(variance_reduction).__name__}")
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs,
                         variance_reduction=variance_reduction, snapshot_batches=snapshot_batches)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
 
@@ -337,6 +327,7 @@ class Natasha15(_NatashaEpochs):
         return self._inner_call(closure, params)
 
 
+@shared_args_doc
 class Natasha2(_NatashaEpochs):
     r"""Natasha2: Oja's algorithm finds negative curvature (kick along it), else a Natasha1.5 epoch.
 
@@ -346,20 +337,20 @@ class Natasha2(_NatashaEpochs):
         delta (float): curvature threshold: kick when v^T H v <= -delta/2 (paper's delta).
         eta (float): Oja step, power method on I - eta H; needs eta * |lambda_max(H)| <= 1.
         oja_iters (int, optional): Oja iterations per outer iteration; default ceil(1/delta^2)
-            (report Alg. 3 line 6) capped at ``MAX_DEFAULT_OJA_ITERS`` = 1000.
+            (Liu et al. Alg. 3 line 6) capped at ``MAX_DEFAULT_OJA_ITERS`` = 1000.
         L (float): smoothness L in F^k(x) = f(x) + L max(0, ||x - y_k|| - delta/L2)^2 (faithful only).
         L2 (float): second-order smoothness; the kick length is delta/L2 and the F^k radius delta/L2
-            (faithful). The simplified variant kicks by delta (report Alg. 3 line 11, where L = L2 = 1).
+            (faithful). The simplified variant kicks by delta (Liu et al. Alg. 3 line 11, where L = L2 = 1).
         hvp ('exact' | 'finite_difference'): double backward, or (grad f(x + q v) - grad f(x)) / q
-            with q = ``fd_eps`` (report Alg. 4, q = 1e-4).
-        variant ('faithful' | 'simplified'): faithful = report Alg. 1 (variance-reduced estimator
-            with 2 sigma, F^k applied by its closed-form prox, kick delta/L2); simplified = report
+            with q = ``fd_eps`` (Liu et al. Alg. 4, q = 1e-4).
+        variant ('faithful' | 'simplified'): faithful = Liu et al. Alg. 1 (variance-reduced estimator
+            with 2 sigma, F^k applied by its closed-form prox, kick delta/L2); simplified = Liu et al.
             Alg. 3-4 (estimator grad f_i(x_t) + sigma (x_t - x_hat), no F^k, kick delta).
         snapshot_batches (int, optional): as in :class:`Natasha15` (faithful variant).
-        fused, seed: as usual; the Oja start vector and the kick sign come from ``self.rng``.
-        raise_on_nonfinite, process_group: as in :class:`Natasha15`; with a group every rank
-            draws the same Oja start vector and kick sign (Philox seed broadcast from rank 0) and
-            HVPs are averaged, so the kick decision agrees across ranks.
+        {shared_args}
+        The Oja start vector and the kick sign come from the Philox stream; with a process group
+        every rank draws the same ones and the HVPs are averaged, so the kick decision agrees
+        across ranks.
     """
 
     def __init__(self, params, lr: float = 0.01, sigma: float = 0.5, epoch_size: int = 27, subepochs: int = 9,
@@ -367,23 +358,25 @@ class Natasha2(_NatashaEpochs):
                  L2: float = 1.0, hvp: str = "exact", fd_eps: float = 1e-4, variant: str = "faithful",
                  snapshot_batches: Optional[int] = None, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
-        V.nonnegative("lr", lr)
-        V.nonnegative("sigma", sigma)
-        self._check_epoch_args(epoch_size, subepochs, snapshot_batches)
-        V.positive("delta", delta)
-        V.positive("eta", eta)
-        if oja_iters is not None:
-            V.positive_int("oja_iters", oja_iters)
-        V.nonnegative("L", L)
-        V.positive("L2", L2)
-        V.choice("hvp", hvp, ("exact", "finite_difference"))
-        V.positive("fd_eps", fd_eps)
-        V.choice("variant", variant, ("faithful", "simplified"))
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs, delta=delta, eta=eta,
                         oja_iters=oja_iters, L=L, L2=L2, hvp=hvp, fd_eps=fd_eps, variant=variant,
                         snapshot_batches=snapshot_batches, variance_reduction=(variant == "faithful"))
+        self._check_group(defaults)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("delta", group["delta"])
+        V.positive("eta", group["eta"])
+        if group["oja_iters"] is not None:
+            V.positive_int("oja_iters", group["oja_iters"])
+        V.nonnegative("L", group["L"])
+        V.positive("L2", group["L2"])
+        V.choice("hvp", group["hvp"], ("exact", "finite_difference"))
+        V.positive("fd_eps", group["fd_eps"])
+        V.choice("variant", group["variant"], ("faithful", "simplified"))
 
     def _uses_center(self) -> bool:
         return self._hp("variant") == "faithful"

@@ -1,6 +1,7 @@
 """Stochastic ellipsoidal trust region (Algorithm 1 of "Adaptive norms for deep learning with
-regularized Newton methods") and adaptive cubic regularisation (Cartis, Gould & Toint 2011) in
-the same adaptive norms.
+regularized Newton methods", anonymous authors, under double-blind review, 2019; its equation
+numbers are used below) and adaptive cubic regularisation (Cartis, Gould & Toint, "Adaptive cubic
+regularisation methods for unconstrained optimization. Part I", 2011) in the same adaptive norms.
 
 Both minimise a second-order model of the minibatch loss around the current weights w,
 
@@ -52,7 +53,7 @@ from natasha_ext.curvature.hvp import HVP, HVP_METHODS
 from natasha_ext.curvature.lanczos import Lanczos, cubic_tridiag, flatten, leftmost, unflatten
 from natasha_ext.curvature.steihaug import cubic_cg, steihaug_cg
 from natasha_ext.optim import _validation as V
-from natasha_ext.optim._base import NatashaOptimizer
+from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 
 NORMS = ("rmsprop", "adagrad", "spherical")
 CURVATURES = ("hessian", "gauss_newton")
@@ -86,6 +87,7 @@ class _RegularisedNewton(NatashaOptimizer):
                 "rejected", "subproblem_iters")
     _GLOBAL: tuple = ()
     _PER_GROUP = ("norm", "beta", "eps")
+    ACCUMULATION_STATE = ("square_avg",)
 
     def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -97,20 +99,25 @@ class _RegularisedNewton(NatashaOptimizer):
         self.last_step: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ plumbing
-    def _check_group(self, group: dict) -> None:
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
         V.choice("norm", group["norm"], NORMS)
         V.in_range("beta", group["beta"], 0.0, 1.0, low_open=True, high_open=True)
         V.positive("eps", group["eps"])
+        V.choice("curvature", group["curvature"], CURVATURES)
+        V.choice("hvp", group["hvp"], HVP_METHODS)
+        V.positive("fd_eps", group["fd_eps"])
+        V.nonnegative("grad_tol", group["grad_tol"])
+        V.positive_int("eigen_iters", group["eigen_iters"], allow_zero=True)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        self._check_group(g)
-        first = self.param_groups[0]
-        for k in self._GLOBAL:
-            if g[k] != first[k]:
-                raise ValueError(f"{k} is a global hyperparameter of {type(self).__name__} (one subproblem over all "
-                                 f"parameters); param groups may differ only in {self._PER_GROUP}")
+    def _check_groups(self, groups=None) -> None:
+        groups = self.param_groups if groups is None else groups
+        super()._check_groups(groups)
+        for g in groups[1:]:
+            for k in self._GLOBAL:
+                if g[k] != groups[0][k]:
+                    raise ValueError(f"{k} is a global hyperparameter of {type(self).__name__} (one subproblem over "
+                                     f"all parameters); param groups may differ only in {self._PER_GROUP}")
 
     def _params(self) -> List[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -130,8 +137,7 @@ class _RegularisedNewton(NatashaOptimizer):
         """Per-parameter ellipsoid state (persisted) and CG scratch (not persisted)."""
         work = getattr(self, "_work", None)
         if work is None or work["ids"] != [id(p) for p in params]:
-            sd = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
-            mk = lambda: [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, sd)]
+            mk = lambda: [self.accumulation_zeros(p) for p in params]
             work = {"ids": [id(p) for p in params], "a": mk(), "s": mk(), "r": mk(), "p": mk()}
             self._work = work
         return work
@@ -244,17 +250,6 @@ class _RegularisedNewton(NatashaOptimizer):
             s, gs = -s, -gs
         return unflatten(s, a), gs + 0.5 * theta * radius * radius, len(lz.alphas)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts floating state to the parameter dtype; the fp32 ellipsoid of fp16/bf16
-        # parameters is restored in its own dtype so a resume stays bit-identical.
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for g_saved, g in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(g_saved["params"], g["params"]):
-                if pid in saved and "square_avg" in saved[pid]:
-                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    self.state[p]["square_avg"] = saved[pid]["square_avg"].to(device=p.device, dtype=dt, copy=True)
-
     def extra_state(self) -> dict:
         st = super().extra_state()
         st["last_step"] = {k: v for k, v in self.last_step.items() if isinstance(v, (int, float, str, bool))}
@@ -265,6 +260,7 @@ class _RegularisedNewton(NatashaOptimizer):
         self.last_step = dict(state.get("last_step", {}))
 
 
+@shared_args_doc
 class TrustRegion(_RegularisedNewton):
     r"""Stochastic ellipsoidal (or spherical) trust region, Algorithm 1 of the paper.
 
@@ -278,8 +274,7 @@ class TrustRegion(_RegularisedNewton):
             refinement): rho < eta: reject, radius /= gamma; eta <= rho < eta_very_successful:
             accept, radius kept; rho >= eta_very_successful: accept, radius = min(gamma radius,
             max_radius). ``eta_very_successful=eta`` is Alg. 1 verbatim (every success enlarges).
-            The appendix table of the paper is not part of the text this implementation was
-            written from; gamma=2 is the common choice in the TR literature (Conn et al. 2000).
+            gamma=2 is the common choice (Conn, Gould & Toint, "Trust-region methods", 2000).
         norm: 'rmsprop' (eq. 3), 'adagrad' (eq. 2) or 'spherical' (A = I). Per group.
         beta: RMSProp decay of eq. 3 (default 0.8). Per group.
         eps: epsilon of eqs. 2-3 (default 1e-8); keeps A uniformly equivalent (Lemma 2). Per group.
@@ -291,12 +286,10 @@ class TrustRegion(_RegularisedNewton):
             the step is the eigenpoint (default 0: only an exactly vanishing gradient).
         eigen_iters: Lanczos iterations for the eigenpoint when the gradient vanishes (default
             10; 0 disables it, then a stationary point ends the progress).
-        fused, seed, raise_on_nonfinite: see :class:`NatashaOptimizer`.
         model: optional module whose output pairs with a loss-only closure when
             ``curvature='gauss_newton'`` (see the module docstring).
-        process_group: torch.distributed group (or ``natasha_ext.distributed.WORLD``): losses,
-            gradients and curvature products are averaged across it, so every rank takes the same
-            accept/reject decision (see :mod:`natasha_ext.distributed`).
+        {shared_args}
+        With a process group every rank takes the same accept/reject decision.
 
     ``step(closure)`` returns the loss at the current point (before the step).
     """
@@ -310,28 +303,25 @@ class TrustRegion(_RegularisedNewton):
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
-        V.positive("radius", radius)
-        V.positive("max_radius", max_radius)
-        if max_radius < radius:
-            raise ValueError(f"invalid max_radius: {max_radius!r} (must be >= radius={radius!r})")
-        V.in_range("eta", eta, 0.0, 1.0, low_open=True)
-        V.in_range("eta_very_successful", eta_very_successful, eta, 1.0)
-        V.greater_than("gamma", gamma, 1.0)
-        V.choice("norm", norm, NORMS)
-        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
-        V.positive("eps", eps)
-        V.positive_int("cg_max_iters", cg_max_iters)
-        V.positive("cg_tol", cg_tol)
-        V.choice("curvature", curvature, CURVATURES)
-        V.choice("hvp", hvp, HVP_METHODS)
-        V.positive("fd_eps", fd_eps)
-        V.nonnegative("grad_tol", grad_tol)
-        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
         defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
                         gamma=gamma, norm=norm, beta=beta, eps=eps, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
                         curvature=curvature, hvp=hvp, fd_eps=fd_eps, grad_tol=grad_tol, eigen_iters=eigen_iters)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.radius = float(radius)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("radius", group["radius"])
+        V.positive("max_radius", group["max_radius"])
+        if group["max_radius"] < group["radius"]:
+            raise ValueError(f"invalid max_radius: {group['max_radius']!r} (must be >= radius={group['radius']!r})")
+        V.in_range("eta", group["eta"], 0.0, 1.0, low_open=True)
+        V.in_range("eta_very_successful", group["eta_very_successful"], group["eta"], 1.0)
+        V.greater_than("gamma", group["gamma"], 1.0)
+        V.positive_int("cg_max_iters", group["cg_max_iters"])
+        V.positive("cg_tol", group["cg_tol"])
 
     def step(self, closure: Callable = None):
         params = self._params()
@@ -399,6 +389,7 @@ class TrustRegion(_RegularisedNewton):
         self.radius = float(state["radius"])
 
 
+@shared_args_doc
 class ARC(_RegularisedNewton):
     r"""Adaptive cubic regularisation (Cartis, Gould & Toint 2011) in the adaptive norm:
     m(s) = g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3, rho = (L(w) - L(w+s)) / (L(w) - m(s)).
@@ -425,6 +416,7 @@ class ARC(_RegularisedNewton):
         curvature, hvp, fd_eps, grad_tol, eigen_iters, model: as :class:`TrustRegion` (with a vanishing
             gradient Lanczos starts from a Philox Rademacher vector, which finds the escape
             direction -theta_min/sigma along the leftmost eigenvector).
+        {shared_args}
     """
 
     _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
@@ -436,28 +428,25 @@ class ARC(_RegularisedNewton):
                  curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
-        V.positive("sigma", sigma)
-        V.in_range("eta1", eta1, 0.0, 1.0, low_open=True)
-        V.in_range("eta2", eta2, eta1, 1.0)
-        V.greater_than("gamma", gamma, 1.0)
-        V.nonnegative("sigma_min", sigma_min)
-        V.choice("norm", norm, NORMS)
-        V.choice("subproblem", subproblem, ("lanczos", "cg"))
-        V.in_range("beta", beta, 0.0, 1.0, low_open=True)
-        V.positive("eps", eps)
-        V.positive_int("subproblem_max_iters", subproblem_max_iters)
-        V.positive("subproblem_tol", subproblem_tol)
-        V.choice("curvature", curvature, CURVATURES)
-        V.choice("hvp", hvp, HVP_METHODS)
-        V.positive("fd_eps", fd_eps)
-        V.nonnegative("grad_tol", grad_tol)
-        V.positive_int("eigen_iters", eigen_iters, allow_zero=True)
         defaults = dict(sigma=sigma, eta1=eta1, eta2=eta2, gamma=gamma, sigma_min=sigma_min, norm=norm,
                         subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
                         subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
                         grad_tol=grad_tol, eigen_iters=eigen_iters)
+        self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.sigma = float(sigma)
+
+    @classmethod
+    def _check_group(cls, group: dict) -> None:
+        super()._check_group(group)
+        V.positive("sigma", group["sigma"])
+        V.in_range("eta1", group["eta1"], 0.0, 1.0, low_open=True)
+        V.in_range("eta2", group["eta2"], group["eta1"], 1.0)
+        V.greater_than("gamma", group["gamma"], 1.0)
+        V.nonnegative("sigma_min", group["sigma_min"])
+        V.choice("subproblem", group["subproblem"], ("lanczos", "cg"))
+        V.positive_int("subproblem_max_iters", group["subproblem_max_iters"])
+        V.positive("subproblem_tol", group["subproblem_tol"])
 
     def _lanczos_step(self, matvec, params, a, grads, gnorm_zero: bool, g0):
         asq = flatten(a).rsqrt()

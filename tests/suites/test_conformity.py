@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from natasha_ext import _backend, ops
 from tests.suites.optimizer_zoo import ZOO, Problem, case_params, flat_params, state_tensors
@@ -279,17 +280,37 @@ def test_fused_true_without_kernels_is_a_clear_error(case, monkeypatch):
         case.make(pb.model(), fused=True)
     m = pb.model()
     o = case.make(m, fused=None)
-    assert o.fused is False
-    case.run(pb, m, o, 0, 2)
+    assert o.fused is None  # the request is kept; the ops fall back call by call
+    with KernelCalls() as seen:
+        case.run(pb, m, o, 0, 2)
+    assert not seen.ops
     with pytest.raises(TypeError, match="fused"):
         case.make(pb.model(), fused="yes")
 
 
+class KernelCalls(TorchDispatchMode):
+    """Records the natasha:: kernels dispatched while active (the reference path calls none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "natasha":
+            self.ops.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @case_params()
 def test_fused_none_picks_the_kernels(case):
-    o = case.make(Problem().model(), fused=None)
-    assert o.fused == ops.fused_available("cpu")
-    assert case.make(Problem().model(), fused=False).fused is False
+    pb = Problem()
+    for fused in (None, False):
+        m = pb.model()
+        o = case.make(m, fused=fused)
+        assert o.fused is fused
+        with KernelCalls() as seen:
+            case.run(pb, m, o, 0, 2)
+        assert bool(seen.ops) == (fused is None and ops.fused_available("cpu")), (fused, seen.ops)
 
 
 @pytest.mark.skipif(not ops.fused_available("cpu"), reason="compiled kernels not built")
