@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from optimizer_zoo import ZOO, Problem, case_params, flat_params
+from tests.suites.optimizer_zoo import ZOO, Problem, case_params, flat_params
 
 NAN = float("nan")
 
