@@ -101,13 +101,20 @@ def _cases():
     return out
 
 
+def _kwarg_only(op: str) -> List[str]:
+    return [a.name for a in getattr(torch.ops.natasha, op).default._schema.arguments if a.kwarg_only]
+
+
+# each op's keyword-only arguments (after ``*`` in its schema), read once outside any traced code
+KWARG_ONLY = {op: _kwarg_only(op) for op in VALID} if ops.fused_available("cpu") else {}
+
+
 def call_op(op: str, args) -> Any:
     """Call ``torch.ops.natasha.<op>`` with VALID's positional tuple: the schema's keyword-only
-    arguments (after ``*``) are passed by name."""
-    schema = getattr(torch.ops.natasha, op).default._schema
-    pos = [a for a in schema.arguments if not a.kwarg_only]
-    kw = {a.name: v for a, v in zip([a for a in schema.arguments if a.kwarg_only], args[len(pos):])}
-    return getattr(torch.ops.natasha, op)(*args[:len(pos)], **kw)
+    arguments come last in it and are passed by name."""
+    names = KWARG_ONLY[op]
+    npos = len(args) - len(names)
+    return getattr(torch.ops.natasha, op)(*args[:npos], **dict(zip(names, args[npos:])))
 
 
 _call = call_op

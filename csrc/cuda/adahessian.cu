@@ -17,6 +17,7 @@
 #include "natasha/adahessian.h"
 #include "natasha/args/adahessian.h"
 #include "natasha/philox.h"
+#include "natasha/static_switch.h"
 
 namespace natasha {
 namespace cuda {
@@ -66,9 +67,7 @@ void hutchinson_diag_cuda(at::TensorList diag, at::TensorList hz, int64_t seed, 
   const c10::cuda::OptionalCUDAGuard guard(guard_device({hz, diag}));
   if (!check_hutchinson_diag_args(diag, hz)) return;
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  std::vector<std::vector<at::Tensor>> lists(kHutchDepth);
-  lists[kHutchDiag] = diag.vec();
-  lists[kHutchHz] = hz.vec();
+  const auto lists = slot_lists<kHutchDepth>({{kHutchDiag, diag}, {kHutchHz, hz}});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hz[0].scalar_type(), op, [&] {
     using h_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, diag[0].scalar_type(), op, [&] {
@@ -194,21 +193,17 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     for (const auto& cls : classes) {
       const int64_t G = cls.first;
       const std::vector<size_t>& idx = cls.second;
-      std::vector<std::vector<at::Tensor>> lists(kAdaDepth);
-      lists[kAdaParam] = select(params, idx);
-      lists[kAdaGrad] = select(grads, idx);
-      lists[kAdaExpAvg] = select(exp_avg, idx);
-      lists[kAdaExpHessSq] = select(exp_hess_sq, idx);
-      lists[kAdaCurv] = curv_mode ? select(curv, idx) : lists[kAdaParam];
+      const auto sub_params = select(params, idx);
+      const auto lists = slot_lists<kAdaDepth>(
+          {{kAdaParam, sub_params}, {kAdaGrad, select(grads, idx)}, {kAdaExpAvg, select(exp_avg, idx)},
+           {kAdaExpHessSq, select(exp_hess_sq, idx)}, {kAdaCurv, curv_mode ? select(curv, idx) : sub_params}});
       const ListPosition pos = position_of(params, idx, 0);
-      auto launch = [&](auto op) { multi_tensor_apply<kAdaDepth, kAdaTensorsPerLaunch>(lists, op, pos); };
-      if (curv_mode == kCurvNone) {
-        launch(AdaStepOp<scalar_t, acc_t, scalar_t, kCurvNone>{k, G, abs_first, s, o});
-      } else if (curv_mode == kCurvHz) {
-        launch(AdaStepOp<scalar_t, acc_t, scalar_t, kCurvHz>{k, G, abs_first, s, o});
-      } else {
-        launch(AdaStepOp<scalar_t, acc_t, acc_t, kCurvDiag>{k, G, abs_first, s, o});
-      }
+      int_switch<3>(static_cast<int>(curv_mode), [&](auto mode_c) {
+        constexpr int MODE = decltype(mode_c)::value;
+        using curv_t = std::conditional_t<MODE == kCurvDiag, acc_t, scalar_t>;  // Hz: the params' dtype
+        multi_tensor_apply<kAdaDepth, kAdaTensorsPerLaunch>(
+            lists, AdaStepOp<scalar_t, acc_t, curv_t, MODE>{k, G, abs_first, s, o}, pos);
+      });
     }
   });
 }

@@ -115,9 +115,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> precondition_cuda(at::TensorList
   Reduction part(grads, 3, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kRedDepth);
-    lists[kRedT] = grads.vec();
-    lists[kRedU] = outs;
+    const auto lists = slot_lists<kRedDepth>({{kRedT, grads}, {kRedU, outs}});
     multi_tensor_apply<kRedDepth>(lists, Reduce3Op<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
     per_layer_sums<acc_t>(part.partials, chunk_offsets(grads), red);
   });
@@ -207,11 +205,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> smw_apply_cuda(at::TensorList gr
   Reduction part(grads, 3, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kSmwDepth);
-    lists[kSmwT] = grads.vec();
-    lists[kSmwU] = outs;
-    lists[kSmwTerms] = packed;
-    lists[kSmwDims] = dims;
+    const auto lists =
+        slot_lists<kSmwDepth>({{kSmwT, grads}, {kSmwU, outs}, {kSmwTerms, packed}, {kSmwDims, dims}});
     multi_tensor_apply<kSmwDepth>(lists, SmwOp<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
     per_layer_sums<acc_t>(part.partials, chunk_offsets(grads), red);
   });
@@ -297,10 +292,10 @@ at::Tensor ang_combine_cuda(at::TensorList nat, at::TensorList grads, const at::
   // returned in the reductions' dtype and applied as returned (rounded for fp16/bf16), as on the CPU
   const at::Tensor out = coef.to(reductions.scalar_type());
   const at::Tensor applied = out.scalar_type() == coef_dt ? out : out.to(coef_dt);
-  std::vector<std::vector<at::Tensor>> lists(kCombDepth);
-  lists[kCombNat] = nat.vec();
-  lists[kCombGrad] = grads.vec();
-  for (int64_t l = 0; l < L; ++l) lists[kCombCoef].push_back(applied.select(0, l));
+  std::vector<at::Tensor> rows;  // the coefficient row of each layer
+  rows.reserve(L);
+  for (int64_t l = 0; l < L; ++l) rows.push_back(applied.select(0, l));
+  const auto lists = slot_lists<kCombDepth>({{kCombNat, nat}, {kCombGrad, grads}, {kCombCoef, rows}});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, nat[0].scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (coef_dt == at::kDouble) {

@@ -153,6 +153,15 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Op op
   if (nb > 0) launch();
 }
 
+// The D lists of a launch, each in its named slot (the ops' k...Slot enums): {{kParam, params}, ...}.
+template <int D>
+std::vector<std::vector<at::Tensor>> slot_lists(std::initializer_list<std::pair<int, at::TensorList>> slots) {
+  TORCH_CHECK(slots.size() == D, "slot_lists: expected ", D, " lists, got ", slots.size());
+  std::vector<std::vector<at::Tensor>> lists(D);
+  for (const auto& slot : slots) lists[slot.first] = slot.second.vec();
+  return lists;
+}
+
 // Sub-lists of the indices 0 .. n-1 grouped by key(i) (dtype, group size ...), in first-seen key
 // order, each with its ListPosition in the whole list (element bases, first chunk).
 template <typename Key, typename KeyFn>

@@ -127,14 +127,11 @@ at::Tensor svrg_step_cuda(at::TensorList params, at::TensorList grads, c10::opti
 
   const bool has_c = center.has_value();
   const int mode = has_c ? 2 : (finalize > 0 ? 1 : 0);
-  std::vector<std::vector<at::Tensor>> lists(kSvrgDepth);
-  lists[kSvrgParam] = params.vec();
-  lists[kSvrgGrad] = grads.vec();
-  lists[kSvrgSnapGrad] = snapshot_grads ? snapshot_grads->vec() : grads.vec();
-  lists[kSvrgMu] = mu ? mu->vec() : anchor.vec();
-  lists[kSvrgAnchor] = anchor.vec();
-  lists[kSvrgAvgSum] = avg_sum.vec();
-  lists[kSvrgCenter] = has_c ? center->vec() : anchor.vec();
+  // absent optional lists: a present list of the same dtype in their slot (never read)
+  const auto lists = slot_lists<kSvrgDepth>(
+      {{kSvrgParam, params}, {kSvrgGrad, grads}, {kSvrgSnapGrad, snapshot_grads ? *snapshot_grads : grads},
+       {kSvrgMu, mu ? *mu : anchor}, {kSvrgAnchor, anchor}, {kSvrgAvgSum, avg_sum},
+       {kSvrgCenter, has_c ? *center : anchor}});
   Reduction red(params, 3, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "svrg_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -154,11 +151,8 @@ at::Tensor svrg_step_cuda(at::TensorList params, at::TensorList grads, c10::opti
     acc_t* res = red.result.data_ptr<acc_t>();
     const acc_t a_L = static_cast<acc_t>(prox_L), a_r = static_cast<acc_t>(prox_radius);
     if (has_c) {
-      std::vector<std::vector<at::Tensor>> prox(kProxDepth);
-      prox[kProxParam] = params.vec();
-      prox[kProxAvgSum] = avg_sum.vec();
-      prox[kProxAnchor] = anchor.vec();
-      prox[kProxCenter] = center->vec();
+      const auto prox = slot_lists<kProxDepth>(
+          {{kProxParam, params}, {kProxAvgSum, avg_sum}, {kProxAnchor, anchor}, {kProxCenter, *center}});
       multi_tensor_apply<kProxDepth>(prox, ProxOp<scalar_t, acc_t>{res, a_lr, a_L, a_r, inv_m, finalize > 0});
     }
     svrg_finish_kernel<acc_t><<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(res, a_lr, a_L, a_r, has_c);
@@ -226,9 +220,7 @@ at::Tensor oja_step_cuda(at::TensorList v, at::TensorList hv, const at::Tensor& 
   auto out = at::empty({2}, at::TensorOptions().dtype(acc).device(dev));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hv[0].scalar_type(), "oja_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kOjaDepth);
-    lists[kOjaV] = v.vec();
-    lists[kOjaHv] = hv.vec();
+    const auto lists = slot_lists<kOjaDepth>({{kOjaV, v}, {kOjaHv, hv}});
     multi_tensor_apply<kOjaDepth>(lists, OjaOp<scalar_t, acc_t>{scale_c.data_ptr<acc_t>(), static_cast<acc_t>(eta),
                                                                 red.partials.data_ptr<acc_t>()});
     red.finish<2, acc_t>();

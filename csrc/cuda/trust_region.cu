@@ -138,13 +138,8 @@ at::Tensor tr_cg_init_cuda(at::TensorList v, at::TensorList a, at::TensorList s,
   Reduction red(grads, 2, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "tr_cg_init_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kInitDepth);
-    lists[kInitG] = grads.vec();
-    lists[kInitV] = v.vec();
-    lists[kInitA] = a.vec();
-    lists[kInitS] = s.vec();
-    lists[kInitR] = r.vec();
-    lists[kInitP] = p.vec();
+    const auto lists = slot_lists<kInitDepth>({{kInitG, grads}, {kInitV, v}, {kInitA, a}, {kInitS, s}, {kInitR, r},
+                                               {kInitP, p}});
     multi_tensor_apply<kInitDepth>(lists, InitOp<scalar_t, acc_t>{static_cast<acc_t>(beta), static_cast<acc_t>(eps),
                                                                   static_cast<int>(norm_mode),
                                                                   red.partials.data_ptr<acc_t>()});
@@ -160,11 +155,7 @@ at::Tensor cg_dots_cuda(at::TensorList p, at::TensorList Bp, at::TensorList r, a
   Reduction red(Bp, 4, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_dots", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kDotsDepth);
-    lists[kDotsBp] = Bp.vec();
-    lists[kDotsP] = p.vec();
-    lists[kDotsR] = r.vec();
-    lists[kDotsA] = a.vec();
+    const auto lists = slot_lists<kDotsDepth>({{kDotsBp, Bp}, {kDotsP, p}, {kDotsR, r}, {kDotsA, a}});
     multi_tensor_apply<kDotsDepth>(lists, DotsOp<scalar_t, acc_t>{red.partials.data_ptr<acc_t>()});
     red.finish<4, acc_t>();
   });
@@ -179,12 +170,7 @@ at::Tensor cg_step_cuda(at::TensorList s, at::TensorList r, at::TensorList p, at
   Reduction red(Bp, 4, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<std::vector<at::Tensor>> lists(kStepDepth);
-    lists[kStepBp] = Bp.vec();
-    lists[kStepS] = s.vec();
-    lists[kStepR] = r.vec();
-    lists[kStepP] = p.vec();
-    lists[kStepA] = a.vec();
+    const auto lists = slot_lists<kStepDepth>({{kStepBp, Bp}, {kStepS, s}, {kStepR, r}, {kStepP, p}, {kStepA, a}});
     multi_tensor_apply<kStepDepth>(lists, StepOp<scalar_t, acc_t>{static_cast<acc_t>(alpha), static_cast<acc_t>(beta),
                                                                   red.partials.data_ptr<acc_t>()});
     red.finish<4, acc_t>();
