@@ -1,6 +1,7 @@
 // The op registry: every op of the natasha namespace is declared here, once, with its schema.
-// CPU kernels register in csrc/cpu/*.cpp, CUDA kernels in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL),
-// and natasha_ext/ops/reference.py holds a pure-PyTorch function with the same signature.
+// CPU kernels register in csrc/cpu/*.cpp, CUDA kernels in csrc/cuda/*.cu, ops that are pure ATen
+// on every device once in csrc/composite.cpp (TORCH_LIBRARY_IMPL); natasha_ext/ops/reference.py
+// holds a pure-PyTorch function for each op, and natasha_ext/ops/*.py its wrapper and fake kernel.
 // Conventions (as ATen's): ops that mutate an input end in `_` and mark it (Tensor(a!)[]); scalar
 // arguments are keyword-only (after `*`); the C++ kernels name their arguments as the schema does;
 // scalars come back as tensors so that no op forces a host sync. Argument checks: one validator

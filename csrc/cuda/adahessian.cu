@@ -23,8 +23,6 @@ namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
-
 // ------------------------------------------------------------------------- hutchinson_diag_
 // Each thread takes kILP consecutive elements, so one Philox call serves several of them.
 enum HutchinsonSlot : int { kHutchDiag, kHutchHz, kHutchDepth };

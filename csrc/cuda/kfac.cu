@@ -26,7 +26,6 @@ namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
 constexpr int kLayersPerFinish = 256;
 
 // ------------------------------------------------------------------------------ reductions
@@ -82,12 +81,8 @@ struct Reduce3Op {
     acc_t v[3] = {0, 0, 0};
     for (int64_t base = threadIdx.x; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t rt[kILP], ru[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + j * kBlock;
-        rt[j] = i < c.n ? static_cast<acc_t>(t[i]) : acc_t(0);
-        ru[j] = i < c.n ? static_cast<acc_t>(u[i]) : acc_t(0);
-      }
+      load_ilp<acc_t>(rt, t, base, c.n);
+      load_ilp<acc_t>(ru, u, base, c.n);
 #pragma unroll
       for (int j = 0; j < kILP; ++j) kfac::reduce3_add<acc_t>(v, rt[j], ru[j]);
     }
@@ -255,12 +250,8 @@ struct CombineOp {
     const acc_t a = static_cast<acc_t>(cf[0]), b = static_cast<acc_t>(cf[1]);
     for (int64_t base = threadIdx.x; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t ru[kILP], rt[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + j * kBlock;
-        ru[j] = i < c.n ? static_cast<acc_t>(u[i]) : acc_t(0);
-        rt[j] = i < c.n ? static_cast<acc_t>(t[i]) : acc_t(0);
-      }
+      load_ilp<acc_t>(ru, u, base, c.n);
+      load_ilp<acc_t>(rt, t, base, c.n);
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t i = base + j * kBlock;

@@ -22,6 +22,7 @@ namespace cuda {
 constexpr int kBlock = 512;
 constexpr int64_t kChunk = 65536;
 constexpr int kMaxBlocks = 256;
+constexpr int kILP = 4;  // independent elements in flight per thread in the element loops
 
 // The device every CUDA op guards once at its entry (c10::cuda::OptionalCUDAGuard): its
 // launches, allocations and second-stage kernels then go to the tensors' device, not to the
@@ -197,6 +198,17 @@ inline std::vector<at::Tensor> select(at::TensorList ts, const std::vector<size_
   out.reserve(idx.size());
   for (size_t i : idx) out.push_back(ts[i]);
   return out;
+}
+
+// Loads elements first + j * kBlock (j < kILP) of p as acc_t into r; `fill` past the chunk end n.
+template <typename acc_t, typename T>
+__device__ __forceinline__ void load_ilp(acc_t (&r)[kILP], const T* p, int64_t first, int64_t n,
+                                         acc_t fill = acc_t(0)) {
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) {
+    const int64_t i = first + static_cast<int64_t>(j) * kBlock;
+    r[j] = i < n ? static_cast<acc_t>(p[i]) : fill;
+  }
 }
 
 // Block-wide sum of R values (all threads get the result in thread 0's return).

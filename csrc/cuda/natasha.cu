@@ -16,8 +16,6 @@ namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
-
 // ------------------------------------------------------------------------------ svrg_step
 // List slots of the step pass: x, g, g_snap (scalar_t); mu, anchor, avg_sum, center (acc_t).
 // Absent optional lists are filled with a present list of the same dtype and never read.

@@ -15,8 +15,6 @@ namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
-
 enum InitSlot : int { kInitG, kInitV, kInitA, kInitS, kInitR, kInitP, kInitDepth };
 
 template <typename scalar_t, typename acc_t>
@@ -73,15 +71,11 @@ struct DotsOp {
     acc_t acc[4] = {0, 0, 0, 0};
     for (int64_t base = 0; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t bi[kILP], pi[kILP], ri[kILP], ai[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + threadIdx.x + j * kBlock;
-        const bool in = i < c.n;
-        bi[j] = in ? static_cast<acc_t>(bp[i]) : acc_t(0);
-        pi[j] = in ? p[i] : acc_t(0);
-        ri[j] = in ? r[i] : acc_t(0);
-        ai[j] = in ? a[i] : acc_t(1);
-      }
+      const int64_t first = base + threadIdx.x;
+      load_ilp<acc_t>(bi, bp, first, c.n);
+      load_ilp<acc_t>(pi, p, first, c.n);
+      load_ilp<acc_t>(ri, r, first, c.n);
+      load_ilp<acc_t>(ai, a, first, c.n, acc_t(1));  // a = 1 past the end: no 0/0 in the padding
 #pragma unroll
       for (int j = 0; j < kILP; ++j) tr::dots_elem<acc_t>(pi[j], bi[j], ri[j], ai[j], acc);
     }
@@ -105,16 +99,12 @@ struct StepOp {
     acc_t acc[4] = {0, 0, 0, 0};
     for (int64_t base = 0; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t bi[kILP], si[kILP], ri[kILP], pi[kILP], ai[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + threadIdx.x + j * kBlock;
-        const bool in = i < c.n;
-        bi[j] = in ? static_cast<acc_t>(bp[i]) : acc_t(0);
-        si[j] = in ? s[i] : acc_t(0);
-        ri[j] = in ? r[i] : acc_t(0);
-        pi[j] = in ? p[i] : acc_t(0);
-        ai[j] = in ? a[i] : acc_t(1);
-      }
+      const int64_t first = base + threadIdx.x;
+      load_ilp<acc_t>(bi, bp, first, c.n);
+      load_ilp<acc_t>(si, s, first, c.n);
+      load_ilp<acc_t>(ri, r, first, c.n);
+      load_ilp<acc_t>(pi, p, first, c.n);
+      load_ilp<acc_t>(ai, a, first, c.n, acc_t(1));
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t i = base + threadIdx.x + j * kBlock;
