@@ -173,3 +173,22 @@ def test_fused_false_never_calls_the_kernel(monkeypatch):
 def test_old_and_new_names_are_the_same_functions():
     assert ops.svrg_step is ops.svrg_step_ and ops.oja_step is ops.oja_step_
     assert ops.adahessian_step is ops.adahessian_step_
+
+
+# ------------------------------------------------------------------ device guard (issue 13)
+@pytest.mark.cuda
+def test_second_stage_kernels_run_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: every launch (first and second stage) must go to
+    cuda:1 (each CUDA op guards its device at entry)."""
+    if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and ops.fused_available("cuda")):
+        pytest.skip("needs two CUDA devices and the CUDA kernels")
+    dev = torch.device("cuda:1")
+    with torch.cuda.device(0):
+        xs = [_t(70000, device=dev), _t(33, device=dev, seed=1)]
+        torch.testing.assert_close(ops.global_norm(xs, fused=True), reference.global_norm(xs))
+        v, hv = [_t(5000, device=dev)], [_t(5000, device=dev, seed=2)]
+        v2 = [v[0].clone()]
+        out = ops.oja_step_(v, hv, torch.tensor(0.5, device=dev), 0.1, fused=True)
+        want = reference.oja_step(v2, hv, torch.tensor(0.5, device=dev), 0.1)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(v[0], v2[0])
