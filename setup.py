@@ -67,7 +67,7 @@ def _extensions():
 
     root = os.path.dirname(os.path.abspath(__file__))
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))
-    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(root, "csrc", "include")]
     cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags()
     # pip's cu13 torch wheels ship the CUDA headers (cusparse.h ...) that torch's headers include.
@@ -82,8 +82,9 @@ def _extensions():
         cxx.append("-DNATASHA_WITH_CUDA")
         ext = cpp_extension.CUDAExtension(
             "natasha_ext._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
-                                                     "-lineinfo", "-DNATASHA_WITH_CUDA"]})
+            # no --use_fast_math: approximate sqrt/div/pow and flush-to-zero would make the CUDA
+            # kernels drift from the CPU kernels and the reference (AdaHessian, prox, CG divisions)
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-DNATASHA_WITH_CUDA"]})
         print(f"natasha_ext: building CPU + CUDA kernels (arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})")
     else:
         print(f"natasha_ext: building CPU kernels only ({why})")

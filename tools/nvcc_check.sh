@@ -11,7 +11,7 @@ for f in "$@"; do
   echo "nvcc: $f"
   $NVCC -c "$f" -o /tmp/nvcc_check_$$.o -Icsrc/include -I"$SITE/nvidia/cu13/include" $TI \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-    -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -Xcompiler -fPIC -O3 --use_fast_math \
+    -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -Xcompiler -fPIC -O3 \
     -DNATASHA_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
     -gencode=arch=compute_90,code=sm_90 -std=c++20
 done

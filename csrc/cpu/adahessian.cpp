@@ -4,16 +4,16 @@
 // means of |z * Hz| and updates v, pass B (vectorised) updates m and the parameters.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
 
-#include "../adahessian_args.h"
-#include "../tensor_lists.h"
 #include "chunks.h"
 #include "natasha/adahessian.h"
+#include "natasha/args/adahessian.h"
 #include "natasha/philox.h"
 
 namespace natasha {
@@ -23,12 +23,7 @@ namespace {
 // ------------------------------------------------------------------ hutchinson_diag_
 void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, int64_t offset, double alpha,
                          bool accumulate) {
-  check_list("hutchinson_diag_", "diag", diag, c10::Device(c10::kCPU));
-  check_list("hutchinson_diag_", "hz", hz, c10::Device(c10::kCPU));
-  check_same_shape("hutchinson_diag_", "hz", hz, "diag", diag);
-  check_same_dtype("hutchinson_diag_", "hz", hz);
-  check_same_dtype("hutchinson_diag_", "diag", diag);
-  if (hz.empty()) return;
+  if (!check_hutchinson_diag_args(diag, hz)) return;
   const auto chunks = make_chunks(hz);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hz[0].scalar_type(), "hutchinson_diag_", [&] {
@@ -42,10 +37,10 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
         if (accumulate) val = static_cast<acc_t>(*d) + val;
         *d = static_cast<d_t>(val);
       };
-      for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+      for_each_chunk(chunks, [&](const Chunk& c) {
         const h_t* h = hz[c.tensor].data_ptr<h_t>() + c.start;
         d_t* d = diag[c.tensor].data_ptr<d_t>() + c.start;
-        for_each_rademacher(s, o, static_cast<uint64_t>(c.base + c.start), static_cast<uint64_t>(c.n),
+        for_each_rademacher(s, o, static_cast<uint64_t>(c.first), static_cast<uint64_t>(c.n),
                             [&](uint64_t i, float z) { one(d + i, h + i, static_cast<acc_t>(z)); });
       });
     });
@@ -53,26 +48,35 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
 }
 
 // ------------------------------------------------------------------ adahessian_step
-struct GChunk {
-  int tensor;
-  int64_t start, n, base, group;
+// A chunk of whole spatial groups of `group` elements.
+struct GroupChunk : Chunk {
+  int64_t group;
 };
 
 // Chunks of about kChunk elements holding whole groups of each tensor's group size.
-std::vector<GChunk> make_group_chunks(at::TensorList ts, at::IntArrayRef groups) {
-  std::vector<GChunk> out;
+std::vector<GroupChunk> make_group_chunks(at::TensorList ts, at::IntArrayRef groups) {
+  std::vector<GroupChunk> out;
   int64_t base = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
     const int64_t n = ts[i].numel(), g = groups[i];
     const int64_t len = std::max<int64_t>(g, (kChunk / g) * g);
-    for (int64_t s = 0; s < n; s += len) out.push_back(GChunk{static_cast<int>(i), s, std::min(len, n - s), base, g});
+    for (int64_t s = 0; s < n; s += len) {
+      GroupChunk c;
+      c.tensor = static_cast<int>(i);
+      c.start = s;
+      c.n = std::min(len, n - s);
+      c.first = base + s;
+      c.index = static_cast<int64_t>(out.size());
+      c.group = g;
+      out.push_back(c);
+    }
     base += n;
   }
   return out;
 }
 
 template <typename scalar_t, typename acc_t, typename curv_t>
-void second_moment_groups(const GChunk& c, const curv_t* cv, acc_t* v, bool signed_probe, bool abs_first,
+void second_moment_groups(const GroupChunk& c, const curv_t* cv, acc_t* v, bool signed_probe, bool abs_first,
                           uint64_t seed, uint64_t offset, const AdaHessianCoef<acc_t>& k) {
   const int64_t G = c.group;
   if (G == 1) {  // |z * c| = |c|: no probe needed
@@ -80,19 +84,13 @@ void second_moment_groups(const GChunk& c, const curv_t* cv, acc_t* v, bool sign
     return;
   }
   RademacherWalker z(seed, offset);
-  const uint64_t k0 = static_cast<uint64_t>(c.base + c.start);
+  const uint64_t k0 = static_cast<uint64_t>(c.first);
   for (int64_t s = 0; s < c.n; s += G) {
     const int64_t e = std::min(c.n, s + G);
     acc_t sum = 0;
-    if (abs_first) {
-      // |z * c| = |c| since z = +-1
-      for (int64_t j = s; j < e; ++j) sum += std::abs(static_cast<acc_t>(cv[j]));
-    } else if (signed_probe) {
-      for (int64_t j = s; j < e; ++j) sum += static_cast<acc_t>(z(k0 + j)) * static_cast<acc_t>(cv[j]);
-    } else {
-      for (int64_t j = s; j < e; ++j) sum += static_cast<acc_t>(cv[j]);
-    }
-    const acc_t ds = std::abs(sum / static_cast<acc_t>(e - s));
+    for (int64_t j = s; j < e; ++j)
+      sum += adahessian_group_summand<acc_t>(static_cast<acc_t>(cv[j]), abs_first, signed_probe, z, k0 + j);
+    const acc_t ds = adahessian_group_value<acc_t>(sum, e - s);
     for (int64_t j = s; j < e; ++j) v[j] = adahessian_second_moment<acc_t>(v[j], ds, k);
   }
 }
@@ -124,17 +122,18 @@ void update_chunk(int64_t n, scalar_t* p, const scalar_t* g, acc_t* m, const acc
 void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
                          at::TensorList exp_hess_sq, at::TensorList curv, at::IntArrayRef group_sizes,
                          int64_t curv_mode, bool abs_first, int64_t seed, int64_t offset, double lr, double beta1,
-                         double beta2, double eps, double weight_decay, double hessian_power, double bc1,
-                         double bc2) {
-  if (!check_adahessian_step_args(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode, c10::Device(c10::kCPU))) return;
+                         double beta2, double eps, double weight_decay, double hessian_power,
+                         double bias_correction1, double bias_correction2) {
+  if (!check_adahessian_step_args(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode)) return;
   const auto chunks = make_group_chunks(params, group_sizes);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bc1, bc2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bias_correction1,
+                                               bias_correction2);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t ci = b; ci < e; ++ci) {
-        const GChunk& c = chunks[ci];
+        const GroupChunk& c = chunks[ci];
         acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
         acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
         if (curv_mode == kCurvHz) {
@@ -155,7 +154,7 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 
 TORCH_LIBRARY_IMPL(natasha, CPU, m) {
   m.impl("hutchinson_diag_", &hutchinson_diag_cpu);
-  m.impl("adahessian_step", &adahessian_step_cpu);
+  m.impl("adahessian_step_", &adahessian_step_cpu);
 }
 
 }  // namespace cpu

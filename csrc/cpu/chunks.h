@@ -1,42 +1,42 @@
 #pragma once
 // CPU counterpart of CUDA's multi-tensor apply: a tensor list is cut into fixed-size chunks
-// (never spanning two tensors) that at::parallel_for distributes over threads. Chunk
-// boundaries do not depend on the thread count, so per-chunk partial reductions summed in
+// (natasha/chunk.h: never spanning two tensors) that at::parallel_for distributes over threads.
+// Chunk boundaries do not depend on the thread count, so per-chunk partial reductions summed in
 // chunk order give the same bits with 1 or N threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
 #include <vector>
+
+#include "natasha/chunk.h"
 
 namespace natasha {
 namespace cpu {
 
 constexpr int64_t kChunk = 16384;
 
-struct Chunk {
-  int tensor;     // index into the list
-  int64_t start;  // first element of the chunk inside the tensor
-  int64_t n;      // elements in the chunk
-  int64_t base;   // index of the tensor's first element in the concatenated list
-};
-
+// Chunks of at most `chunk` elements; chunk.index numbers them in list order.
 inline std::vector<Chunk> make_chunks(at::TensorList ts, int64_t chunk = kChunk) {
   std::vector<Chunk> out;
   int64_t base = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
     const int64_t n = ts[i].numel();
     for (int64_t s = 0; s < n; s += chunk) {
-      out.push_back(Chunk{static_cast<int>(i), s, std::min(chunk, n - s), base});
+      out.push_back(Chunk{static_cast<int>(i), s, std::min(chunk, n - s), base + s,
+                          static_cast<int64_t>(out.size())});
     }
     base += n;
   }
   return out;
 }
 
-// Calls f(chunk, chunk_index) for every chunk, in parallel.
+// Calls f(chunk) for every chunk, in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(chunks[i], i);
+    for (int64_t i = b; i < e; ++i) f(chunks[i]);
   });
 }
 

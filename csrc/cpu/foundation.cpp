@@ -4,8 +4,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "../tensor_lists.h"
 #include "chunks.h"
+#include "natasha/args/foundation.h"
 #include "natasha/philox.h"
 
 namespace natasha {
@@ -13,14 +13,14 @@ namespace cpu {
 namespace {
 
 void rademacher_cpu(at::TensorList tensors, int64_t seed, int64_t offset) {
-  check_list("rademacher_", "tensors", tensors, c10::Device(c10::kCPU));
+  check_rademacher_args(tensors);
   const auto chunks = make_chunks(tensors);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+  for_each_chunk(chunks, [&](const Chunk& c) {
     const at::Tensor& t = tensors[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "rademacher_", [&] {
       scalar_t* p = t.data_ptr<scalar_t>() + c.start;
-      for_each_rademacher(s, o, static_cast<uint64_t>(c.base + c.start), static_cast<uint64_t>(c.n),
+      for_each_rademacher(s, o, static_cast<uint64_t>(c.first), static_cast<uint64_t>(c.n),
                           [p](uint64_t i, float z) { p[i] = static_cast<scalar_t>(z); });
     });
   });
@@ -63,27 +63,26 @@ acc_t sumsq_chunk(const scalar_t* p, int64_t n) {
 }
 
 at::Tensor global_norm_cpu(at::TensorList tensors) {
-  check_list("global_norm", "tensors", tensors, c10::Device(c10::kCPU));
-  const auto acc = acc_dtype(tensors);
+  const auto acc = check_global_norm_args(tensors);
   const auto chunks = make_chunks(tensors);
   if (acc == at::kDouble) {  // any fp64 tensor: the whole (possibly mixed-dtype) list in fp64
     std::vector<double> part(chunks.size(), 0.0);
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t i) {
+    for_each_chunk(chunks, [&](const Chunk& c) {
       const at::Tensor& t = tensors[c.tensor];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "global_norm", [&] {
-        part[i] = sumsq_chunk<scalar_t, double>(t.data_ptr<scalar_t>() + c.start, c.n);
+        part[c.index] = sumsq_chunk<scalar_t, double>(t.data_ptr<scalar_t>() + c.start, c.n);
       });
     });
     return at::scalar_tensor(std::sqrt(sum_partials<1, double>(part)[0]), at::kDouble);
   }
   std::vector<float> part(chunks.size(), 0.0f);
-  for_each_chunk(chunks, [&](const Chunk& c, int64_t i) {
+  for_each_chunk(chunks, [&](const Chunk& c) {
     const at::Tensor& t = tensors[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "global_norm", [&] {
       if constexpr (std::is_same_v<scalar_t, double>) {
-        part[i] = static_cast<float>(sumsq_chunk<double, double>(t.data_ptr<double>() + c.start, c.n));
+        part[c.index] = static_cast<float>(sumsq_chunk<double, double>(t.data_ptr<double>() + c.start, c.n));
       } else {
-        part[i] = sumsq_chunk<scalar_t, float>(t.data_ptr<scalar_t>() + c.start, c.n);
+        part[c.index] = sumsq_chunk<scalar_t, float>(t.data_ptr<scalar_t>() + c.start, c.n);
       }
     });
   });

@@ -1,8 +1,9 @@
-// CPU kernels of the K-FAC / ANG / IFANG ops: factor EMA (BLAS product with the EMA folded in),
-// damped Kronecker apply + reductions, SMW low-rank apply with the reductions in the same pass,
-// and ANG's slerp combine. See natasha/kfac.h for the math.
+// CPU kernels of the K-FAC / ANG / IFANG ops: damped Kronecker apply + reductions, SMW low-rank
+// apply with the reductions in the same pass, and ANG's slerp combine. See natasha/kfac.h for the
+// math; kfac_factor_ema_ is one composite kernel for every device (csrc/composite.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -11,38 +12,16 @@
 #include <tuple>
 #include <vector>
 
-#include "../tensor_lists.h"
 #include "chunks.h"
+#include "natasha/args/kfac.h"
 #include "natasha/kfac.h"
+#include "natasha/kfac_host.h"
 
 namespace natasha {
 namespace cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 16;  // rows per deterministic partial-sum block
-
-void check_layers(const char* op, at::TensorList grads) {
-  check_list(op, "grads", grads, c10::Device(c10::kCPU));
-  check_same_dtype(op, "grads", grads);
-  for (size_t l = 0; l < grads.size(); ++l)
-    TORCH_CHECK(grads[l].dim() == 2, op, ": grads[", l, "] must be 2-D, got ", grads[l].dim(), "-D");
-}
-
-void factor_ema_cpu(at::TensorList factors, at::TensorList rows, at::ArrayRef<double> scales, double decay) {
-  check_list("kfac_factor_ema_", "factors", factors, c10::Device(c10::kCPU));
-  check_list("kfac_factor_ema_", "rows", rows, c10::Device(c10::kCPU));
-  TORCH_CHECK(rows.size() == factors.size() && scales.size() == factors.size(),
-              "kfac_factor_ema_: factors, rows and scales must have the same length");
-  TORCH_CHECK(decay >= 0.0 && decay < 1.0, "kfac_factor_ema_: decay must be in [0, 1), got ", decay);
-  for (size_t l = 0; l < factors.size(); ++l) {
-    TORCH_CHECK(factors[l].dim() == 2 && rows[l].dim() == 2 && factors[l].size(0) == rows[l].size(1) &&
-                    factors[l].size(1) == rows[l].size(1),
-                "kfac_factor_ema_: factors[", l, "] ", factors[l].sizes(), " does not match rows[", l, "] ",
-                rows[l].sizes());
-    at::Tensor f = factors[l];
-    kfac::host::factor_ema(f, rows[l], scales[l], decay);
-  }
-}
 
 // Sum of <t,u>, u^2, t^2 over n contiguous elements (vectorised when scalar_t == acc_t).
 template <typename scalar_t, typename acc_t>
@@ -65,12 +44,9 @@ std::array<acc_t, 3> reduce3(const scalar_t* t, const scalar_t* u, int64_t n) {
     for (int q = 0; q < 3; ++q)
       for (int v = 0; v < Vec::size(); ++v) r[q] += buf[q][v];
   }
-  for (; j < n; ++j) {
-    const acc_t tv = static_cast<acc_t>(t[j]), uv = static_cast<acc_t>(u[j]);
-    r[0] += tv * uv;
-    r[1] += uv * uv;
-    r[2] += tv * tv;
-  }
+  acc_t tail[3] = {0, 0, 0};
+  for (; j < n; ++j) kfac::reduce3_add<acc_t>(tail, static_cast<acc_t>(t[j]), static_cast<acc_t>(u[j]));
+  for (int q = 0; q < 3; ++q) r[q] += tail[q];
   return r;
 }
 
@@ -95,25 +71,16 @@ void layer_reductions(const at::Tensor& t, const at::Tensor& u, acc_t* red) {
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> precondition_cpu(at::TensorList grads, at::TensorList g_inv,
                                                                  at::TensorList a_inv) {
-  check_layers("kfac_precondition", grads);
-  check_list("kfac_precondition", "g_inv", g_inv, c10::Device(c10::kCPU));
-  check_list("kfac_precondition", "a_inv", a_inv, c10::Device(c10::kCPU));
-  TORCH_CHECK(g_inv.size() == grads.size() && a_inv.size() == grads.size(),
-              "kfac_precondition: grads, g_inv and a_inv must have the same length");
-  const auto acc = acc_dtype(grads);
+  const auto acc = check_kfac_precondition_args(grads, g_inv, a_inv);
   at::Tensor red = at::zeros({static_cast<int64_t>(grads.size()), 3}, at::TensorOptions().dtype(acc));
   std::vector<at::Tensor> outs;
   outs.reserve(grads.size());
   for (size_t l = 0; l < grads.size(); ++l) {
     const at::Tensor& t = grads[l];
-    TORCH_CHECK(g_inv[l].dim() == 2 && g_inv[l].size(0) == t.size(0) && g_inv[l].size(1) == t.size(0) &&
-                    a_inv[l].dim() == 2 && a_inv[l].size(0) == t.size(1) && a_inv[l].size(1) == t.size(1),
-                "kfac_precondition: layer ", l, " grads ", t.sizes(), " needs g_inv (", t.size(0), ", ", t.size(0),
-                ") and a_inv (", t.size(1), ", ", t.size(1), "), got ", g_inv[l].sizes(), " and ", a_inv[l].sizes());
     const auto pdt = g_inv[l].scalar_type();
     at::Tensor u = at::matmul(at::matmul(g_inv[l], t.to(pdt)), a_inv[l].to(pdt)).to(t.scalar_type()).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "kfac_precondition", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      using acc_t = at::opmath_type<scalar_t>;
       layer_reductions<scalar_t, acc_t>(t, u, red.data_ptr<acc_t>() + 3 * l);
     });
     outs.push_back(std::move(u));
@@ -174,27 +141,17 @@ void smw_layer(const at::Tensor& t, at::Tensor& u, const kfac::host::SmwTerms& s
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> smw_apply_cpu(at::TensorList grads, at::TensorList ya,
                                                               at::TensorList yg, at::ArrayRef<double> damping) {
-  check_layers("kfac_smw_apply", grads);
-  check_list("kfac_smw_apply", "ya", ya, c10::Device(c10::kCPU));
-  check_list("kfac_smw_apply", "yg", yg, c10::Device(c10::kCPU));
-  TORCH_CHECK(ya.size() == grads.size() && yg.size() == grads.size() && damping.size() == grads.size(),
-              "kfac_smw_apply: grads, ya, yg and damping must have the same length");
-  const auto acc = acc_dtype(grads);
+  const auto acc = check_kfac_smw_apply_args(grads, ya, yg, damping);
   at::Tensor red = at::zeros({static_cast<int64_t>(grads.size()), 3}, at::TensorOptions().dtype(acc));
   std::vector<at::Tensor> outs;
   outs.reserve(grads.size());
   for (size_t l = 0; l < grads.size(); ++l) {
     const at::Tensor& t = grads[l];
-    TORCH_CHECK(ya[l].dim() == 2 && yg[l].dim() == 2 && ya[l].size(1) == t.size(1) && yg[l].size(1) == t.size(0) &&
-                    ya[l].size(0) == yg[l].size(0),
-                "kfac_smw_apply: layer ", l, " grads ", t.sizes(), " needs ya (k, ", t.size(1), ") and yg (k, ",
-                t.size(0), "), got ", ya[l].sizes(), " and ", yg[l].sizes());
-    TORCH_CHECK(damping[l] > 0, "kfac_smw_apply: damping[", l, "] must be > 0, got ", damping[l]);
     at::Tensor u = at::empty_like(t);
     if (t.numel() > 0) {
       const auto terms = kfac::host::smw_terms(t, ya[l], yg[l], damping[l], acc);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "kfac_smw_apply", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = at::opmath_type<scalar_t>;
         smw_layer<scalar_t, acc_t>(t, u, terms, damping[l], red.data_ptr<acc_t>() + 3 * l);
       });
     }
@@ -205,19 +162,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> smw_apply_cpu(at::TensorList gra
 
 at::Tensor ang_combine_cpu(at::TensorList nat, at::TensorList grads, const at::Tensor& reductions,
                            const at::Tensor& scale, double lam, bool per_layer) {
-  check_list("ang_combine_", "nat", nat, c10::Device(c10::kCPU));
-  check_list("ang_combine_", "grads", grads, c10::Device(c10::kCPU));
-  check_same_shape("ang_combine_", "nat", nat, "grads", grads);
-  check_same_dtype("ang_combine_", "nat", nat);
-  check_same_dtype("ang_combine_", "grads", grads);
-  TORCH_CHECK(nat.empty() || nat[0].scalar_type() == grads[0].scalar_type(),
-              "ang_combine_: nat and grads must have the same dtype");
   const int64_t L = static_cast<int64_t>(nat.size());
-  TORCH_CHECK(reductions.device().is_cpu() && reductions.dim() == 2 && reductions.size(0) == L &&
-                  reductions.size(1) == 3,
-              "ang_combine_: reductions must be a CPU tensor of shape (", L, ", 3), got ", reductions.sizes());
-  TORCH_CHECK(scale.numel() == 1, "ang_combine_: scale must hold one value");
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "ang_combine_: lam must be in [0, 1], got ", lam);
+  if (!check_ang_combine_args(nat, grads, reductions, scale, lam)) return reductions.new_empty({0, 2});
   const at::Tensor r = reductions.to(at::kDouble).contiguous();
   const double* rp = r.data_ptr<double>();
   const double sc = scale.to(at::kDouble).item<double>();  // CPU tensor: no device sync
@@ -236,18 +182,25 @@ at::Tensor ang_combine_cpu(at::TensorList nat, at::TensorList grads, const at::T
   at::Tensor coef = at::empty({L, 2}, at::TensorOptions().dtype(at::kDouble));
   double* cp = coef.data_ptr<double>();
   for (int64_t l = 0; l < L; ++l) {
-    c1[l] *= sc;
-    c2[l] *= sc;
-    cp[2 * l] = c1[l];
-    cp[2 * l + 1] = c2[l];
+    cp[2 * l] = c1[l] * sc;
+    cp[2 * l + 1] = c2[l] * sc;
   }
-  if (L > 0) {
+  // the coefficients are returned in the reductions' dtype and applied as returned (the reference's
+  // contract: fp16/bf16/fp32 reductions give coefficients rounded to that dtype)
+  coef = coef.to(reductions.scalar_type());
+  const at::Tensor applied = coef.to(at::kDouble);
+  const double* ap = applied.data_ptr<double>();
+  for (int64_t l = 0; l < L; ++l) {
+    c1[l] = ap[2 * l];
+    c2[l] = ap[2 * l + 1];
+  }
+  {
     const auto chunks = make_chunks(nat);
-    for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
+    for_each_chunk(chunks, [&](const Chunk& ch) {
       const at::Tensor& u = nat[ch.tensor];
       const at::Tensor& t = grads[ch.tensor];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "ang_combine_", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = at::opmath_type<scalar_t>;
         scalar_t* up = u.data_ptr<scalar_t>() + ch.start;
         const scalar_t* tp = t.data_ptr<scalar_t>() + ch.start;
         const acc_t a = static_cast<acc_t>(c1[ch.tensor]), b = static_cast<acc_t>(c2[ch.tensor]);
@@ -263,13 +216,12 @@ at::Tensor ang_combine_cpu(at::TensorList nat, at::TensorList grads, const at::T
       });
     });
   }
-  return coef.to(reductions.scalar_type());
+  return coef;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(natasha, CPU, m) {
-  m.impl("kfac_factor_ema_", &factor_ema_cpu);
   m.impl("kfac_precondition", &precondition_cpu);
   m.impl("kfac_smw_apply", &smw_apply_cpu);
   m.impl("ang_combine_", &ang_combine_cpu);

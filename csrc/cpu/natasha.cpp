@@ -4,13 +4,14 @@
 // thread count). Spec: natasha_ext/ops/reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "../natasha_args.h"
-#include "../tensor_lists.h"
 #include "chunks.h"
+#include "natasha/args/natasha.h"
 #include "natasha/natasha.h"
+#include "natasha/static_switch.h"
 
 namespace natasha {
 namespace cpu {
@@ -51,7 +52,7 @@ void svrg_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t lr, acc_t r
       const Vec s = Vec::loadu(p.s + i) + (x - a);
       vd2 = at::vec::fmadd(d, d, vd2);
       if constexpr (MODE == 1) {
-        const Vec xh = a + (s + (z - a)) * vinv;
+        const Vec xh = svrg_finalize<Vec>(a, s, z, vinv);
         xh.store(p.x + i);
         xh.store(p.a + i);
         zero.store(p.s + i);
@@ -80,7 +81,7 @@ void svrg_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t lr, acc_t r
     const acc_t s = p.s[i] + (x - a);
     d2 += d * d;
     if constexpr (MODE == 1) {
-      const acc_t xh = a + (s + (z - a)) * inv_m;
+      const acc_t xh = svrg_finalize<acc_t>(a, s, z, inv_m);
       p.x[i] = static_cast<scalar_t>(xh);
       p.a[i] = xh;
       p.s[i] = acc_t(0);
@@ -105,7 +106,7 @@ void prox_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t kappa, acc_
     const acc_t y = c + kappa * (static_cast<acc_t>(p.x[i]) - c);
     if (fin) {
       const acc_t a = p.a[i];
-      const acc_t xh = a + (p.s[i] + (y - a)) * inv_m;
+      const acc_t xh = svrg_finalize<acc_t>(a, p.s[i], y, inv_m);
       p.x[i] = static_cast<scalar_t>(xh);
       p.a[i] = xh;
       p.s[i] = acc_t(0);
@@ -118,7 +119,7 @@ void prox_chunk(const SvrgPtrs<scalar_t, acc_t>& p, int64_t n, acc_t kappa, acc_
 template <typename scalar_t, typename acc_t>
 at::Tensor svrg_impl(at::TensorList params, at::TensorList grads, const c10::optional<at::TensorList>& gs,
                      const c10::optional<at::TensorList>& mu, at::TensorList anchor, at::TensorList avg_sum,
-                     acc_t lr, acc_t reg, int64_t finalize, const c10::optional<at::TensorList>& center,
+                     const c10::optional<at::TensorList>& center, acc_t lr, acc_t reg, int64_t finalize,
                      acc_t prox_L, acc_t prox_r) {
   const auto chunks = make_chunks(params);
   std::vector<acc_t> part(2 * chunks.size(), acc_t(0));
@@ -133,30 +134,24 @@ at::Tensor svrg_impl(at::TensorList params, at::TensorList grads, const c10::opt
         mu ? (*mu)[t].data_ptr<acc_t>() + c.start : nullptr, anchor[t].data_ptr<acc_t>() + c.start,
         avg_sum[t].data_ptr<acc_t>() + c.start, has_c ? (*center)[t].data_ptr<acc_t>() + c.start : nullptr};
   };
-  auto run = [&](auto snap_c, auto mu_c, auto mode_c) {
-    constexpr bool S = decltype(snap_c)::value, M = decltype(mu_c)::value;
-    constexpr int MODE = decltype(mode_c)::value;
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t k) {
-      svrg_chunk<S, M, MODE, scalar_t, acc_t>(ptrs(c), c.n, lr, reg, inv_m, &part[2 * k], &part[2 * k + 1]);
+  bool_switch(gs.has_value(), [&](auto snap_c) {
+    bool_switch(mu.has_value(), [&](auto mu_c) {
+      int_switch<3>(mode, [&](auto mode_c) {
+        constexpr bool S = decltype(snap_c)::value, M = decltype(mu_c)::value;
+        constexpr int MODE = decltype(mode_c)::value;
+        for_each_chunk(chunks, [&](const Chunk& c) {
+          svrg_chunk<S, M, MODE, scalar_t, acc_t>(ptrs(c), c.n, lr, reg, inv_m, &part[2 * c.index],
+                                                  &part[2 * c.index + 1]);
+        });
+      });
     });
-  };
-  auto by_mode = [&](auto snap_c, auto mu_c) {
-    if (mode == 0) run(snap_c, mu_c, std::integral_constant<int, 0>{});
-    else if (mode == 1) run(snap_c, mu_c, std::integral_constant<int, 1>{});
-    else run(snap_c, mu_c, std::integral_constant<int, 2>{});
-  };
-  auto by_mu = [&](auto snap_c) {
-    if (mu) by_mode(snap_c, std::true_type{});
-    else by_mode(snap_c, std::false_type{});
-  };
-  if (gs) by_mu(std::true_type{});
-  else by_mu(std::false_type{});
+  });
 
   const auto tot = sum_partials<2, acc_t>(part);
   acc_t kappa = 1;
   if (has_c) {
     kappa = prox_kappa<acc_t>(tot[1], lr, prox_L, prox_r);
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+    for_each_chunk(chunks, [&](const Chunk& c) {
       prox_chunk<scalar_t, acc_t>(ptrs(c), c.n, kappa, inv_m, finalize > 0);
     });
   }
@@ -171,20 +166,16 @@ at::Tensor svrg_impl(at::TensorList params, at::TensorList grads, const c10::opt
 
 at::Tensor svrg_step_cpu(at::TensorList params, at::TensorList grads, c10::optional<at::TensorList> snapshot_grads,
                          c10::optional<at::TensorList> mu, at::TensorList anchor, at::TensorList avg_sum,
-                         double lr, double reg, int64_t finalize, c10::optional<at::TensorList> center,
+                         c10::optional<at::TensorList> center, double lr, double reg, int64_t finalize,
                          double prox_L, double prox_radius) {
-  check_svrg_step_args(params, grads, snapshot_grads, mu, anchor, avg_sum, finalize, center, c10::Device(c10::kCPU));
-  if (params.empty()) return at::tensor({0.0f, 0.0f, 1.0f});
+  check_svrg_step_args(params, grads, snapshot_grads, mu, anchor, avg_sum, center, finalize);
+  if (params.empty()) return svrg_step_empty_result(c10::Device(c10::kCPU));
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "svrg_step", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      out = svrg_impl<double, double>(params, grads, snapshot_grads, mu, anchor, avg_sum, lr, reg, finalize,
-                                       center, prox_L, prox_radius);
-    } else {
-      out = svrg_impl<scalar_t, float>(params, grads, snapshot_grads, mu, anchor, avg_sum, static_cast<float>(lr),
-                                       static_cast<float>(reg), finalize, center, static_cast<float>(prox_L),
-                                       static_cast<float>(prox_radius));
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "svrg_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    out = svrg_impl<scalar_t, acc_t>(params, grads, snapshot_grads, mu, anchor, avg_sum, center,
+                                     static_cast<acc_t>(lr), static_cast<acc_t>(reg), finalize,
+                                     static_cast<acc_t>(prox_L), static_cast<acc_t>(prox_radius));
   });
   return out;
 }
@@ -224,32 +215,18 @@ void oja_chunk(acc_t* w, const scalar_t* h, int64_t n, acc_t scale, acc_t eta, a
 }
 
 at::Tensor oja_step_cpu(at::TensorList v, at::TensorList hv, const at::Tensor& scale, double eta) {
-  constexpr const char* op = "oja_step";
-  const c10::Device cpu(c10::kCPU);
-  check_list(op, "v", v, cpu);
-  check_list(op, "hv", hv, cpu);
-  check_same_shape(op, "v", v, "hv", hv);
-  check_same_dtype(op, "v", v);
-  check_same_dtype(op, "hv", hv);
-  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu(), op, ": scale must be a 1-element CPU tensor");
-  if (v.empty()) return at::zeros({2}, at::kFloat);
-  const auto acc = acc_dtype(v);
-  TORCH_CHECK(v[0].scalar_type() == acc, op, ": v must be fp32 or fp64 (the Oja vector is kept in the "
-              "accumulation dtype), got ", v[0].scalar_type());
-  TORCH_CHECK(acc == at::kFloat || hv[0].scalar_type() == at::kDouble, op, ": hv[0] has dtype ",
-              hv[0].scalar_type(), " but v is fp64");
+  if (!check_oja_step_args(v, hv, scale)) return at::zeros({2}, at::kFloat);
+  const auto acc = acc_dtype(hv);
   const auto chunks = make_chunks(v);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hv[0].scalar_type(), "oja_step", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    TORCH_CHECK(v[0].scalar_type() == (std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat), op,
-                ": v has dtype ", v[0].scalar_type(), " but hv needs ", std::is_same_v<acc_t, double> ? "fp64" : "fp32");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hv[0].scalar_type(), "oja_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.to(at::kDouble).item<double>();
     std::vector<acc_t> part(2 * chunks.size(), acc_t(0));
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t k) {
+    for_each_chunk(chunks, [&](const Chunk& c) {
       oja_chunk<scalar_t, acc_t>(v[c.tensor].data_ptr<acc_t>() + c.start,
                                  hv[c.tensor].data_ptr<scalar_t>() + c.start, c.n, s,
-                                 static_cast<acc_t>(eta), &part[2 * k], &part[2 * k + 1]);
+                                 static_cast<acc_t>(eta), &part[2 * c.index], &part[2 * c.index + 1]);
     });
     const auto tot = sum_partials<2, acc_t>(part);
     out = at::empty({2}, at::TensorOptions().dtype(acc));
@@ -262,8 +239,8 @@ at::Tensor oja_step_cpu(at::TensorList v, at::TensorList hv, const at::Tensor& s
 }  // namespace
 
 TORCH_LIBRARY_IMPL(natasha, CPU, m) {
-  m.impl("svrg_step", &svrg_step_cpu);
-  m.impl("oja_step", &oja_step_cpu);
+  m.impl("svrg_step_", &svrg_step_cpu);
+  m.impl("oja_step_", &oja_step_cpu);
 }
 
 }  // namespace cpu

@@ -3,26 +3,20 @@
 // per-chunk partial sums added in chunk order (same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <array>
 #include <type_traits>
 
-#include "../tensor_lists.h"
 #include "chunks.h"
+#include "natasha/args/trust_region.h"
 #include "natasha/trust_region.h"
 
 namespace natasha {
 namespace cpu {
 namespace {
-
-// State lists must hold the accumulation dtype of the inputs (fp32, fp64 for fp64 inputs).
-void check_state(const char* op, const char* name, at::TensorList ts, at::ScalarType acc) {
-  for (size_t i = 0; i < ts.size(); ++i)
-    TORCH_CHECK(ts[i].scalar_type() == acc, op, ": ", name, "[", i, "] has dtype ", ts[i].scalar_type(),
-                " but the state lists must be ", acc, " for these inputs");
-}
 
 template <int R>
 at::Tensor totals(const std::vector<double>& part, at::ScalarType acc) {
@@ -41,28 +35,17 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
 
 // ------------------------------------------------------------------ tr_cg_init_
 at::Tensor tr_cg_init_cpu(at::TensorList v, at::TensorList a, at::TensorList s, at::TensorList r, at::TensorList p,
-                          at::TensorList grads, double beta, double eps, int64_t mode) {
-  const char* op = "tr_cg_init_";
-  if (grads.empty()) return at::zeros({2}, at::kFloat);
-  TORCH_CHECK(mode >= 0 && mode <= 2, op, ": mode must be 0 (spherical), 1 (rmsprop) or 2 (adagrad), got ", mode);
-  const c10::Device cpu(c10::kCPU);
-  check_list(op, "grads", grads, cpu);
-  check_same_dtype(op, "grads", grads);
-  const auto acc = acc_dtype(grads);
-  const char* names[] = {"v", "a", "s", "r", "p"};
-  at::TensorList lists[] = {v, a, s, r, p};
-  for (int k = 0; k < 5; ++k) {
-    check_list(op, names[k], lists[k], cpu);
-    check_same_shape(op, "grads", grads, names[k], lists[k]);
-    check_state(op, names[k], lists[k], acc);
-  }
+                          at::TensorList grads, double beta, double eps, int64_t norm_mode) {
+  const auto acc = check_tr_cg_init_args(v, a, s, r, p, grads, norm_mode);
+  if (grads.empty()) return cg_empty_result(2, c10::Device(c10::kCPU));
   const auto chunks = make_chunks(grads);
   std::vector<double> part(chunks.size() * 2, 0.0);
-  const int m = static_cast<int>(mode);
+  const int m = static_cast<int>(norm_mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "tr_cg_init_", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t b = static_cast<acc_t>(beta), e = static_cast<acc_t>(eps);
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t ci) {
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      const int64_t ci = c.index;
       const scalar_t* g = grads[c.tensor].data_ptr<scalar_t>() + c.start;
       acc_t* pv = v[c.tensor].data_ptr<acc_t>() + c.start;
       acc_t* pa = a[c.tensor].data_ptr<acc_t>() + c.start;
@@ -104,24 +87,14 @@ void dots_vec(const acc_t* p, const acc_t* bp, const acc_t* r, const acc_t* a, i
 }
 
 at::Tensor cg_dots_cpu(at::TensorList p, at::TensorList Bp, at::TensorList r, at::TensorList a) {
-  const char* op = "cg_dots";
-  if (Bp.empty()) return at::zeros({4}, at::kFloat);
-  const c10::Device cpu(c10::kCPU);
-  check_list(op, "Bp", Bp, cpu);
-  check_same_dtype(op, "Bp", Bp);
-  const auto acc = acc_dtype(Bp);
-  const char* names[] = {"p", "r", "a"};
-  at::TensorList lists[] = {p, r, a};
-  for (int k = 0; k < 3; ++k) {
-    check_list(op, names[k], lists[k], cpu);
-    check_same_shape(op, "Bp", Bp, names[k], lists[k]);
-    check_state(op, names[k], lists[k], acc);
-  }
+  const auto acc = check_cg_dots_args(p, Bp, r, a);
+  if (Bp.empty()) return cg_empty_result(4, c10::Device(c10::kCPU));
   const auto chunks = make_chunks(Bp);
   std::vector<double> part(chunks.size() * 4, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_dots", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t ci) {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      const int64_t ci = c.index;
       const acc_t* pp = p[c.tensor].data_ptr<acc_t>() + c.start;
       const acc_t* pr = r[c.tensor].data_ptr<acc_t>() + c.start;
       const acc_t* pa = a[c.tensor].data_ptr<acc_t>() + c.start;
@@ -170,25 +143,15 @@ void step_vec(acc_t* s, acc_t* r, acc_t* p, const acc_t* bp, const acc_t* a, int
 
 at::Tensor cg_step_cpu(at::TensorList s, at::TensorList r, at::TensorList p, at::TensorList Bp, at::TensorList a,
                        double alpha, double beta) {
-  const char* op = "cg_step_";
-  if (Bp.empty()) return at::zeros({4}, at::kFloat);
-  const c10::Device cpu(c10::kCPU);
-  check_list(op, "Bp", Bp, cpu);
-  check_same_dtype(op, "Bp", Bp);
-  const auto acc = acc_dtype(Bp);
-  const char* names[] = {"s", "r", "p", "a"};
-  at::TensorList lists[] = {s, r, p, a};
-  for (int k = 0; k < 4; ++k) {
-    check_list(op, names[k], lists[k], cpu);
-    check_same_shape(op, "Bp", Bp, names[k], lists[k]);
-    check_state(op, names[k], lists[k], acc);
-  }
+  const auto acc = check_cg_step_args(s, r, p, Bp, a);
+  if (Bp.empty()) return cg_empty_result(4, c10::Device(c10::kCPU));
   const auto chunks = make_chunks(Bp);
   std::vector<double> part(chunks.size() * 4, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_step_", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t al = static_cast<acc_t>(alpha), be = static_cast<acc_t>(beta);
-    for_each_chunk(chunks, [&](const Chunk& c, int64_t ci) {
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      const int64_t ci = c.index;
       acc_t* ps = s[c.tensor].data_ptr<acc_t>() + c.start;
       acc_t* pr = r[c.tensor].data_ptr<acc_t>() + c.start;
       acc_t* pp = p[c.tensor].data_ptr<acc_t>() + c.start;

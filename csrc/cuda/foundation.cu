@@ -1,11 +1,13 @@
-// CUDA kernels of the foundation ops: rademacher_ and global_norm.
+// CUDA kernels of the foundation ops: rademacher_ and global_norm. Mixed-dtype lists are taken
+// as the CPU kernels take them: one launch per dtype over that dtype's tensors, each keeping its
+// place in the whole list (Philox counters, partial-sum rows).
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "../tensor_lists.h"
 #include "multi_tensor_apply.cuh"
+#include "natasha/args/foundation.h"
 #include "natasha/philox.h"
 
 namespace natasha {
@@ -15,7 +17,8 @@ namespace {
 template <typename scalar_t>
 struct RademacherOp {
   uint64_t seed, offset;
-  __device__ void operator()(const TensorListMeta<1>& meta, const Chunk& c) const {
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
     scalar_t* p = chunk_ptr<scalar_t>(meta, 0, c);
     // Each thread fills 4 consecutive elements from one Philox call (they share a block of 128).
     for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < c.n; i += 4 * kBlock) {
@@ -34,49 +37,72 @@ struct RademacherOp {
   }
 };
 
+// Per-chunk sum of squares, accumulated in opmath (fp64 for fp64 tensors) and stored as acc_t
+// (the list's accumulation dtype), as the CPU kernel does.
 template <typename scalar_t, typename acc_t>
 struct SumSqOp {
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<1>& meta, const Chunk& c) const {
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    using op_t = at::opmath_type<scalar_t>;
     const scalar_t* p = chunk_ptr<scalar_t>(meta, 0, c);
-    acc_t v[1] = {0};
+    op_t v[1] = {0};
     for (int64_t i = threadIdx.x; i < c.n; i += kBlock) {
-      const acc_t x = static_cast<acc_t>(p[i]);
+      const op_t x = static_cast<op_t>(p[i]);
       v[0] += x * x;
     }
-    block_reduce<1, acc_t>(v);
-    if (threadIdx.x == 0) partials[c.index] = v[0];
+    block_reduce<1, op_t>(v);
+    if (threadIdx.x == 0) partials[c.index] = static_cast<acc_t>(v[0]);
   }
 };
 
 template <typename acc_t>
 __global__ void sqrt_kernel(acc_t* x) { x[0] = sqrt(x[0]); }
 
+// Calls f(scalar_t{}, tensors, position) once per dtype class of `tensors` (first-seen order);
+// position.bases keep each tensor's place in the whole list.
+template <typename F>
+void for_each_dtype(at::TensorList tensors, F&& f) {
+  const auto classes =
+      group_indices<at::ScalarType>(tensors.size(), [&](size_t i) { return tensors[i].scalar_type(); });
+  for (const auto& cls : classes) {
+    const std::vector<size_t>& idx = cls.second;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cls.first, "natasha_for_each_dtype", [&] {
+      f(scalar_t(0), select(tensors, idx), position_of(tensors, idx, 0));
+    });
+  }
+}
+
 void rademacher_cuda(at::TensorList tensors, int64_t seed, int64_t offset) {
-  if (tensors.empty()) return;
-  check_list("rademacher_", "tensors", tensors, tensors[0].device());
-  check_same_dtype("rademacher_", "tensors", tensors);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "rademacher_", [&] {
-    multi_tensor_apply<1>({tensors.vec()},
-                          RademacherOp<scalar_t>{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)});
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({tensors}));
+  check_rademacher_args(tensors);
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  for_each_dtype(tensors, [&](auto tag, const std::vector<at::Tensor>& sub, const ListPosition& pos) {
+    using scalar_t = decltype(tag);
+    multi_tensor_apply<1>({sub}, RademacherOp<scalar_t>{s, o}, pos);
   });
 }
 
 at::Tensor global_norm_cuda(at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), "global_norm: tensors is empty");
-  check_list("global_norm", "tensors", tensors, tensors[0].device());
-  check_same_dtype("global_norm", "tensors", tensors);
-  const auto acc = acc_dtype(tensors);
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({tensors}));
+  const auto acc = check_global_norm_args(tensors);
   Reduction red(tensors, 1, acc);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "global_norm", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<1>({tensors.vec()}, SumSqOp<scalar_t, acc_t>{red.partials.data_ptr<acc_t>()});
-    out = red.finish<1, acc_t>();
-    sqrt_kernel<acc_t><<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<acc_t>());
+  // Each dtype class writes the partial rows of its own chunks: number them by class, one
+  // after the other (the sum is over all rows, so only disjointness matters).
+  int64_t chunk0 = 0;
+  AT_DISPATCH_FLOATING_TYPES(acc, "global_norm", [&] {
+    using acc_t = scalar_t;
+    for_each_dtype(tensors, [&](auto tag, const std::vector<at::Tensor>& sub, ListPosition pos) {
+      using in_t = decltype(tag);
+      pos.chunk0 = chunk0;
+      multi_tensor_apply<1>({sub}, SumSqOp<in_t, acc_t>{red.partials.data_ptr<acc_t>()}, pos);
+      chunk0 += count_chunks(sub);
+    });
+    red.finish<1, acc_t>();
+    sqrt_kernel<acc_t><<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(red.result.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out.view({});
+  return red.result.view({});
 }
 
 }  // namespace

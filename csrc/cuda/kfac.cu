@@ -1,5 +1,5 @@
-// CUDA kernels of the K-FAC / ANG / IFANG ops (math in natasha/kfac.h, shared with the CPU).
-//   * kfac_factor_ema_: one cuBLAS addmm per factor with the EMA folded into beta/alpha.
+// CUDA kernels of the K-FAC / ANG / IFANG ops (math in natasha/kfac.h, shared with the CPU;
+// kfac_factor_ema_ is one composite kernel for every device, csrc/composite.cpp).
 //   * kfac_precondition: U = G^-1 T A^-1 by cuBLAS (at::matmul), then ONE multi-tensor launch
 //     over all layers for the reductions (<T,U>, |U|^2, |T|^2).
 //   * kfac_smw_apply: the k x k parts by ATen (cuBLAS/cuSOLVER, tiny), then ONE multi-tensor
@@ -9,32 +9,24 @@
 // Reductions: per-chunk partials, summed per layer by a second kernel in a fixed order
 // (deterministic); nothing is read back to the host.
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
-#include "../tensor_lists.h"
 #include "multi_tensor_apply.cuh"
+#include "natasha/args/kfac.h"
 #include "natasha/kfac.h"
+#include "natasha/kfac_host.h"
 
 namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
 constexpr int kLayersPerFinish = 256;
-
-void check_layers(const char* op, at::TensorList grads) {
-  TORCH_CHECK(!grads.empty(), op, ": grads is empty");
-  check_list(op, "grads", grads, grads[0].device());
-  check_same_dtype(op, "grads", grads);
-  for (size_t l = 0; l < grads.size(); ++l)
-    TORCH_CHECK(grads[l].dim() == 2, op, ": grads[", l, "] must be 2-D, got ", grads[l].dim(), "-D");
-}
 
 // ------------------------------------------------------------------------------ reductions
 // Chunk ranges of every layer in the partials buffer: layer l owns the global chunk indices
@@ -77,100 +69,73 @@ void per_layer_sums(const at::Tensor& partials, const std::vector<int64_t>& off,
 }
 
 // Reductions of (T, U): partials[chunk] = (<t,u>, u^2, t^2) over the chunk.
+enum Reduce3Slot : int { kRedT, kRedU, kRedDepth };
+
 template <typename scalar_t, typename acc_t>
 struct Reduce3Op {
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<2>& meta, const Chunk& c) const {
-    const scalar_t* t = chunk_ptr<scalar_t>(meta, 0, c);
-    const scalar_t* u = chunk_ptr<scalar_t>(meta, 1, c);
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    const scalar_t* t = chunk_ptr<scalar_t>(meta, kRedT, c);
+    const scalar_t* u = chunk_ptr<scalar_t>(meta, kRedU, c);
     acc_t v[3] = {0, 0, 0};
     for (int64_t base = threadIdx.x; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t rt[kILP], ru[kILP];
+      load_ilp<acc_t>(rt, t, base, c.n);
+      load_ilp<acc_t>(ru, u, base, c.n);
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + j * kBlock;
-        rt[j] = i < c.n ? static_cast<acc_t>(t[i]) : acc_t(0);
-        ru[j] = i < c.n ? static_cast<acc_t>(u[i]) : acc_t(0);
-      }
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        v[0] += rt[j] * ru[j];
-        v[1] += ru[j] * ru[j];
-        v[2] += rt[j] * rt[j];
-      }
+      for (int j = 0; j < kILP; ++j) kfac::reduce3_add<acc_t>(v, rt[j], ru[j]);
     }
-    block_reduce<3, acc_t>(v);
-    if (threadIdx.x == 0)
-#pragma unroll
-      for (int q = 0; q < 3; ++q) partials[3 * c.index + q] = v[q];
+    store_partials<3, acc_t>(v, partials, c.index);
   }
 };
-
-// ------------------------------------------------------------------------------ factor EMA
-void factor_ema_cuda(at::TensorList factors, at::TensorList rows, at::ArrayRef<double> scales, double decay) {
-  constexpr const char* op = "kfac_factor_ema_";
-  TORCH_CHECK(rows.size() == factors.size() && scales.size() == factors.size(), op,
-              ": factors, rows and scales must have the same length");
-  TORCH_CHECK(decay >= 0.0 && decay < 1.0, op, ": decay must be in [0, 1), got ", decay);
-  if (factors.empty()) return;
-  check_list(op, "factors", factors, factors[0].device());
-  check_list(op, "rows", rows, factors[0].device());
-  for (size_t l = 0; l < factors.size(); ++l) {
-    TORCH_CHECK(factors[l].dim() == 2 && rows[l].dim() == 2 && factors[l].size(0) == rows[l].size(1) &&
-                    factors[l].size(1) == rows[l].size(1),
-                op, ": factors[", l, "] ", factors[l].sizes(), " does not match rows[", l, "] ", rows[l].sizes());
-    at::Tensor f = factors[l];
-    kfac::host::factor_ema(f, rows[l], scales[l], decay);  // cuBLAS gemm, EMA in beta/alpha
-  }
-}
 
 // ------------------------------------------------------------------------------ precondition
 std::tuple<std::vector<at::Tensor>, at::Tensor> precondition_cuda(at::TensorList grads, at::TensorList g_inv,
                                                                   at::TensorList a_inv) {
   constexpr const char* op = "kfac_precondition";
-  check_layers(op, grads);
-  const auto dev = grads[0].device();
-  check_list(op, "g_inv", g_inv, dev);
-  check_list(op, "a_inv", a_inv, dev);
-  TORCH_CHECK(g_inv.size() == grads.size() && a_inv.size() == grads.size(), op,
-              ": grads, g_inv and a_inv must have the same length");
-  const auto acc = acc_dtype(grads);
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({grads, g_inv, a_inv}));
+  const auto acc = check_kfac_precondition_args(grads, g_inv, a_inv);
+  const auto dev = op_device({grads, g_inv, a_inv});
   std::vector<at::Tensor> outs;
   outs.reserve(grads.size());
   for (size_t l = 0; l < grads.size(); ++l) {
     const at::Tensor& t = grads[l];
-    TORCH_CHECK(g_inv[l].dim() == 2 && g_inv[l].size(0) == t.size(0) && g_inv[l].size(1) == t.size(0) &&
-                    a_inv[l].dim() == 2 && a_inv[l].size(0) == t.size(1) && a_inv[l].size(1) == t.size(1),
-                op, ": layer ", l, " grads ", t.sizes(), " needs g_inv (", t.size(0), ", ", t.size(0), ") and a_inv (",
-                t.size(1), ", ", t.size(1), "), got ", g_inv[l].sizes(), " and ", a_inv[l].sizes());
     const auto pdt = g_inv[l].scalar_type();
     outs.push_back(at::matmul(at::matmul(g_inv[l], t.to(pdt)), a_inv[l].to(pdt)).to(t.scalar_type()).contiguous());
   }
   const int64_t L = static_cast<int64_t>(grads.size());
   at::Tensor red = at::zeros({L, 3}, at::TensorOptions().dtype(acc).device(dev));
+  if (L == 0) return {outs, red};
   Reduction part(grads, 3, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), op, [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<2>({grads.vec(), outs}, Reduce3Op<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lists = slot_lists<kRedDepth>({{kRedT, grads}, {kRedU, outs}});
+    multi_tensor_apply<kRedDepth>(lists, Reduce3Op<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
     per_layer_sums<acc_t>(part.partials, chunk_offsets(grads), red);
   });
   return {outs, red};
 }
 
 // ------------------------------------------------------------------------------ SMW apply
-// List slots: 0 T (scalar_t), 1 U (scalar_t), 2 the layer's packed terms (acc_t, read from its
-// base address): [o, i, k, 1/lam^2 | Pa (o x k) | Yg (k x o) | Ya (k x i) | Z (k x i)].
+// List slots: T, U (scalar_t), the layer's packed terms (acc_t, read from the tensor's base
+// address): [1/lam^2 | Pa (o x k) | Yg (k x o) | Ya (k x i) | Z (k x i)], and the layer's
+// dimensions [o, i, k] as int64 (exact for any size; the accumulation dtype is not).
+enum SmwSlot : int { kSmwT, kSmwU, kSmwTerms, kSmwDims, kSmwDepth };
+
 template <typename scalar_t, typename acc_t>
 struct SmwOp {
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<3>& meta, const Chunk& c) const {
-    const scalar_t* t = chunk_ptr<scalar_t>(meta, 0, c);
-    scalar_t* u = chunk_ptr<scalar_t>(meta, 1, c);
-    const acc_t* terms = static_cast<const acc_t*>(meta.addr[2][c.t]);
-    const int64_t o = static_cast<int64_t>(terms[0]), i = static_cast<int64_t>(terms[1]);
-    const int k = static_cast<int>(terms[2]);
-    const acc_t inv_lam2 = terms[3];
-    const acc_t* pa = terms + 4;
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    const scalar_t* t = chunk_ptr<scalar_t>(meta, kSmwT, c);
+    scalar_t* u = chunk_ptr<scalar_t>(meta, kSmwU, c);
+    const acc_t* terms = tensor_ptr<const acc_t>(meta, kSmwTerms, c);
+    const int64_t* dims = tensor_ptr<const int64_t>(meta, kSmwDims, c);
+    const int64_t o = dims[0], i = dims[1];
+    const int k = static_cast<int>(dims[2]);
+    const acc_t inv_lam2 = terms[0];
+    const acc_t* pa = terms + 1;
     const acc_t* yg = pa + o * k;
     const acc_t* ya = yg + k * o;
     const acc_t* z = ya + k * i;
@@ -190,61 +155,54 @@ struct SmwOp {
           const acc_t uu = kfac::smw_element<acc_t>(rt[j], pa + r * k, yg + r, o, ya + col, z + col, i, k, inv_lam2);
           const scalar_t us = static_cast<scalar_t>(uu);
           u[e] = us;
-          const acc_t ur = static_cast<acc_t>(us);  // reduce what was stored (as the reference does)
-          v[0] += rt[j] * ur;
-          v[1] += ur * ur;
-          v[2] += rt[j] * rt[j];
+          // reduce what was stored (as the reference does)
+          kfac::reduce3_add<acc_t>(v, rt[j], static_cast<acc_t>(us));
         }
       }
     }
-    block_reduce<3, acc_t>(v);
-    if (threadIdx.x == 0)
-#pragma unroll
-      for (int q = 0; q < 3; ++q) partials[3 * c.index + q] = v[q];
+    store_partials<3, acc_t>(v, partials, c.index);
   }
 };
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> smw_apply_cuda(at::TensorList grads, at::TensorList ya,
                                                                at::TensorList yg, at::ArrayRef<double> damping) {
   constexpr const char* op = "kfac_smw_apply";
-  check_layers(op, grads);
-  const auto dev = grads[0].device();
-  check_list(op, "ya", ya, dev);
-  check_list(op, "yg", yg, dev);
-  TORCH_CHECK(ya.size() == grads.size() && yg.size() == grads.size() && damping.size() == grads.size(), op,
-              ": grads, ya, yg and damping must have the same length");
-  const auto acc = acc_dtype(grads);
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({grads, ya, yg}));
+  const auto acc = check_kfac_smw_apply_args(grads, ya, yg, damping);
+  const auto dev = op_device({grads, ya, yg});
   const auto aopt = at::TensorOptions().dtype(acc).device(dev);
-  std::vector<at::Tensor> outs, packed;
+  const auto iopt = at::TensorOptions().dtype(at::kLong).device(dev);
+  std::vector<at::Tensor> outs, packed, dims;
   outs.reserve(grads.size());
   packed.reserve(grads.size());
+  dims.reserve(grads.size());
   for (size_t l = 0; l < grads.size(); ++l) {
     const at::Tensor& t = grads[l];
-    TORCH_CHECK(ya[l].dim() == 2 && yg[l].dim() == 2 && ya[l].size(1) == t.size(1) && yg[l].size(1) == t.size(0) &&
-                    ya[l].size(0) == yg[l].size(0),
-                op, ": layer ", l, " grads ", t.sizes(), " needs ya (k, ", t.size(1), ") and yg (k, ", t.size(0),
-                "), got ", ya[l].sizes(), " and ", yg[l].sizes());
-    TORCH_CHECK(damping[l] > 0, op, ": damping[", l, "] must be > 0, got ", damping[l]);
     outs.push_back(at::empty_like(t));
-    if (t.numel() == 0) {
-      packed.push_back(at::zeros({4}, aopt));  // never read: empty tensors get no block
+    if (t.numel() == 0) {  // never read: empty tensors get no block
+      packed.push_back(at::zeros({1}, aopt));
+      dims.push_back(at::zeros({3}, iopt));
       continue;
     }
     const auto s = kfac::host::smw_terms(t, ya[l], yg[l], damping[l], acc);
-    // header filled by kernels taking the values as arguments (no host-to-device copy)
-    at::Tensor head = at::empty({4}, aopt);
-    head.select(0, 0).fill_(static_cast<double>(t.size(0)));
-    head.select(0, 1).fill_(static_cast<double>(t.size(1)));
-    head.select(0, 2).fill_(static_cast<double>(s.ya.size(0)));
-    head.select(0, 3).fill_(1.0 / (damping[l] * damping[l]));
+    // small headers filled on the device from host values (fill_ takes a scalar: no copy, no sync)
+    at::Tensor head = at::empty({1}, aopt).fill_(1.0 / (damping[l] * damping[l]));
+    at::Tensor d = at::empty({3}, iopt);
+    d.select(0, 0).fill_(t.size(0));
+    d.select(0, 1).fill_(t.size(1));
+    d.select(0, 2).fill_(s.ya.size(0));
     packed.push_back(at::cat({head, s.pa.reshape(-1), s.yg.reshape(-1), s.ya.reshape(-1), s.z.reshape(-1)}));
+    dims.push_back(d);
   }
   const int64_t L = static_cast<int64_t>(grads.size());
   at::Tensor red = at::zeros({L, 3}, aopt);
+  if (L == 0) return {outs, red};
   Reduction part(grads, 3, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), op, [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<3>({grads.vec(), outs, packed}, SmwOp<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lists =
+        slot_lists<kSmwDepth>({{kSmwT, grads}, {kSmwU, outs}, {kSmwTerms, packed}, {kSmwDims, dims}});
+    multi_tensor_apply<kSmwDepth>(lists, SmwOp<scalar_t, acc_t>{part.partials.data_ptr<acc_t>()});
     per_layer_sums<acc_t>(part.partials, chunk_offsets(grads), red);
   });
   return {outs, red};
@@ -279,22 +237,21 @@ __global__ void ang_coefficients_kernel(const red_t* red, int64_t L, const red_t
   }
 }
 
-// List slots: 0 nat (in place), 1 grads, 2 the layer's row of the coefficients (base address).
+// List slots: nat (in place), grads, the layer's row of the coefficients (its base address).
+enum CombineSlot : int { kCombNat, kCombGrad, kCombCoef, kCombDepth };
+
 template <typename scalar_t, typename acc_t, typename coef_t>
 struct CombineOp {
-  __device__ void operator()(const TensorListMeta<3>& meta, const Chunk& c) const {
-    scalar_t* u = chunk_ptr<scalar_t>(meta, 0, c);
-    const scalar_t* t = chunk_ptr<scalar_t>(meta, 1, c);
-    const coef_t* cf = static_cast<const coef_t*>(meta.addr[2][c.t]);
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    scalar_t* u = chunk_ptr<scalar_t>(meta, kCombNat, c);
+    const scalar_t* t = chunk_ptr<scalar_t>(meta, kCombGrad, c);
+    const coef_t* cf = tensor_ptr<const coef_t>(meta, kCombCoef, c);
     const acc_t a = static_cast<acc_t>(cf[0]), b = static_cast<acc_t>(cf[1]);
     for (int64_t base = threadIdx.x; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t ru[kILP], rt[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + j * kBlock;
-        ru[j] = i < c.n ? static_cast<acc_t>(u[i]) : acc_t(0);
-        rt[j] = i < c.n ? static_cast<acc_t>(t[i]) : acc_t(0);
-      }
+      load_ilp<acc_t>(ru, u, base, c.n);
+      load_ilp<acc_t>(rt, t, base, c.n);
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t i = base + j * kBlock;
@@ -307,50 +264,43 @@ struct CombineOp {
 at::Tensor ang_combine_cuda(at::TensorList nat, at::TensorList grads, const at::Tensor& reductions,
                             const at::Tensor& scale, double lam, bool per_layer) {
   constexpr const char* op = "ang_combine_";
-  TORCH_CHECK(!nat.empty(), op, ": nat is empty");
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({nat, grads, at::TensorList(reductions)}));
+  if (!check_ang_combine_args(nat, grads, reductions, scale, lam)) return reductions.new_empty({0, 2});
   const auto dev = nat[0].device();
-  check_list(op, "nat", nat, dev);
-  check_list(op, "grads", grads, dev);
-  check_same_shape(op, "nat", nat, "grads", grads);
-  check_same_dtype(op, "nat", nat);
-  check_same_dtype(op, "grads", grads);
-  TORCH_CHECK(nat[0].scalar_type() == grads[0].scalar_type(), op, ": nat and grads must have the same dtype");
   const int64_t L = static_cast<int64_t>(nat.size());
-  TORCH_CHECK(reductions.device() == dev && reductions.dim() == 2 && reductions.size(0) == L &&
-                  reductions.size(1) == 3 && at::isFloatingType(reductions.scalar_type()),
-              op, ": reductions must be a floating tensor of shape (", L, ", 3) on ", dev, ", got ",
-              reductions.sizes(), " on ", reductions.device());
-  TORCH_CHECK(scale.numel() == 1, op, ": scale must hold one value");
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1], got ", lam);
-  TORCH_CHECK(reductions.scalar_type() == at::kFloat || reductions.scalar_type() == at::kDouble, op,
-              ": reductions must be fp32 or fp64, got ", reductions.scalar_type());
-  const at::Tensor red = reductions.contiguous();
+  // fp16/bf16 reductions (accepted as on the CPU) are read in fp32; the coefficients come back in
+  // the reductions' dtype, as the CPU kernel returns them
+  const auto coef_dt = reductions.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor red = reductions.to(coef_dt).contiguous();
   // a CPU scale (user input) is copied once; the optimizers pass a device tensor
-  const at::Tensor sc = scale.reshape({1}).to(dev, reductions.scalar_type()).contiguous();
+  const at::Tensor sc = scale.reshape({1}).to(dev, coef_dt).contiguous();
   at::Tensor coef = at::empty({L, 2}, red.options());
-  AT_DISPATCH_FLOATING_TYPES(red.scalar_type(), "ang_coefficients", [&] {
+  AT_DISPATCH_FLOATING_TYPES(coef_dt, "ang_coefficients", [&] {
     ang_coefficients_kernel<scalar_t><<<1, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
         red.data_ptr<scalar_t>(), L, sc.data_ptr<scalar_t>(), lam, per_layer, coef.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  std::vector<at::Tensor> rows;
+  // returned in the reductions' dtype and applied as returned (rounded for fp16/bf16), as on the CPU
+  const at::Tensor out = coef.to(reductions.scalar_type());
+  const at::Tensor applied = out.scalar_type() == coef_dt ? out : out.to(coef_dt);
+  std::vector<at::Tensor> rows;  // the coefficient row of each layer
   rows.reserve(L);
-  for (int64_t l = 0; l < L; ++l) rows.push_back(coef.select(0, l));
+  for (int64_t l = 0; l < L; ++l) rows.push_back(applied.select(0, l));
+  const auto lists = slot_lists<kCombDepth>({{kCombNat, nat}, {kCombGrad, grads}, {kCombCoef, rows}});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, nat[0].scalar_type(), op, [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    if (red.scalar_type() == at::kDouble) {
-      multi_tensor_apply<3>({nat.vec(), grads.vec(), rows}, CombineOp<scalar_t, acc_t, double>{});
+    using acc_t = at::opmath_type<scalar_t>;
+    if (coef_dt == at::kDouble) {
+      multi_tensor_apply<kCombDepth>(lists, CombineOp<scalar_t, acc_t, double>{});
     } else {
-      multi_tensor_apply<3>({nat.vec(), grads.vec(), rows}, CombineOp<scalar_t, acc_t, float>{});
+      multi_tensor_apply<kCombDepth>(lists, CombineOp<scalar_t, acc_t, float>{});
     }
   });
-  return coef;
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(natasha, CUDA, m) {
-  m.impl("kfac_factor_ema_", &factor_ema_cuda);
   m.impl("kfac_precondition", &precondition_cuda);
   m.impl("kfac_smw_apply", &smw_apply_cuda);
   m.impl("ang_combine_", &ang_combine_cuda);

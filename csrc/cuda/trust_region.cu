@@ -3,32 +3,33 @@
 // ILP independent elements per thread in flight, and writes one partial per reduction slot;
 // a second one-block kernel sums the partials in chunk order (deterministic, no host sync).
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "../tensor_lists.h"
 #include "multi_tensor_apply.cuh"
+#include "natasha/args/trust_region.h"
 #include "natasha/trust_region.h"
 
 namespace natasha {
 namespace cuda {
 namespace {
 
-constexpr int kILP = 4;
+enum InitSlot : int { kInitG, kInitV, kInitA, kInitS, kInitR, kInitP, kInitDepth };
 
 template <typename scalar_t, typename acc_t>
-struct InitOp {  // lists: g, v, a, s, r, p
+struct InitOp {
   acc_t beta, eps;
   int mode;
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<6>& meta, const Chunk& c) const {
-    const scalar_t* g = chunk_ptr<scalar_t>(meta, 0, c);
-    acc_t* v = chunk_ptr<acc_t>(meta, 1, c);
-    acc_t* a = chunk_ptr<acc_t>(meta, 2, c);
-    acc_t* s = chunk_ptr<acc_t>(meta, 3, c);
-    acc_t* r = chunk_ptr<acc_t>(meta, 4, c);
-    acc_t* p = chunk_ptr<acc_t>(meta, 5, c);
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    const scalar_t* g = chunk_ptr<scalar_t>(meta, kInitG, c);
+    acc_t* v = chunk_ptr<acc_t>(meta, kInitV, c);
+    acc_t* a = chunk_ptr<acc_t>(meta, kInitA, c);
+    acc_t* s = chunk_ptr<acc_t>(meta, kInitS, c);
+    acc_t* r = chunk_ptr<acc_t>(meta, kInitR, c);
+    acc_t* p = chunk_ptr<acc_t>(meta, kInitP, c);
     acc_t acc[2] = {0, 0};
     for (int64_t base = 0; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t gi[kILP], vi[kILP];
@@ -52,67 +53,58 @@ struct InitOp {  // lists: g, v, a, s, r, p
         }
       }
     }
-    block_reduce<2, acc_t>(acc);
-    if (threadIdx.x == 0) {
-      partials[c.index * 2] = acc[0];
-      partials[c.index * 2 + 1] = acc[1];
-    }
+    store_partials<2, acc_t>(acc, partials, c.index);
   }
 };
 
+enum DotsSlot : int { kDotsBp, kDotsP, kDotsR, kDotsA, kDotsDepth };
+
 template <typename scalar_t, typename acc_t>
-struct DotsOp {  // lists: Bp, p, r, a
+struct DotsOp {
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<4>& meta, const Chunk& c) const {
-    const scalar_t* bp = chunk_ptr<scalar_t>(meta, 0, c);
-    const acc_t* p = chunk_ptr<acc_t>(meta, 1, c);
-    const acc_t* r = chunk_ptr<acc_t>(meta, 2, c);
-    const acc_t* a = chunk_ptr<acc_t>(meta, 3, c);
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    const scalar_t* bp = chunk_ptr<scalar_t>(meta, kDotsBp, c);
+    const acc_t* p = chunk_ptr<acc_t>(meta, kDotsP, c);
+    const acc_t* r = chunk_ptr<acc_t>(meta, kDotsR, c);
+    const acc_t* a = chunk_ptr<acc_t>(meta, kDotsA, c);
     acc_t acc[4] = {0, 0, 0, 0};
     for (int64_t base = 0; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t bi[kILP], pi[kILP], ri[kILP], ai[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + threadIdx.x + j * kBlock;
-        const bool in = i < c.n;
-        bi[j] = in ? static_cast<acc_t>(bp[i]) : acc_t(0);
-        pi[j] = in ? p[i] : acc_t(0);
-        ri[j] = in ? r[i] : acc_t(0);
-        ai[j] = in ? a[i] : acc_t(1);
-      }
+      const int64_t first = base + threadIdx.x;
+      load_ilp<acc_t>(bi, bp, first, c.n);
+      load_ilp<acc_t>(pi, p, first, c.n);
+      load_ilp<acc_t>(ri, r, first, c.n);
+      load_ilp<acc_t>(ai, a, first, c.n, acc_t(1));  // a = 1 past the end: no 0/0 in the padding
 #pragma unroll
       for (int j = 0; j < kILP; ++j) tr::dots_elem<acc_t>(pi[j], bi[j], ri[j], ai[j], acc);
     }
-    block_reduce<4, acc_t>(acc);
-    if (threadIdx.x == 0)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) partials[c.index * 4 + k] = acc[k];
+    store_partials<4, acc_t>(acc, partials, c.index);
   }
 };
 
+enum StepSlot : int { kStepBp, kStepS, kStepR, kStepP, kStepA, kStepDepth };
+
 template <typename scalar_t, typename acc_t>
-struct StepOp {  // lists: Bp, s, r, p, a
+struct StepOp {
   acc_t alpha, beta;
   acc_t* partials;
-  __device__ void operator()(const TensorListMeta<5>& meta, const Chunk& c) const {
-    const scalar_t* bp = chunk_ptr<scalar_t>(meta, 0, c);
-    acc_t* s = chunk_ptr<acc_t>(meta, 1, c);
-    acc_t* r = chunk_ptr<acc_t>(meta, 2, c);
-    acc_t* p = chunk_ptr<acc_t>(meta, 3, c);
-    const acc_t* a = chunk_ptr<acc_t>(meta, 4, c);
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, const Chunk& c) const {
+    const scalar_t* bp = chunk_ptr<scalar_t>(meta, kStepBp, c);
+    acc_t* s = chunk_ptr<acc_t>(meta, kStepS, c);
+    acc_t* r = chunk_ptr<acc_t>(meta, kStepR, c);
+    acc_t* p = chunk_ptr<acc_t>(meta, kStepP, c);
+    const acc_t* a = chunk_ptr<acc_t>(meta, kStepA, c);
     acc_t acc[4] = {0, 0, 0, 0};
     for (int64_t base = 0; base < c.n; base += static_cast<int64_t>(kBlock) * kILP) {
       acc_t bi[kILP], si[kILP], ri[kILP], pi[kILP], ai[kILP];
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        const int64_t i = base + threadIdx.x + j * kBlock;
-        const bool in = i < c.n;
-        bi[j] = in ? static_cast<acc_t>(bp[i]) : acc_t(0);
-        si[j] = in ? s[i] : acc_t(0);
-        ri[j] = in ? r[i] : acc_t(0);
-        pi[j] = in ? p[i] : acc_t(0);
-        ai[j] = in ? a[i] : acc_t(1);
-      }
+      const int64_t first = base + threadIdx.x;
+      load_ilp<acc_t>(bi, bp, first, c.n);
+      load_ilp<acc_t>(si, s, first, c.n);
+      load_ilp<acc_t>(ri, r, first, c.n);
+      load_ilp<acc_t>(pi, p, first, c.n);
+      load_ilp<acc_t>(ai, a, first, c.n, acc_t(1));
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t i = base + threadIdx.x + j * kBlock;
@@ -124,79 +116,56 @@ struct StepOp {  // lists: Bp, s, r, p, a
         }
       }
     }
-    block_reduce<4, acc_t>(acc);
-    if (threadIdx.x == 0)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) partials[c.index * 4 + k] = acc[k];
+    store_partials<4, acc_t>(acc, partials, c.index);
   }
 };
 
-void check_state(const char* op, const char* name, at::TensorList ts, at::ScalarType acc) {
-  for (size_t i = 0; i < ts.size(); ++i)
-    TORCH_CHECK(ts[i].scalar_type() == acc, op, ": ", name, "[", i, "] has dtype ", ts[i].scalar_type(),
-                " but the state lists must be ", acc, " for these inputs");
-}
-
-// Validates the input list and the state lists against it; returns the accumulation dtype.
-at::ScalarType check_all(const char* op, const char* in_name, at::TensorList in,
-                         std::initializer_list<std::pair<const char*, at::TensorList>> state) {
-  check_list(op, in_name, in, in[0].device());
-  check_same_dtype(op, in_name, in);
-  const auto acc = acc_dtype(in);
-  for (const auto& kv : state) {
-    check_list(op, kv.first, kv.second, in[0].device());
-    check_same_shape(op, in_name, in, kv.first, kv.second);
-    check_state(op, kv.first, kv.second, acc);
-  }
-  return acc;
-}
-
 at::Tensor tr_cg_init_cuda(at::TensorList v, at::TensorList a, at::TensorList s, at::TensorList r, at::TensorList p,
-                           at::TensorList grads, double beta, double eps, int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 2, "tr_cg_init_: mode must be 0 (spherical), 1 (rmsprop) or 2 (adagrad), got ",
-              mode);
-  if (grads.empty()) return at::zeros({2}, at::kFloat);
-  const auto acc = check_all("tr_cg_init_", "grads", grads, {{"v", v}, {"a", a}, {"s", s}, {"r", r}, {"p", p}});
+                           at::TensorList grads, double beta, double eps, int64_t norm_mode) {
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({grads, v}));
+  const auto acc = check_tr_cg_init_args(v, a, s, r, p, grads, norm_mode);
+  if (grads.empty()) return cg_empty_result(2, op_device({v, a, s, r, p}));
   Reduction red(grads, 2, acc);
-  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "tr_cg_init_", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<6>({grads.vec(), v.vec(), a.vec(), s.vec(), r.vec(), p.vec()},
-                          InitOp<scalar_t, acc_t>{static_cast<acc_t>(beta), static_cast<acc_t>(eps),
-                                                  static_cast<int>(mode), red.partials.data_ptr<acc_t>()});
-    out = red.finish<2, acc_t>();
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lists = slot_lists<kInitDepth>({{kInitG, grads}, {kInitV, v}, {kInitA, a}, {kInitS, s}, {kInitR, r},
+                                               {kInitP, p}});
+    multi_tensor_apply<kInitDepth>(lists, InitOp<scalar_t, acc_t>{static_cast<acc_t>(beta), static_cast<acc_t>(eps),
+                                                                  static_cast<int>(norm_mode),
+                                                                  red.partials.data_ptr<acc_t>()});
+    red.finish<2, acc_t>();
   });
-  return out;
+  return red.result;
 }
 
 at::Tensor cg_dots_cuda(at::TensorList p, at::TensorList Bp, at::TensorList r, at::TensorList a) {
-  if (Bp.empty()) return at::zeros({4}, at::kFloat);
-  const auto acc = check_all("cg_dots", "Bp", Bp, {{"p", p}, {"r", r}, {"a", a}});
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({Bp, p}));
+  const auto acc = check_cg_dots_args(p, Bp, r, a);
+  if (Bp.empty()) return cg_empty_result(4, op_device({p, r, a}));
   Reduction red(Bp, 4, acc);
-  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_dots", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<4>({Bp.vec(), p.vec(), r.vec(), a.vec()},
-                          DotsOp<scalar_t, acc_t>{red.partials.data_ptr<acc_t>()});
-    out = red.finish<4, acc_t>();
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lists = slot_lists<kDotsDepth>({{kDotsBp, Bp}, {kDotsP, p}, {kDotsR, r}, {kDotsA, a}});
+    multi_tensor_apply<kDotsDepth>(lists, DotsOp<scalar_t, acc_t>{red.partials.data_ptr<acc_t>()});
+    red.finish<4, acc_t>();
   });
-  return out;
+  return red.result;
 }
 
 at::Tensor cg_step_cuda(at::TensorList s, at::TensorList r, at::TensorList p, at::TensorList Bp, at::TensorList a,
                         double alpha, double beta) {
-  if (Bp.empty()) return at::zeros({4}, at::kFloat);
-  const auto acc = check_all("cg_step_", "Bp", Bp, {{"s", s}, {"r", r}, {"p", p}, {"a", a}});
+  const c10::cuda::OptionalCUDAGuard guard(guard_device({Bp, s}));
+  const auto acc = check_cg_step_args(s, r, p, Bp, a);
+  if (Bp.empty()) return cg_empty_result(4, op_device({s, r, p, a}));
   Reduction red(Bp, 4, acc);
-  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Bp[0].scalar_type(), "cg_step_", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    multi_tensor_apply<5>({Bp.vec(), s.vec(), r.vec(), p.vec(), a.vec()},
-                          StepOp<scalar_t, acc_t>{static_cast<acc_t>(alpha), static_cast<acc_t>(beta),
-                                                  red.partials.data_ptr<acc_t>()});
-    out = red.finish<4, acc_t>();
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lists = slot_lists<kStepDepth>({{kStepBp, Bp}, {kStepS, s}, {kStepR, r}, {kStepP, p}, {kStepA, a}});
+    multi_tensor_apply<kStepDepth>(lists, StepOp<scalar_t, acc_t>{static_cast<acc_t>(alpha), static_cast<acc_t>(beta),
+                                                                  red.partials.data_ptr<acc_t>()});
+    red.finish<4, acc_t>();
   });
-  return out;
+  return red.result;
 }
 
 }  // namespace

@@ -1,11 +1,30 @@
-"""Choosing the fused or the reference path for a call, and argument plumbing shared by ops."""
+"""The one dispatch rule of the op wrappers, and argument plumbing shared by the ops.
+
+Every wrapper in :mod:`natasha_ext.ops` ends in :func:`use_kernel`, which decides between the
+compiled kernel (``torch.ops.natasha.*``) and the pure-PyTorch reference from the user's
+``fused`` and the reasons the kernel cannot take the arguments (if any):
+
+* ``fused=False``: the reference;
+* ``fused=True``: the kernel, or a RuntimeError naming the op and the reason;
+* ``fused=None``: the kernel when it can take the arguments, else the reference, and the reason
+  is logged once per (op, reason) on the ``natasha_ext.ops`` logger at DEBUG level.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import logging
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from natasha_ext import _backend
+from natasha_ext.precision import accumulation_dtype
+
+logger = logging.getLogger("natasha_ext.ops")
+
+#: dtypes the compiled kernels are built for (float8 and the rest take the reference)
+KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+_logged: set = set()
 
 
 def fused_available(device: torch.device | str | None = None) -> bool:
@@ -15,6 +34,98 @@ def fused_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type in _backend.FUSED_DEVICES
 
 
+def backend_refusal(tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why no compiled kernel can run on ``tensors``' device (None when one can)."""
+    if _backend._BACKEND == "reference":
+        return "NATASHA_EXT_BACKEND=reference"
+    if not _backend.LOADED:
+        return f"the compiled kernels are not available ({_backend.LOAD_ERROR})"
+    dev = tensors[0].device.type if len(tensors) else "cpu"
+    if dev not in _backend.FUSED_DEVICES:
+        return f"compiled kernels are not available for device type {dev!r}"
+    return None
+
+
+def use_fused(tensors: Sequence[torch.Tensor], fused: Optional[bool] = None) -> bool:
+    """The device-level part of the rule (optimizers resolve their ``fused`` with it):
+    ``False`` -> False; ``True`` -> True or a RuntimeError; ``None`` -> whether kernels exist."""
+    if fused is False:
+        return False
+    why = backend_refusal(tensors)
+    if why is not None and fused is True:
+        raise RuntimeError(f"fused=True but the natasha_ext kernels cannot run: {why}")
+    return why is None
+
+
+def use_kernel(op: str, fused: Optional[bool], tensors: Sequence[torch.Tensor],
+               refusals: Iterable[Optional[str]] = ()) -> bool:
+    """The one dispatch rule: True to run ``torch.ops.natasha.<op>``, False for the reference.
+
+    ``tensors`` decide the device; ``refusals`` are the op's own reasons the kernel cannot take
+    these arguments (None entries mean no objection), e.g. from :func:`mixed_dtypes`."""
+    if fused is False:
+        return False
+    why = backend_refusal(tensors) or unsupported_dtype(tensors)
+    if why is None:
+        why = next((r for r in refusals if r is not None), None)
+    if why is None:
+        return True
+    if fused is True:
+        raise RuntimeError(f"{op}(fused=True): the kernel cannot take these arguments: {why}")
+    _log_once(op, why)
+    return False
+
+
+def _log_once(op: str, why: str) -> None:
+    if torch.compiler.is_compiling() or (op, why) in _logged:
+        return
+    _logged.add((op, why))
+    logger.debug("%s: using the reference implementation (%s)", op, why)
+
+
+# ---- reasons (None: no objection) ------------------------------------------------------------
+def unsupported_dtype(tensors: Sequence[torch.Tensor], name: str = "tensors") -> Optional[str]:
+    for i, t in enumerate(tensors):
+        if t.dtype not in KERNEL_DTYPES:
+            return f"{name}[{i}] has dtype {t.dtype} (kernels take float16, bfloat16, float32, float64)"
+    return None
+
+
+def mixed_dtypes(name: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    dts = {t.dtype for t in tensors}
+    if len(dts) > 1:
+        return f"{name} mixes dtypes {sorted(map(str, dts))} (the kernel takes one dtype per list)"
+    return None
+
+
+def dtype_is(name: str, tensors: Sequence[torch.Tensor], want: torch.dtype) -> Optional[str]:
+    for i, t in enumerate(tensors):
+        if t.dtype != want:
+            return f"{name}[{i}] has dtype {t.dtype} but the kernel needs {want}"
+    return None
+
+
+def state_ok(name: str, tensors: Sequence[torch.Tensor], want: torch.dtype) -> Optional[str]:
+    """State lists written in place: the accumulation dtype and contiguous."""
+    why = dtype_is(name, tensors, want)
+    if why is None:
+        for i, t in enumerate(tensors):
+            if not t.is_contiguous():
+                return f"{name}[{i}] is not contiguous (state lists are updated in place)"
+    return why
+
+
+def same_device(name: str, t: torch.Tensor, device: torch.device) -> Optional[str]:
+    if t.device != device:
+        return f"{name} is on {t.device} but the lists are on {device}"
+    return None
+
+
+def acc_dtype(tensors) -> torch.dtype:
+    return accumulation_dtype(tensors)
+
+
+# ---- argument checks shared by the wrappers --------------------------------------------------
 def check_tensor_list(name: str, tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None):
     """Raise a clear error for anything but a list of dense floating tensors on one device."""
     if isinstance(tensors, torch.Tensor):
@@ -33,26 +144,15 @@ def check_tensor_list(name: str, tensors: Sequence[torch.Tensor], device: Option
 
 
 def check_same_numels(ref_name: str, ref: Sequence[torch.Tensor], name: str, other: Sequence[torch.Tensor]):
-    if len(ref) != len(other):
-        raise ValueError(f"{name} has {len(other)} tensors but {ref_name} has {len(ref)}")
+    check_len(ref_name, ref, name, other)
     for i, (a, b) in enumerate(zip(ref, other)):
         if a.numel() != b.numel():
             raise ValueError(f"{name}[{i}] has {b.numel()} elements but {ref_name}[{i}] has {a.numel()}")
 
 
-def use_fused(tensors: Sequence[torch.Tensor], fused: Optional[bool] = None) -> bool:
-    """Decide the path: ``fused=None`` picks the kernels when they support the tensors' device,
-    ``True`` requires them (clear error otherwise), ``False`` forces the reference."""
-    if fused is False or _backend._BACKEND == "reference":
-        if fused is True:
-            raise RuntimeError("fused=True but NATASHA_EXT_BACKEND=reference")
-        return False
-    dev = tensors[0].device.type if len(tensors) else "cpu"
-    ok = dev in _backend.FUSED_DEVICES
-    if fused is True and not ok:
-        why = _backend.LOAD_ERROR or f"no compiled kernels for device type {dev!r}"
-        raise RuntimeError(f"fused=True but the natasha_ext kernels are not available ({why})")
-    return ok
+def check_len(ref_name: str, ref: Sequence, name: str, other: Sequence):
+    if len(ref) != len(other):
+        raise ValueError(f"{name} has {len(other)} entries but {ref_name} has {len(ref)}")
 
 
 def contiguous_inplace(tensors: Sequence[torch.Tensor]):
@@ -71,12 +171,14 @@ def contiguous_inplace(tensors: Sequence[torch.Tensor]):
 
 
 def contiguous(tensors: Sequence[torch.Tensor]):
+    """Read-only inputs made contiguous for the kernels (autograd may hand back strided
+    gradients, e.g. of channels_last conv weights)."""
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
 def register_fake(opname: str):
-    """Decorator: register a fake (meta) kernel for ``natasha::opname`` so torch.compile can
-    trace the op; a no-op when the compiled library is not loaded."""
+    """Decorator: the fake (meta) kernel of ``natasha::opname``, registered next to its op's
+    wrapper so torch.compile can trace the op (nothing to register without the library)."""
     def deco(fn):
         if _backend.LOADED:
             torch.library.register_fake(f"natasha::{opname}")(fn)

@@ -12,16 +12,16 @@ from typing import List, Optional, Sequence
 import torch
 
 from natasha_ext.ops import reference
-from natasha_ext.ops._dispatch import (check_same_numels, check_tensor_list, contiguous, contiguous_inplace,
-                                       register_fake, use_fused)
+from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tensor_list, contiguous, contiguous_inplace,
+                                       dtype_is, mixed_dtypes, register_fake, use_kernel)
 
-#: curv_mode values of adahessian_step
+#: curv_mode values of adahessian_step_
 CURV_NONE, CURV_HZ, CURV_DIAG = 0, 1, 2
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of AdaHessian's moments (and of Hutchinson diagonals) for parameters of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return acc_dtype(dtype)
 
 
 def spatial_group_size(shape: Sequence[int], block_size: Optional[int] = None) -> int:
@@ -38,24 +38,9 @@ def spatial_group_size(shape: Sequence[int], block_size: Optional[int] = None) -
     return int(block_size) if block_size else 1
 
 
-def _has_op(name: str) -> bool:
-    """True when the loaded library defines ``natasha::name`` (an older build may not)."""
-    try:
-        return torch._C._dispatch_has_kernel(f"natasha::{name}") or hasattr(torch.ops.natasha, name)
-    except Exception:
-        return False
-
-
-_HAS_HUTCHINSON = _has_op("hutchinson_diag_")
-_HAS_STEP = _has_op("adahessian_step")
-
-
-def _register_fake(name: str):
-    return register_fake(name) if _HAS_HUTCHINSON and _HAS_STEP else (lambda fn: fn)
-
-
-def _one_dtype(ts) -> bool:
-    return len({t.dtype for t in ts}) <= 1
+# Older names of "the kernels are there" kept for callers outside this package's ops layer; the
+# library is built from the same tree as this module (setup.py), so the ops always exist.
+_HAS_HUTCHINSON = _HAS_STEP = True
 
 
 def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int, offset: int, *,
@@ -63,16 +48,18 @@ def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int
     """``diag += alpha * z * hz`` (``=`` when not ``accumulate``), z the Rademacher draw of the
     Philox stream (seed, offset) over the list (the draw ``rademacher_(hz-shaped, seed, offset)``
     made). Unbiased estimate of diag(H) (paper eq. 8); average n probes with alpha=1/n."""
-    check_tensor_list("diag", diag)
     check_tensor_list("hz", hz)
+    check_tensor_list("diag", diag, hz[0].device if hz else None)
     check_same_numels("hz", hz, "diag", diag)
     if not hz:
         return
-    if not _HAS_HUTCHINSON or not use_fused(hz, fused) or not _one_dtype(hz) or not _one_dtype(diag) or diag[0].device != hz[0].device:
+    refusals = [mixed_dtypes("hz", hz), mixed_dtypes("diag", diag)]
+    if not use_kernel("hutchinson_diag_", fused, list(hz) + list(diag), refusals):
         reference.hutchinson_diag_(list(diag), list(hz), seed, offset, float(alpha), bool(accumulate))
         return
     work, writeback = contiguous_inplace(diag)
-    torch.ops.natasha.hutchinson_diag_(work, contiguous(hz), seed, offset, float(alpha), bool(accumulate))
+    torch.ops.natasha.hutchinson_diag_(work, contiguous(hz), seed=int(seed), offset=int(offset), alpha=float(alpha),
+                                       accumulate=bool(accumulate))
     writeback()
 
 
@@ -84,7 +71,7 @@ def hutchinson_diag(hz: List[torch.Tensor], seed: int, offset: int, *, fused: Op
     return out
 
 
-def adahessian_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg: List[torch.Tensor],
+def adahessian_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg: List[torch.Tensor],
                     exp_hess_sq: List[torch.Tensor], curv: List[torch.Tensor], group_sizes: List[int], *,
                     curv_mode: int, abs_first: bool = True, seed: int = 0, offset: int = 0, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
@@ -111,34 +98,37 @@ def adahessian_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_a
         raise ValueError("group_sizes must hold one positive int per parameter")
     if not params:
         return
-    args = (int(curv_mode), bool(abs_first), int(seed), int(offset), float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), float(hessian_power), float(bias_correction1),
-            float(bias_correction2))
+    kw = dict(curv_mode=int(curv_mode), abs_first=bool(abs_first), seed=int(seed), offset=int(offset), lr=float(lr),
+              beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+              hessian_power=float(hessian_power), bias_correction1=float(bias_correction1),
+              bias_correction2=float(bias_correction2))
     sdt = state_dtype(params[0].dtype)
-    ok = (_HAS_STEP and use_fused(params, fused) and _one_dtype(params) and _one_dtype(grads) and grads[0].dtype == params[0].dtype
-          and all(t.dtype == sdt for t in list(exp_avg) + list(exp_hess_sq))
-          and (not curv or all(c.dtype == (params[0].dtype if curv_mode == CURV_HZ else sdt) for c in curv)))
-    if not ok:
-        if fused is True and not _one_dtype(params):
-            raise RuntimeError("adahessian_step: fused=True needs one parameter dtype per call")
+    refusals = [mixed_dtypes("params", params), dtype_is("grads", grads, params[0].dtype),
+                dtype_is("exp_avg", exp_avg, sdt), dtype_is("exp_hess_sq", exp_hess_sq, sdt),
+                dtype_is("curv", curv, params[0].dtype if curv_mode == CURV_HZ else sdt)]
+    if not use_kernel("adahessian_step_", fused, params, refusals):
         reference.adahessian_step(list(params), list(grads), list(exp_avg), list(exp_hess_sq), list(curv),
-                                  [int(g) for g in group_sizes], *args)
+                                  [int(g) for g in group_sizes], **kw)
         return
     p_work, p_back = contiguous_inplace(params)
     m_work, m_back = contiguous_inplace(exp_avg)
     v_work, v_back = contiguous_inplace(exp_hess_sq)
-    torch.ops.natasha.adahessian_step(p_work, contiguous(grads), m_work, v_work, contiguous(curv),
-                                      [int(g) for g in group_sizes], *args)
+    torch.ops.natasha.adahessian_step_(p_work, contiguous(grads), m_work, v_work, contiguous(curv),
+                                       [int(g) for g in group_sizes], **kw)
     p_back(), m_back(), v_back()
 
 
-@_register_fake("hutchinson_diag_")
-def _hutchinson_fake(diag, hz, seed, offset, alpha, accumulate):
+#: the name before the ATen-style `_` suffix (optimizers and user code call it)
+adahessian_step = adahessian_step_
+
+
+@register_fake("hutchinson_diag_")
+def _hutchinson_fake(diag, hz, *, seed, offset, alpha, accumulate):
     return None
 
 
-@_register_fake("adahessian_step")
-def _adahessian_step_fake(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode, abs_first, seed,
+@register_fake("adahessian_step_")
+def _adahessian_step_fake(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, *, curv_mode, abs_first, seed,
                           offset, lr, beta1, beta2, eps, weight_decay, hessian_power, bias_correction1,
                           bias_correction2):
     return None

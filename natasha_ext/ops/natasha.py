@@ -9,38 +9,16 @@ from typing import List, Optional
 import torch
 
 from natasha_ext.ops import reference
-from natasha_ext.ops._dispatch import (check_same_numels, check_tensor_list, contiguous, contiguous_inplace,
-                                       register_fake, use_fused)
+from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tensor_list, contiguous, contiguous_inplace,
+                                       dtype_is, mixed_dtypes, register_fake, same_device, state_ok, use_kernel)
+
+__all__ = ["svrg_step_", "oja_step_", "svrg_step", "oja_step"]
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    """True when the loaded library has ``natasha::op`` for ``device`` (an older build may not)."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"natasha::{op}", key)
-    except Exception:
-        return False
-
-
-def _fake(opname: str):
-    """register_fake, skipped when the loaded library predates this op."""
-    def deco(fn):
-        try:
-            torch._C._dispatch_find_schema_or_throw(f"natasha::{opname}", "")
-        except Exception:
-            return fn
-        return register_fake(opname)(fn)
-    return deco
-
-
-def _state_ok(tensors, acc) -> bool:
-    return all(t.dtype == acc and t.is_contiguous() for t in tensors)
-
-
-def svrg_step(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: List[torch.Tensor],
-              avg_sum: List[torch.Tensor], *, lr: float, reg: float, snapshot_grads: Optional[List[torch.Tensor]] = None,
-              mu: Optional[List[torch.Tensor]] = None, finalize: int = 0, center: Optional[List[torch.Tensor]] = None,
-              prox_L: float = 0.0, prox_radius: float = 0.0, fused: Optional[bool] = None) -> torch.Tensor:
+def svrg_step_(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: List[torch.Tensor],
+               avg_sum: List[torch.Tensor], *, lr: float, reg: float, snapshot_grads: Optional[List[torch.Tensor]] = None,
+               mu: Optional[List[torch.Tensor]] = None, finalize: int = 0, center: Optional[List[torch.Tensor]] = None,
+               prox_L: float = 0.0, prox_radius: float = 0.0, fused: Optional[bool] = None) -> torch.Tensor:
     """One pass over the list: d = g [- g_snap] [+ mu] + reg (x - anchor); avg_sum += x - anchor;
     x <- x - lr d, then the closed-form prox of prox_L max(0, ||x - center|| - prox_radius)^2 when
     ``center`` is given; ``finalize=m`` ends a sub-epoch (x <- anchor <- anchor + (avg_sum + x -
@@ -60,29 +38,26 @@ def svrg_step(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: Lis
     lr, reg, prox_L, prox_radius = float(lr), float(reg), float(prox_L), float(prox_radius)
     if not params:
         return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float32)
-    acc = reference._acc_dtype(params)
-    state = [t for t in (mu, anchor, avg_sum, center) if t is not None]
-    grad_lists = [grads] + ([snapshot_grads] if snapshot_grads is not None else [])
-    kernel_ok = (len({p.dtype for p in params}) == 1
-                 and all(g.dtype == params[0].dtype for ts in grad_lists for g in ts)
-                 and all(_state_ok(ts, acc) for ts in state))
-    kernel_ok = kernel_ok and _has_kernel("svrg_step", params[0].device)
-    if not use_fused(params, fused) or not kernel_ok:
-        if fused is True and not kernel_ok:
-            raise RuntimeError("svrg_step(fused=True): the kernels need one parameter dtype, grads of that "
-                               "dtype and contiguous state lists of the accumulation dtype")
+    acc = acc_dtype(params)
+    refusals = [mixed_dtypes("params", params), dtype_is("grads", grads, params[0].dtype)]
+    if snapshot_grads is not None:
+        refusals.append(dtype_is("snapshot_grads", snapshot_grads, params[0].dtype))
+    refusals += [state_ok(n, ts, acc) for n, ts in (("mu", mu), ("anchor", anchor), ("avg_sum", avg_sum),
+                                                    ("center", center)) if ts is not None]
+    if not use_kernel("svrg_step_", fused, params, refusals):
         return reference.svrg_step(list(params), list(grads), snapshot_grads, mu, list(anchor), list(avg_sum),
                                    lr, reg, finalize, center, prox_L, prox_radius)
     work, writeback = contiguous_inplace(params)
-    out = torch.ops.natasha.svrg_step(work, contiguous(grads), None if snapshot_grads is None else contiguous(snapshot_grads),
-                                      None if mu is None else list(mu), list(anchor), list(avg_sum), lr, reg, finalize,
-                                      None if center is None else list(center), prox_L, prox_radius)
+    out = torch.ops.natasha.svrg_step_(work, contiguous(grads), None if snapshot_grads is None else contiguous(snapshot_grads),
+                                       None if mu is None else list(mu), list(anchor), list(avg_sum),
+                                       None if center is None else list(center), lr=lr, reg=reg, finalize=finalize,
+                                       prox_L=prox_L, prox_radius=prox_radius)
     writeback()
     return out
 
 
-def oja_step(v: List[torch.Tensor], hv: List[torch.Tensor], scale: torch.Tensor, eta: float, *,
-             fused: Optional[bool] = None) -> torch.Tensor:
+def oja_step_(v: List[torch.Tensor], hv: List[torch.Tensor], scale: torch.Tensor, eta: float, *,
+              fused: Optional[bool] = None) -> torch.Tensor:
     """w <- scale (w - eta H w) over the list in one pass (``v`` holds w, ``hv`` = H w, ``scale`` =
     1/||w|| as a 0-dim tensor); returns [||w_new||, Rayleigh quotient of scale*w] without a sync."""
     check_tensor_list("v", v)
@@ -93,27 +68,27 @@ def oja_step(v: List[torch.Tensor], hv: List[torch.Tensor], scale: torch.Tensor,
     eta = float(eta)
     if not v:
         return torch.tensor([0.0, 0.0], dtype=torch.float32)
-    acc = reference._acc_dtype(v)
-    kernel_ok = (len({t.dtype for t in v}) == 1 and len({t.dtype for t in hv}) == 1
-                 and all(t.dtype == acc for t in v) and scale.device == v[0].device)
-    kernel_ok = kernel_ok and _has_kernel("oja_step", v[0].device)
-    if not use_fused(v, fused) or not kernel_ok:
-        if fused is True and not kernel_ok:
-            raise RuntimeError("oja_step(fused=True): v must be fp32/fp64 (one dtype), hv one dtype, "
-                               "scale on v's device")
+    refusals = [mixed_dtypes("v", v), mixed_dtypes("hv", hv), dtype_is("v", v, acc_dtype(hv)),
+                same_device("scale", scale, v[0].device)]
+    if not use_kernel("oja_step_", fused, v, refusals):
         return reference.oja_step(list(v), list(hv), scale, eta)
     work, writeback = contiguous_inplace(v)
-    out = torch.ops.natasha.oja_step(work, contiguous(hv), scale.reshape(()).to(acc), eta)
+    out = torch.ops.natasha.oja_step_(work, contiguous(hv), scale.reshape(()), eta=eta)
     writeback()
     return out
 
 
-@_fake("svrg_step")
-def _svrg_step_fake(params, grads, snapshot_grads, mu, anchor, avg_sum, lr, reg, finalize, center, prox_L,
+#: the names before the ATen-style `_` suffix (optimizers and user code call them)
+svrg_step = svrg_step_
+oja_step = oja_step_
+
+
+@register_fake("svrg_step_")
+def _svrg_step_fake(params, grads, snapshot_grads, mu, anchor, avg_sum, center, *, lr, reg, finalize, prox_L,
                     prox_radius):
-    return params[0].new_empty((3,), dtype=reference._acc_dtype(params))
+    return params[0].new_empty((3,), dtype=acc_dtype(params))
 
 
-@_fake("oja_step")
-def _oja_step_fake(v, hv, scale, eta):
-    return v[0].new_empty((2,), dtype=reference._acc_dtype(v))
+@register_fake("oja_step_")
+def _oja_step_fake(v, hv, scale, *, eta):
+    return v[0].new_empty((2,), dtype=acc_dtype(hv))

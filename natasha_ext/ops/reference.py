@@ -1,14 +1,18 @@
 """Pure-PyTorch references of every natasha op: the specification the kernels must match.
 
-Each function has the signature of its ``torch.ops.natasha.*`` op (tensor lists in, in-place
-where the op is in-place, scalars out as 0-dim tensors). They are also the fallback path when
-the compiled extension is absent. Sections follow ``csrc/ops.cpp``.
+Each function computes its ``torch.ops.natasha.*`` op (tensor lists in, in-place where the op is
+in-place, scalars out as tensors) with the op's arguments, positional or by name; the functions
+under the ops' ATen-style names (``svrg_step_``, ``oja_step_``, ``adahessian_step_``, at the end)
+take them in the schema's order. They are also the fallback path of every wrapper. Sections
+follow ``csrc/ops.cpp``.
 """
 from __future__ import annotations
 
 from typing import List
 
 import torch
+
+from natasha_ext.precision import accumulation_dtype
 
 # =============================================================================================
 # foundation: Philox4x32-10 stream, rademacher_, global_norm
@@ -66,8 +70,8 @@ def rademacher_(tensors: List[torch.Tensor], seed: int, offset: int) -> None:
         first += n
 
 
-def _acc_dtype(tensors):
-    return torch.float64 if tensors and tensors[0].dtype == torch.float64 else torch.float32
+# the package's one accumulation rule (fp64 for fp64 lists, fp32 otherwise)
+_acc_dtype = accumulation_dtype
 
 
 def global_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -464,3 +468,15 @@ def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions:
         acc = _acc_dtype([u])
         u.copy_(coef[i, 0].to(acc) * u.to(acc) + coef[i, 1].to(acc) * t.to(acc))
     return coef
+
+
+# ---- the ops' ATen-style names (in-place ops end in `_`; the schema's argument order) ---------
+def svrg_step_(params, grads, snapshot_grads, mu, anchor, avg_sum, center, *, lr, reg, finalize, prox_L,
+               prox_radius) -> torch.Tensor:
+    """:func:`svrg_step` with the argument order of ``natasha::svrg_step_``."""
+    return svrg_step(params, grads, snapshot_grads, mu, anchor, avg_sum, lr, reg, finalize, center, prox_L,
+                     prox_radius)
+
+
+oja_step_ = oja_step
+adahessian_step_ = adahessian_step

@@ -21,42 +21,25 @@ from typing import List, Optional
 import torch
 
 from natasha_ext.ops import reference
-from natasha_ext.ops._dispatch import check_same_numels, check_tensor_list, register_fake, use_fused
+from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tensor_list, contiguous, mixed_dtypes,
+                                       register_fake, state_ok, use_kernel)
 
 TR_MODES = {"spherical": reference.TR_SPHERICAL, "rmsprop": reference.TR_RMSPROP,
             "adagrad": reference.TR_ADAGRAD}
 
 
 def _has_op(name: str) -> bool:
-    try:
-        getattr(torch.ops.natasha, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+    """Kept for callers of the older build guard: the library is built from this tree, so every
+    op exists when it is loaded."""
+    return hasattr(torch.ops.natasha, name)
 
 
-def _fused_ok(name: str, state: List[torch.Tensor], inputs: List[torch.Tensor], fused: Optional[bool]) -> bool:
-    """Kernels take one state dtype (fp32, or fp64 for fp64 inputs) and one input dtype."""
-    if not state or not use_fused(state, fused):
-        return False
-    sd = {t.dtype for t in state}
-    idt = {t.dtype for t in inputs}
-    ok = (len(sd) == 1 and len(idt) <= 1 and _has_op(name)
-          and all(t.is_contiguous() for t in state + inputs))
-    if ok and idt:
-        (i,) = idt
-        ok = next(iter(sd)) == (torch.float64 if i == torch.float64 else torch.float32)
-    if fused is True and not ok:
-        raise RuntimeError(f"{name}: fused=True but the arguments do not fit the kernel (one fp32/fp64 state "
-                           "dtype matching the inputs, contiguous tensors, op built)")
-    return ok
-
-
-def _dense(ts: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Read-only inputs (gradients, curvature products) made contiguous for the kernels: autograd
-    may hand back strided gradients (e.g. of conv weights); the state lists written in place are
-    allocated contiguous by the optimizers."""
-    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+def _use_kernel(op: str, fused: Optional[bool], inputs_name: str, inputs: List[torch.Tensor],
+                state: List[tuple]) -> bool:
+    """The kernels take one input dtype and contiguous state lists of its accumulation dtype."""
+    acc = acc_dtype(inputs)
+    refusals = [mixed_dtypes(inputs_name, inputs)] + [state_ok(n, ts, acc) for n, ts in state]
+    return use_kernel(op, fused, list(inputs) + [t for _, ts in state for t in ts], refusals)
 
 
 def _check(name, lists):
@@ -79,9 +62,9 @@ def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tens
     if m not in (0, 1, 2):
         raise ValueError(f"mode must be one of {tuple(TR_MODES)}, got {mode!r}")
     _check("tr_cg_init_", [("grads", grads), ("v", v), ("a", a), ("s", s), ("r", r), ("p", p)])
-    grads = _dense(grads)
-    if _fused_ok("tr_cg_init_", list(v) + list(a) + list(s) + list(r) + list(p), list(grads), fused):
-        return torch.ops.natasha.tr_cg_init_(v, a, s, r, p, grads, float(beta), float(eps), m)
+    grads = contiguous(grads)
+    if grads and _use_kernel("tr_cg_init_", fused, "grads", grads, [("v", v), ("a", a), ("s", s), ("r", r), ("p", p)]):
+        return torch.ops.natasha.tr_cg_init_(v, a, s, r, p, grads, beta=float(beta), eps=float(eps), norm_mode=m)
     return reference.tr_cg_init_(v, a, s, r, p, grads, beta, eps, m)
 
 
@@ -89,8 +72,8 @@ def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor]
             *, fused: Optional[bool] = None) -> torch.Tensor:
     """[p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (no host sync)."""
     _check("cg_dots", [("p", p), ("Bp", Bp), ("r", r), ("a", a)])
-    Bp = _dense(Bp)
-    if _fused_ok("cg_dots", list(p) + list(r) + list(a), list(Bp), fused):
+    Bp = contiguous(Bp)
+    if Bp and _use_kernel("cg_dots", fused, "Bp", Bp, [("p", p), ("r", r), ("a", a)]):
         return torch.ops.natasha.cg_dots(p, Bp, r, a)
     return reference.cg_dots(p, Bp, r, a)
 
@@ -99,25 +82,22 @@ def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor]
              a: List[torch.Tensor], alpha: float, beta: float, *, fused: Optional[bool] = None) -> torch.Tensor:
     """s += alpha p; r += alpha Bp; p = -r/a + beta p. Returns [r^T A^{-1} r, s^T A s, s^T A p, p^T A p]."""
     _check("cg_step_", [("s", s), ("r", r), ("p", p), ("Bp", Bp), ("a", a)])
-    Bp = _dense(Bp)
-    if _fused_ok("cg_step_", list(s) + list(r) + list(p) + list(a), list(Bp), fused):
-        return torch.ops.natasha.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
+    Bp = contiguous(Bp)
+    if Bp and _use_kernel("cg_step_", fused, "Bp", Bp, [("s", s), ("r", r), ("p", p), ("a", a)]):
+        return torch.ops.natasha.cg_step_(s, r, p, Bp, a, alpha=float(alpha), beta=float(beta))
     return reference.cg_step_(s, r, p, Bp, a, float(alpha), float(beta))
 
 
-def _acc_like(ts):
-    return ts[0].new_empty((), dtype=reference._acc_dtype(ts)) if ts else torch.empty(())
+@register_fake("tr_cg_init_")
+def _tr_cg_init_fake(v, a, s, r, p, grads, *, beta, eps, norm_mode):
+    return grads[0].new_empty((2,), dtype=acc_dtype(grads))
 
 
-if _has_op("cg_step_"):
-    @register_fake("tr_cg_init_")
-    def _tr_cg_init_fake(v, a, s, r, p, grads, beta, eps, norm_mode):
-        return grads[0].new_empty((2,), dtype=reference._acc_dtype(grads))
+@register_fake("cg_dots")
+def _cg_dots_fake(p, Bp, r, a):
+    return Bp[0].new_empty((4,), dtype=acc_dtype(Bp))
 
-    @register_fake("cg_dots")
-    def _cg_dots_fake(p, Bp, r, a):
-        return p[0].new_empty((4,), dtype=reference._acc_dtype(p))
 
-    @register_fake("cg_step_")
-    def _cg_step_fake(s, r, p, Bp, a, alpha, beta):
-        return s[0].new_empty((4,), dtype=reference._acc_dtype(s))
+@register_fake("cg_step_")
+def _cg_step_fake(s, r, p, Bp, a, *, alpha, beta):
+    return Bp[0].new_empty((4,), dtype=acc_dtype(Bp))

@@ -15,6 +15,7 @@ int main() {
   auto chunks = make_chunks(ts);
   // 0 -> none, 1 -> 1, 16384 -> 1, 16385 -> 2, 65537 -> 5, 22 -> 1
   CHECK(chunks.size() == 10);
+  for (size_t j = 0; j < chunks.size(); ++j) CHECK(chunks[j].index == static_cast<int64_t>(j));
   int64_t covered = 0, expect_base = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
     int64_t seen = 0;
@@ -22,7 +23,7 @@ int main() {
       if (c.tensor != static_cast<int>(i)) continue;
       CHECK(c.start == seen);
       CHECK(c.n > 0 && c.n <= natasha::cpu::kChunk);
-      CHECK(c.base == expect_base);
+      CHECK(c.first == expect_base + c.start);
       seen += c.n;
     }
     CHECK(seen == ts[i].numel());

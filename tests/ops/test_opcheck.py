@@ -62,17 +62,17 @@ def _adahessian(m, mode):
 SAMPLES = {
     "rademacher_": [lambda m: dict(tensors=m.vec(), seed=3, offset=7)],
     "global_norm": [lambda m: dict(tensors=m.vec())],
-    "svrg_step": [  # a plain SGD step; variance reduced, with the proximal centre and a finalize
+    "svrg_step_": [  # a plain SGD step; variance reduced, with the proximal centre and a finalize
         lambda m: dict(params=m.vec(), grads=m.vec(), snapshot_grads=None, mu=None, anchor=m.state(),
                        avg_sum=m.state(), center=None, lr=0.1, reg=0.2, finalize=0, prox_L=1.0, prox_radius=0.0),
         lambda m: dict(params=m.vec(), grads=m.vec(), snapshot_grads=m.vec(), mu=m.state(), anchor=m.state(),
                        avg_sum=m.state(), center=m.state(), lr=0.1, reg=0.2, finalize=3, prox_L=1.5, prox_radius=0.5),
     ],
-    "oja_step": [lambda m: dict(v=m.state(), hv=m.state(), scale=torch.tensor(0.5, device=m.device, dtype=m.acc),
+    "oja_step_": [lambda m: dict(v=m.state(), hv=m.state(), scale=torch.tensor(0.5, device=m.device, dtype=m.acc),
                                 eta=0.1)],
     "hutchinson_diag_": [lambda m, acc=acc: dict(diag=m.state(), hz=m.vec(), seed=5, offset=2, alpha=0.5, accumulate=acc)
                          for acc in (False, True)],
-    "adahessian_step": [lambda m, mode=mode: _adahessian(m, mode) for mode in (1, 2, 0)],
+    "adahessian_step_": [lambda m, mode=mode: _adahessian(m, mode) for mode in (1, 2, 0)],
     "kfac_factor_ema_": [lambda m: dict(factors=[m.spd(4), m.spd(3)], rows=[m.t(6, 4), m.t(6, 3)], scales=[1.0, 0.5],
                                         decay=0.9)],
     "kfac_precondition": [lambda m: dict(grads=_layers(m), g_inv=[m.spd(3), m.spd(2)], a_inv=[m.spd(4), m.spd(5)])],

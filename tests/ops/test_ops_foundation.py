@@ -165,7 +165,7 @@ def test_cpp_ops_validate_inputs():
     with pytest.raises(RuntimeError, match="floating-point"):
         torch.ops.natasha.global_norm([torch.zeros(4, dtype=torch.int32)])
     with pytest.raises(RuntimeError, match="(?i)sparse"):  # refused by the dispatcher, no crash
-        torch.ops.natasha.rademacher_([torch.zeros(4).to_sparse()], 0, 0)
+        torch.ops.natasha.rademacher_([torch.zeros(4).to_sparse()], seed=0, offset=0)
 
 
 @requires_fused

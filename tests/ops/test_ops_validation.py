@@ -36,10 +36,10 @@ def _spd(n, device="cpu"):
 VALID: Dict[str, Callable[[str], Tuple[Any, ...]]] = {
     "rademacher_": lambda d: (_vec(d), 0, 0),
     "global_norm": lambda d: (_vec(d),),
-    "svrg_step": lambda d: (_vec(d), _vec(d), _vec(d), _vec(d), _vec(d), _vec(d), 0.1, 0.2, 0, _vec(d), 1.0, 0.5),
-    "oja_step": lambda d: (_vec(d), _vec(d), torch.tensor(0.5, device=d), 0.1),
+    "svrg_step_": lambda d: (_vec(d), _vec(d), _vec(d), _vec(d), _vec(d), _vec(d), _vec(d), 0.1, 0.2, 0, 1.0, 0.5),
+    "oja_step_": lambda d: (_vec(d), _vec(d), torch.tensor(0.5, device=d), 0.1),
     "hutchinson_diag_": lambda d: (_vec(d), _vec(d), 0, 0, 1.0, False),
-    "adahessian_step": lambda d: (_vec(d), _vec(d), _vec(d), [t.abs() for t in _vec(d)], _vec(d), [1, 1], 1, True,
+    "adahessian_step_": lambda d: (_vec(d), _vec(d), _vec(d), [t.abs() for t in _vec(d)], _vec(d), [1, 1], 1, True,
                                   0, 0, 0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, 0.1, 0.001),
     "kfac_factor_ema_": lambda d: ([_spd(4, d), _spd(3, d)], [_t(6, 4, device=d), _t(6, 3, device=d)], [1.0, 0.5], 0.9),
     "kfac_precondition": lambda d: ([_t(3, 4, device=d), _t(2, 5, device=d)], [_spd(3, d), _spd(2, d)],
@@ -101,8 +101,23 @@ def _cases():
     return out
 
 
-def _call(op, args):
-    return getattr(torch.ops.natasha, op)(*args)
+def _kwarg_only(op: str) -> List[str]:
+    return [a.name for a in getattr(torch.ops.natasha, op).default._schema.arguments if a.kwarg_only]
+
+
+# each op's keyword-only arguments (after ``*`` in its schema), read once outside any traced code
+KWARG_ONLY = {op: _kwarg_only(op) for op in VALID} if ops.fused_available("cpu") else {}
+
+
+def call_op(op: str, args) -> Any:
+    """Call ``torch.ops.natasha.<op>`` with VALID's positional tuple: the schema's keyword-only
+    arguments come last in it and are passed by name."""
+    names = KWARG_ONLY[op]
+    npos = len(args) - len(names)
+    return getattr(torch.ops.natasha, op)(*args[:npos], **dict(zip(names, args[npos:])))
+
+
+_call = call_op
 
 
 @pytest.mark.parametrize("op", list(VALID))
@@ -131,19 +146,19 @@ def test_malformed_list_argument_raises(op, index, mutation, request):
 
 # (op, argument index, replacement) for the non-list arguments: scalars tensors, sizes, modes
 BAD_SCALARS = [
-    ("oja_step", 2, lambda d: torch.tensor([0.5, 0.5], device=d)),                 # scale: 1 element
+    ("oja_step_", 2, lambda d: torch.tensor([0.5, 0.5], device=d)),                 # scale: 1 element
     ("ang_combine_", 2, lambda d: torch.ones(3, 3, device=d)),                     # reductions: (L, 3)
     ("ang_combine_", 3, lambda d: torch.ones(2, device=d)),                        # scale: 1 element
-    ("adahessian_step", 5, lambda d: [1]),                                         # one group size per param
-    ("adahessian_step", 5, lambda d: [0, 1]),                                      # group sizes >= 1
-    ("adahessian_step", 6, lambda d: 5),                                           # curv_mode in {0, 1, 2}
+    ("adahessian_step_", 5, lambda d: [1]),                                         # one group size per param
+    ("adahessian_step_", 5, lambda d: [0, 1]),                                      # group sizes >= 1
+    ("adahessian_step_", 6, lambda d: 5),                                           # curv_mode in {0, 1, 2}
     ("kfac_smw_apply", 3, lambda d: [0.1]),                                        # one damping per layer
     ("kfac_factor_ema_", 2, lambda d: [1.0]),                                      # one scale per factor
     ("kfac_factor_ema_", 1, lambda d: [torch.ones(6, 5, device=d), torch.ones(6, 3, device=d)]),  # rows vs factor
     ("kfac_precondition", 1, lambda d: [torch.eye(3, device=d), torch.eye(3, device=d)]),         # g_inv shape
     ("kfac_smw_apply", 1, lambda d: [torch.ones(2, 4, device=d), torch.ones(2, 5, device=d)]),    # k differs
     ("tr_cg_init_", 8, lambda d: 7),                                               # mode in {0, 1, 2}
-    ("svrg_step", 8, lambda d: -1),                                                # finalize >= 0
+    ("svrg_step_", 9, lambda d: -1),                                               # finalize >= 0
 ]
 
 

@@ -1,7 +1,8 @@
 #pragma once
-// AdaHessian per-element math shared by the CPU and CUDA kernels (Yao et al. 2020, and
-// papers/adahessian-hybrid-resnet18-mnist.md eqs. 8-10). The specification is
-// natasha_ext/ops/reference.py: hutchinson_diag_ and adahessian_step.
+// AdaHessian per-element math shared by the CPU and CUDA kernels (Yao, Gholami, Shen, Mustafa,
+// Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning", 2020,
+// eqs. 8-10). The specification is natasha_ext/ops/reference.py: hutchinson_diag_ and
+// adahessian_step.
 #include <cmath>
 #include <cstdint>
 #include "natasha/macros.h"
@@ -58,6 +59,23 @@ NATASHA_HD acc_t adahessian_param(acc_t p, acc_t m, acc_t v, const AdaHessianCoe
   if (!c.power_one) den = pow(den, c.power);
   den += c.eps;
   return p - c.lr * ((m * c.inv_bc1) / den + c.weight_decay * p);
+}
+
+// Summand of element k in its spatial group's mean of D = z * curv (paper eq. 9): |curv| when
+// abs_first (|z * c| = |c| for z = +-1, no probe needed), z_k * curv for a Hz curvature, curv for
+// a diagonal estimate. Walker: RademacherWalker below.
+template <typename acc_t, typename Walker>
+NATASHA_HD acc_t adahessian_group_summand(acc_t curv, bool abs_first, bool signed_probe, Walker& z, uint64_t k) {
+  if (abs_first) return curv < acc_t(0) ? -curv : curv;
+  if (signed_probe) return static_cast<acc_t>(z(k)) * curv;
+  return curv;
+}
+
+// D^(s) of a group from the sum of its summands: |sum / count|.
+template <typename acc_t>
+NATASHA_HD acc_t adahessian_group_value(acc_t sum, int64_t count) {
+  const acc_t m = sum / static_cast<acc_t>(count);
+  return m < acc_t(0) ? -m : m;
 }
 
 // A Rademacher sign generator walking forward through a stream: one Philox call per 128

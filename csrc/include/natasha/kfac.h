@@ -1,5 +1,7 @@
 #pragma once
-// K-FAC / ANG / IFANG math shared by the CPU and CUDA kernels (asymptotic-natural-gradient.md).
+// K-FAC / ANG / IFANG per-element math shared by the CPU and CUDA kernels (device-safe: no ATen
+// here; the host-side ATen parts are in natasha/kfac_host.h). Martens & Grosse, "Optimizing Neural
+// Networks with Kronecker-factored Approximate Curvature", 2015; ANG/IFANG eq. numbers below.
 //
 // Per layer the gradient is a matrix T (out x in[+1]). The ops produce
 //   * U = (G + lam I)^-1 T (A + lam I)^-1 (K-FAC, explicit inverses) or, for IFANG, the same with
@@ -53,6 +55,14 @@ NATASHA_HD void ang_coefficients(double dot, double nu2, double nt2, double lam,
   *c2 = w2 * nu / nt;
 }
 
+// The per-layer reductions of (T, U): adds <t,u>, u^2, t^2 of one element.
+template <typename acc_t>
+NATASHA_HD void reduce3_add(acc_t (&v)[3], acc_t t, acc_t u) {
+  v[0] += t * u;
+  v[1] += u * u;
+  v[2] += t * t;
+}
+
 // One element of the SMW apply: (t - sum_j pa[j] ya[j*i] - sum_j yg[j*o] z[j*i]) * inv_lam2, where
 // pa points at Pa[r, 0], yg at Yg[0, r] (stride o), ya at Ya[0, c] and z at Z[0, c] (stride i).
 template <typename acc_t>
@@ -63,58 +73,5 @@ NATASHA_HD acc_t smw_element(acc_t t, const acc_t* pa, const acc_t* yg, int64_t 
   return u * inv_lam2;
 }
 
-}  // namespace kfac
-}  // namespace natasha
-
-// ---------------------------------------------------------------------------------------------
-// Host-side orchestration shared by the CPU and CUDA ops (ATen calls, device-agnostic): the
-// small k x k parts of the SMW apply and the factor EMA around the BLAS/cuBLAS product.
-// ---------------------------------------------------------------------------------------------
-#include <ATen/ATen.h>
-
-namespace natasha {
-namespace kfac {
-namespace host {
-
-// factor <- decay * factor + (1 - decay) * scale * rows^T rows, the EMA folded into addmm's
-// beta/alpha (one read and one write of the factor besides the product). decay == 0 ignores the
-// old contents (addmm's beta = 0 semantics).
-inline void factor_ema(at::Tensor& factor, const at::Tensor& rows, double scale, double decay) {
-  const at::Tensor x = rows.scalar_type() == factor.scalar_type() ? rows : rows.to(factor.scalar_type());
-  at::addmm_out(factor, factor, x.t(), x, decay, (1.0 - decay) * scale);
-}
-
-// Pa (o x k) and Z (k x i), in the accumulation dtype, such that lam^2 U = T - Pa Ya - Yg^T Z.
-struct SmwTerms {
-  at::Tensor pa, z, ya, yg;
-};
-
-// X = K^-1 B from K's Cholesky factor L (two triangular solves: far cheaper than cholesky_solve's
-// LAPACK/cuSOLVER path for the k x k systems here).
-inline at::Tensor chol_solve(const at::Tensor& b, const at::Tensor& l) {
-  const at::Tensor y = at::linalg_solve_triangular(l, b, /*upper=*/false);
-  return at::linalg_solve_triangular(l.mT(), y, /*upper=*/true);
-}
-
-inline SmwTerms smw_terms(const at::Tensor& t, const at::Tensor& ya_in, const at::Tensor& yg_in, double lam,
-                          at::ScalarType acc) {
-  const at::Tensor T = t.to(acc), ya = ya_in.to(acc).contiguous(), yg = yg_in.to(acc).contiguous();
-  const int64_t k = ya.size(0);
-  const auto eye = at::eye(k, ya.options());
-  const at::Tensor ka = at::addmm(eye, ya, ya.t(), lam, 1.0);  // lam I + Ya Ya^T
-  const at::Tensor kg = at::addmm(eye, yg, yg.t(), lam, 1.0);
-  // lam I + Y Y^T is SPD (eigenvalues >= lam > 0): the _ex variant skips the info check, which
-  // would be a host sync on CUDA
-  const at::Tensor la = std::get<0>(at::linalg_cholesky_ex(ka)), lg = std::get<0>(at::linalg_cholesky_ex(kg));
-  const at::Tensor tya = at::matmul(T, ya.t());                 // o x k
-  const at::Tensor s = at::matmul(yg, T);                       // k x i
-  const at::Tensor pa = chol_solve(tya.t(), la).t();            // T Ya^T Ka^-1
-  const at::Tensor c = at::matmul(yg, tya);                     // Yg T Ya^T (k x k)
-  const at::Tensor w = s - at::matmul(c, chol_solve(ya, la));
-  const at::Tensor z = chol_solve(w, lg);
-  return {pa.contiguous(), z.contiguous(), ya, yg};
-}
-
-}  // namespace host
 }  // namespace kfac
 }  // namespace natasha

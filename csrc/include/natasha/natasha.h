@@ -25,6 +25,14 @@ NATASHA_HD acc_t prox_kappa(acc_t dist2, acc_t lr, acc_t L, acc_t r) {
   return (acc_t(1) + two_al * r / dist) / (acc_t(1) + two_al);
 }
 
+// End of a sub-epoch (finalize = m): the new anchor and iterate is the mean of the sub-epoch's
+// iterates, x_hat <- a + (s + (z - a)) / m with s the running sum of x_t - a (exact for
+// parameters that do not move) and z the step's new iterate. T: a scalar or an at::vec vector.
+template <typename T>
+NATASHA_HD T svrg_finalize(T a, T s, T z, T inv_m) {
+  return a + (s + (z - a)) * inv_m;
+}
+
 // Oja step with the pending normalisation folded in: w <- scale * (w - eta * Hw).
 template <typename acc_t>
 NATASHA_HD acc_t oja_update(acc_t w, acc_t hw, acc_t scale, acc_t eta) {
