@@ -16,6 +16,12 @@ from typing import List, Optional
 
 import torch
 
+from natasha_ext import _backend
+from natasha_ext.selftest.compare import Result
+from natasha_ext.selftest.environment import describe, format_environment
+from natasha_ext.selftest.report import format_table, summary, to_json
+from natasha_ext.selftest.runner import run_selftest
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m natasha_ext", description=__doc__,
@@ -36,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 def _devices(choice: Optional[str]) -> List[str]:
     cuda = torch.cuda.is_available()
     if choice == "cuda" and not cuda:
-        raise SystemExit("python -m natasha_ext: --device cuda but torch sees no CUDA device "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        raise ValueError(f"--device cuda but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda})")
     return [choice] if choice else ["cpu"] + (["cuda"] if cuda else [])
 
 
@@ -45,19 +51,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads < 1:
         _parser().error(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     try:
         devices = _devices(args.device)
-    except SystemExit as exc:
-        print(exc, file=sys.stderr)
+    except ValueError as exc:
+        print(f"python -m natasha_ext: {exc}", file=sys.stderr)
         return 2
-    # imported here so that `--help` answers without loading the kernels
-    from natasha_ext import _backend
-    from natasha_ext.selftest.compare import Result
-    from natasha_ext.selftest.environment import describe, format_environment
-    from natasha_ext.selftest.report import format_table, summary, to_json
-    from natasha_ext.selftest.runner import run_selftest
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, devices)
+    finally:
+        torch.set_num_threads(threads)   # main() called as a function leaves torch as it found it
 
+
+def _run(args: argparse.Namespace, devices: List[str]) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     env = describe()
     print(format_environment(env), file=out, flush=True)
