@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 
 from natasha_ext.selftest import op_cases
 from natasha_ext.selftest.compare import Check, Result, Runner, skipped
-from natasha_ext.selftest.inputs import CHUNK, CUDA_BLOCKS_PER_LAUNCH, Filler, clones, device_type
+from natasha_ext.selftest.inputs import (ALL_DTYPES, CHUNK, CUDA_BLOCKS_PER_LAUNCH, Filler, clones, device_type,
+                                         list_layouts, matrix_layouts)
 from natasha_ext.selftest.tolerances import tolerance
 
 CASES = {c.op: c for c in op_cases.OP_CASES}
@@ -29,7 +30,6 @@ FLAT_OPS = ["rademacher_", "global_norm", "svrg_step", "oja_step", "hutchinson_d
 REDUCTIONS = ["global_norm", "svrg_step", "oja_step", "tr_cg_init_", "cg_dots", "cg_step_"]
 PER_LAYER = ["kfac_precondition", "kfac_smw_apply", "ang_combine_"]
 PHILOX_OFFSETS = [1, 2, 3, 125, 126, 127, 2**32 + 1]
-ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _op_check(kind: str, op: str, device: str, dtype, variant: str, shapes, repeat=False, positive=False) -> Check:
@@ -138,8 +138,6 @@ def repeats(device: str) -> Iterator[Check]:
 
 
 def _layout(case, device, name):
-    from natasha_ext.selftest.inputs import list_layouts, matrix_layouts
-
     return (matrix_layouts if case.matrices else list_layouts)(device)[name]
 
 
