@@ -10,6 +10,7 @@ optimizer family fused against reference. Exit status 0 when every check passes,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -51,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads < 1:
         _parser().error(f"--threads must be >= 1, got {args.threads}")
+    if args.json not in (None, "-"):
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            _parser().error(f"--json {args.json}: folder {folder} does not exist or is not writable")
     try:
         devices = _devices(args.device)
     except ValueError as exc:
