@@ -16,9 +16,10 @@
 #             finished seed appended to OUT_DIR/repro/*.csv (a cut-off run keeps its finished seeds)
 # OUT_DIR/summary.md lists every stage's status and time; it is rewritten after each stage.
 #
-# --dry-run     the same stages on CPU with tiny sizes (CPU-only build, quick CPU self-test, the
-#               cuda tests collected and skipped, a short benchmark, the smallest reproductions);
-#               CI runs it so that this script cannot rot before the day a GPU is there.
+# --dry-run     the same stages on CPU with tiny sizes (CPU-only build, skipped when the built
+#               extension is newer than csrc/ and setup.py; quick CPU self-test; the cuda tests
+#               collected and skipped; a short benchmark; the smallest reproductions); CI runs it
+#               so that this script cannot rot before the day a GPU is there.
 # --stages L    comma list of the stages to run (default: all, in the order above)
 # --bundle DIR  after every stage also write DIR/gpu_check.tar.gz (all of OUT_DIR) and DIR/summary.md:
 #               two files, for a runner that returns only a few files (DIR must not be OUT_DIR)
