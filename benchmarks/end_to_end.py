@@ -11,7 +11,9 @@ Rows per (device, model, threads):
   anchor   torch.optim SGD, SGD-momentum, Adam (path 'torch').
   peer     torch-optimizer's Adahessian and pytorch-optimizer's AdaHessian (also with
            update_period=4), driven as their users do: backward(create_graph=True), then step().
-           A peer that is not installed is an error cell naming the package.
+           A peer that is not installed is an error cell naming the package. Column x peer: our
+           AdaHessian's time / the faster peer with the same curvature schedule (every step, or
+           every 4th).
 
 Timing: the rows of one (device, model, threads) are timed in interleaved rounds
 (benchmarks.rounds; min / median / max of the rounds); one step runs untimed first (lazy state,
@@ -36,8 +38,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import error_text
 from benchmarks.memory import LEAK_TOL_MB, LEAK_TOL_REL, memory_probe
-from benchmarks.noise import summarize
+from benchmarks.noise import SPREAD_TOL, summarize
 from benchmarks.rounds import interleaved
 
 FUSED_TOL = 0.03  # fused/ref above 1 + this (and slower in every round) flags the fused path
@@ -46,10 +49,12 @@ CONFIGS = {"cpu": {"lenet5": 128, "resnet18": 32}, "cuda": {"resnet18": 100}}
 ANCHORS = ("sgd", "sgd-momentum", "adam")
 # label -> (CLI name, overrides of its defaults)
 VARIANTS = {"adahessian update_each=4": ("adahessian", (("update_each", 4),))}
-# label -> (module, class, constructor overrides); bootstrap installs both with --no-deps
-PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", ()),
-         "pytorch_optimizer.AdaHessian": ("pytorch_optimizer", "AdaHessian", ()),
-         "pytorch_optimizer.AdaHessian update_period=4": ("pytorch_optimizer", "AdaHessian", (("update_period", 4),))}
+# label -> (module, class, constructor overrides, the row of ours it is compared with in x peer);
+# bootstrap installs both packages with --no-deps
+PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", (), "adahessian"),
+         "pytorch_optimizer.AdaHessian": ("pytorch_optimizer", "AdaHessian", (), "adahessian"),
+         "pytorch_optimizer.AdaHessian update_period=4": ("pytorch_optimizer", "AdaHessian", (("update_period", 4),),
+                                                          "adahessian update_each=4")}
 MEMORY_ROWS = ("sgd", "adahessian", "adahessian update_each=4", *PEERS)
 # hyperparameter whose value is the number of steps over which an optimizer's cost repeats
 PERIOD_FLAG = {"adahessian": "update_each", "kfac": "cov_every", "ang": "cov_every", "ifang": "cov_every",
@@ -89,7 +94,7 @@ def _hyperparameters(name: str, device: str, overrides) -> argparse.Namespace:
 
 
 def _peer(label: str):
-    module, cls, overrides = PEERS[label]
+    module, cls, overrides, _ = PEERS[label]
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -153,9 +158,6 @@ def fused_vs_reference(fused: Sequence[float], ref: Sequence[float], tol: float 
     return ratio, bool(every_round and ratio > 1 + tol)
 
 
-def _error(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-
 
 def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List[Spec], rounds: int,
               sample_s: float) -> List[Dict]:
@@ -168,7 +170,7 @@ def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List
             step()  # lazy state, first inverses; interleaved() then calibrates on a second step
             steps[key], periods[key] = step, period
         except Exception as exc:  # a peer not installed, no kernels, an optimizer that fails here
-            errors[key] = _error(exc)
+            errors[key] = error_text(exc)
     samples = interleaved(steps, device, rounds, sample_s, periods)
     out = []
     for spec in rows:
@@ -184,19 +186,21 @@ def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List
 
 
 def derive(rows: List[Dict]) -> None:
-    """x SGD, fused/ref and its flag, x best peer (AdaHessian rows), per (device, model, threads)."""
+    """x SGD, fused/ref and its flag, x best peer (our AdaHessian rows against the faster of the
+    peers with the same curvature schedule), per (device, model, threads)."""
     def key(r):
         return r["device"], r["model"], r["threads"]
     sgd = {key(r): r["ms"] for r in rows if r["optimizer"] == "sgd"}
-    peers = {}
+    peers = {}  # (key, our label) -> fastest peer's ms
     for r in rows:
-        if r["kind"] == "peer" and r["ms"] == r["ms"]:
-            peers[key(r)] = min(peers.get(key(r), float("inf")), r["ms"])
+        if r["kind"] == "peer" and r["optimizer"] in PEERS and r["ms"] == r["ms"]:
+            k = (key(r), PEERS[r["optimizer"]][3])
+            peers[k] = min(peers.get(k, float("inf")), r["ms"])
     by_label = {(key(r), r["optimizer"], r["path"]): r for r in rows}
     for r in rows:
         r["x_sgd"] = r["ms"] / sgd.get(key(r), float("nan"))
-        r["x_best_peer"] = (r["ms"] / peers[key(r)] if "adahessian" in r["optimizer"] and r["kind"] == "ours"
-                            and key(r) in peers else float("nan"))
+        best = peers.get((key(r), r["optimizer"])) if r["kind"] == "ours" else None
+        r["x_best_peer"] = r["ms"] / best if best else float("nan")
         r["fused_over_ref"], r["fused_slower"] = float("nan"), False
     for r in rows:
         if r["path"] == "fused":
@@ -218,7 +222,7 @@ def memory_rows(device: str, model_name: str, batch: int, threads: int, rows: Li
             out[spec.label] = memory_probe(functools.partial(build_step, model_name, batch, device, spec), device,
                                            threads, early, late)
         except Exception as exc:
-            out[spec.label] = {"error": _error(exc)}
+            out[spec.label] = {"error": error_text(exc)}
     return out
 
 
@@ -275,10 +279,12 @@ def table_lines(rows: List[Dict]) -> List[str]:
                      f"{_cell(r['ms_min'], '9.2f')} {_cell(r['ms_max'], '9.2f')} {_cell(100 * r['spread'], '5.0f')}% "
                      f"{_cell(r['x_sgd'], '6.2f')} {_cell(r['fused_over_ref'], '9.2f')} {_cell(r['x_best_peer'], '6.2f')} "
                      f"{_cell(r.get('peak_MB', float('nan')), '8.1f')} {_cell(r.get('growth_MB', float('nan')), '7.1f')} "
-                     f"{leak:>4}{flag}" + (f"  ({r['error']})" if r["error"] else ""))
+                     f"{leak:>4}{flag}" + (" !" if r["spread"] > SPREAD_TOL else "")
+                     + (f"  ({r['error']})" if r["error"] else ""))
     methods = sorted({r["mem_method"] for r in rows if r.get("mem_method")})
     lines.append(f"fused/ref: fused median / reference median; SLOWER: fused slower in every round and by > "
-                 f"{100 * FUSED_TOL:.0f} %. x peer: time / the faster AdaHessian peer. Memory ({', '.join(methods) or 'not measured'}), "
+                 f"{100 * FUSED_TOL:.0f} %. '!': spread (max - min) / median > {100 * SPREAD_TOL:.0f} %. x peer: time / the "
+                 f"faster AdaHessian peer with the same curvature schedule. Memory ({', '.join(methods) or 'not measured'}), "
                  f"fresh process per row: peak above the memory before the first step; growth: memory after step "
                  f"{next((r['mem_steps'] for r in rows if r.get('mem_steps')), '-')} (leak: growth > "
                  f"max({LEAK_TOL_MB:g} MB, {100 * LEAK_TOL_REL:g} % of peak))")

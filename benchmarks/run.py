@@ -35,7 +35,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine_info, make_params, model_shapes
+from benchmarks.common import error_text, machine_info, make_params, model_shapes
 from benchmarks.noise import COPY_DRIFT_TOL, SPREAD_TOL, flag_noise, summarize
 from benchmarks.rounds import interleaved
 
@@ -57,9 +57,6 @@ def collect_groups(only=None):
     return {op: cases for op, cases in groups.items() if not only or op in only or op in ALWAYS}
 
 
-def _error(exc):
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-
 
 def time_op(device, cases, ts, rounds, sample_s):
     """Samples (seconds per call) and set-up errors of one op's variants, timed in interleaved rounds."""
@@ -73,7 +70,7 @@ def time_op(device, cases, ts, rounds, sample_s):
                 torch.cuda.synchronize()  # an asynchronous error belongs to this row
             fns[case.variant] = fn
         except Exception as exc:  # a peer not installed, a path not built, a form that does not compile
-            errors[case.variant] = _error(exc)
+            errors[case.variant] = error_text(exc)
     return interleaved(fns, device, rounds, sample_s), errors
 
 

@@ -123,7 +123,7 @@ def test_fused_over_reference_flag_fires_beyond_the_noise_and_not_below():
 
 @pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
 def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(monkeypatch):
-    monkeypatch.setitem(end_to_end.PEERS, "missing-peer", ("no_such_peer_package", "AdaHessian", ()))
+    monkeypatch.setitem(end_to_end.PEERS, "missing-peer", ("no_such_peer_package", "AdaHessian", (), "adahessian"))
     saved = torch.get_num_threads()
     rows_spec = end_to_end.specs(["adahessian", "kfac", "ifang", "natasha15", "missing-peer"])
     rows = time_rows("cpu", "small-cnn", 8, 1, rows_spec, rounds=3, sample_s=0.0)
@@ -140,6 +140,15 @@ def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(m
         assert f["fused_over_ref"] == pytest.approx(f["ms"] / r["ms"]) == r["fused_over_ref"]
         assert f["fused_slower"] == fused_vs_reference(f["samples"], r["samples"])[1]
         assert f["x_sgd"] == pytest.approx(f["ms"] / by[("sgd", "torch")]["ms"])
+    # x peer: only our AdaHessian rows, against the peer of the same schedule (planted times)
+    planted = [dict(r, samples=list(r["samples"])) for r in rows]
+    for r in planted:
+        if r["optimizer"] == "missing-peer":
+            r.update(ms=50.0, error="")
+    end_to_end.derive(planted)
+    peer_x = {(r["optimizer"], r["path"]): r["x_best_peer"] for r in planted if r["x_best_peer"] == r["x_best_peer"]}
+    assert set(peer_x) == {("adahessian", "fused"), ("adahessian", "reference")}
+    assert peer_x[("adahessian", "fused")] == pytest.approx(by[("adahessian", "fused")]["ms"] / 50.0)
     # samples span whole periods: natasha15's epoch of 27 steps, K-FAC's cov_every 10
     assert by[("natasha15", "fused")]["period"] == 27 and by[("kfac", "reference")]["period"] == 10
     # the switch reached the optimizer: the reference path never enters the compiled ops
