@@ -47,6 +47,11 @@ def model_shapes(spec: str) -> List[tuple]:
     return shapes[int(lo) if lo else None:int(hi) if hi else None]
 
 
+def error_text(exc: BaseException) -> str:
+    """An error cell: the exception's type and message on one line, at most 200 characters."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
 def make_params(shapes, device, dtype=torch.float32, seed=0) -> List[torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=dtype).to(device) for s in shapes]

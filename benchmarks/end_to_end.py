@@ -1,136 +1,313 @@
-"""End-to-end time per training step and optimizer-state memory for every optimizer the CLI
-knows (natasha_ext.cli_optimizers), against torch.optim SGD/Adam (Adam also fused) and peers
-(torch-optimizer's Adahessian when installed), on one fixed minibatch.
+"""End to end: time per training step of every optimizer the CLI knows (natasha_ext.cli_optimizers),
+its fused path beside its reference path, against torch.optim anchors and the AdaHessian peers;
+peak memory and a leak check for AdaHessian, its peers and SGD.
 
-CPU: LeNet-5 on 28x28 MNIST-shaped input; CUDA: also ResNet-18 (1-channel stem), batch 100.
-Memory: bytes of tensors the optimizer keeps in its state (plus torch.cuda.max_memory_allocated
-of the step on GPU).
+Rows per (device, model, threads):
+  ours     every optimizer of the package (CLI defaults) twice: path 'fused' and path 'reference'
+           (the optimizer's ``fused`` switch, which every one of them reads per call, set to False),
+           plus AdaHessian with update_each=4. Column fused/ref: fused median / reference median;
+           flag SLOWER when the fused path was slower in every round and by more than FUSED_TOL
+           at the median (a regression beyond the noise; fewer than MIN_ROUNDS rounds never flag).
+  anchor   torch.optim SGD, SGD-momentum, Adam (path 'torch').
+  peer     torch-optimizer's Adahessian and pytorch-optimizer's AdaHessian (also with
+           update_period=4), driven as their users do: backward(create_graph=True), then step().
+           A peer that is not installed is an error cell naming the package. Column x peer: our
+           AdaHessian's time / the faster peer with the same curvature schedule (every step, or
+           every 4th).
+
+Timing: the rows of one (device, model, threads) are timed in interleaved rounds
+(benchmarks.rounds; min / median / max of the rounds); one step runs untimed first (lazy state,
+K-FAC's first inverses). An optimizer whose cost repeats over k steps (AdaHessian update_each,
+K-FAC/ANG/IFANG cov_every, the Natasha epoch) is sampled over whole multiples of k steps.
+The minibatch is fixed (CPU: LeNet-5 batch 128, ResNet-18 batch 32; CUDA: ResNet-18 batch 100),
+28x28 one-channel input. The Hybrid stays in its SGD-momentum phase (no validation loss is
+reported), which is what it costs until the switch.
+
+Memory (benchmarks.memory, a fresh process per row, at the first thread count): peak above the
+memory before the first step over ``late`` steps, and memory after step ``early`` vs ``late``.
 """
 from __future__ import annotations
 
-import argparse
-from typing import Dict, List
+import functools
+import importlib
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import time_fn
+from benchmarks.common import error_text
+from natasha_ext import ops
+from benchmarks.memory import LEAK_TOL_MB, LEAK_TOL_REL, memory_probe
+from benchmarks.noise import SPREAD_TOL, summarize
+from benchmarks.rounds import interleaved
+
+FUSED_TOL = 0.03  # fused/ref above 1 + this (and slower in every round) flags the fused path
+MIN_ROUNDS = 3
+CONFIGS = {"cpu": {"lenet5": 128, "resnet18": 32}, "cuda": {"resnet18": 100}}
+ANCHORS = ("sgd", "sgd-momentum", "adam")
+# label -> (CLI name, overrides of its defaults)
+VARIANTS = {"adahessian update_each=4": ("adahessian", (("update_each", 4),))}
+# label -> (module, class, constructor overrides, the row of ours it is compared with in x peer);
+# bootstrap installs both packages with --no-deps
+PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", (), "adahessian"),
+         "pytorch_optimizer.AdaHessian": ("pytorch_optimizer", "AdaHessian", (), "adahessian"),
+         "pytorch_optimizer.AdaHessian update_period=4": ("pytorch_optimizer", "AdaHessian", (("update_period", 4),),
+                                                          "adahessian update_each=4")}
+MEMORY_ROWS = ("sgd", "adahessian", "adahessian update_each=4", *PEERS)
+# hyperparameter whose value is the number of steps over which an optimizer's cost repeats
+PERIOD_FLAG = {"adahessian": "update_each", "kfac": "cov_every", "ang": "cov_every", "ifang": "cov_every",
+               "natasha15": "epoch_size", "natasha2": "epoch_size"}
 
 
-def _state_bytes(opt) -> int:
-    seen, total = set(), 0
-
-    def walk(obj):
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            if obj.data_ptr() not in seen:
-                seen.add(obj.data_ptr())
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-
-    walk(list(opt.state.values()))
-    for v in vars(opt).values():  # factors, snapshots ... kept outside per-param state
-        if isinstance(v, (dict, list, tuple, torch.Tensor)) and v is not opt.state and v is not opt.param_groups:
-            walk(v)
-    return total
+@dataclass(frozen=True)
+class Spec:
+    """One row's optimizer: label (what the table shows), kind ('ours', 'anchor', 'peer') and path
+    ('fused', 'reference', 'torch' or 'peer')."""
+    label: str
+    kind: str
+    path: str
 
 
-# AdaHessian beside its CLI defaults (update_each 1, double-backward HVP): curvature amortised
-# over 4 steps, and the finite-difference HVP engine (label -> (CLI name, overrides))
-VARIANTS = {
-    "adahessian update_each=4": ("adahessian", dict(update_each=4)),
-    "adahessian hvp=fd": ("adahessian", dict(hvp="finite_difference")),
-    "adahessian hvp=fd update_each=4": ("adahessian", dict(hvp="finite_difference", update_each=4)),
-}
+def specs(only: Optional[Sequence[str]] = None) -> List[Spec]:
+    """Every row's spec, in table order; ``only`` keeps those labels (and the SGD anchor, the x SGD unit)."""
+    from natasha_ext import cli_optimizers
 
-
-def _peers():
-    out = {"adam-fused": lambda model, params: torch.optim.Adam(params, lr=1e-3, fused=True)}
-    try:
-        import torch_optimizer  # benchmark-only peer
-
-        out["torch_optimizer.Adahessian"] = lambda model, params: torch_optimizer.Adahessian(params, lr=0.15)
-    except Exception:
-        pass
-    try:
-        import pytorch_optimizer  # benchmark-only peer
-
-        out["pytorch_optimizer.AdaHessian"] = lambda model, params: pytorch_optimizer.AdaHessian(params, lr=0.15)
-    except Exception:
-        pass
+    ours = [n for n in cli_optimizers.OPTIMIZERS if n not in ANCHORS] + list(VARIANTS)
+    out = [Spec(n, "anchor", "torch") for n in ANCHORS]
+    out += [Spec(n, "ours", p) for n in ours for p in ("fused", "reference")]
+    out += [Spec(n, "peer", "peer") for n in PEERS]
+    if only:
+        unknown = set(only) - {s.label for s in out}
+        if unknown:
+            raise ValueError(f"--e2e-optimizers: unknown {sorted(unknown)}; known: {sorted({s.label for s in out})}")
+        out = [s for s in out if s.label in only or s.label == "sgd"]
     return out
 
 
-def run_e2e(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
-    from natasha_ext import cli_optimizers, models, train
+def _hyperparameters(name: str, device: str, overrides):
+    """What the optimizer's registry entry builds from: the CLI defaults of ``name`` on ``device``."""
+    from natasha_ext.training import TrainConfig
 
-    rows = []
-    for device in devices:
-        configs = [("lenet5", dict(in_channels=1, image_size=28), 128)]
-        if device == "cuda":
-            configs.append(("resnet18", dict(in_channels=1, image_size=28), 100))
-        for model_name, mkw, batch in configs:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
-            y = torch.randint(0, 10, (batch,), generator=g).to(device)
-            names = list(cli_optimizers.OPTIMIZERS) + list(VARIANTS) + list(_peers())
-            for name in names:
-                torch.manual_seed(0)
-                model = models.get_model(model_name, **mkw).to(device)
-                params = [p for p in model.parameters()]
-                try:
-                    if name in cli_optimizers.OPTIMIZERS or name in VARIANTS:
-                        base, over = VARIANTS.get(name, (name, {}))
-                        spec = cli_optimizers.get_spec(base)
-                        args = train.TrainConfig(optimizers=[base], device=device, model=model_name)
-                        hp = argparse.Namespace(**{**vars(args), **train.hyperparameters(args, base), **over, "seed": 0})
-                        opt = spec.build(model, params, hp)
-                        style = spec.closure
-                    else:
-                        opt = _peers()[name](model, params)
-                        style = "create_graph" if "adahessian" in name.lower() else "backward"
-
-                    def step():
-                        if style == "loss":
-                            opt.step(lambda: F.cross_entropy(model(x), y))
-                        elif style == "create_graph":  # torch-optimizer's AdaHessian protocol
-                            opt.zero_grad()
-                            F.cross_entropy(model(x), y).backward(create_graph=True)
-                            opt.step()
-                        else:
-                            def closure():
-                                opt.zero_grad()
-                                loss = F.cross_entropy(model(x), y)
-                                loss.backward()
-                                return loss
-                            opt.step(closure)
-
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    t = time_fn(step, device, min_time)
-                    peak = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
-                    rows.append({"device": device, "model": model_name, "batch": batch, "optimizer": name,
-                                 "ms_per_step": t * 1e3, "state_MB": _state_bytes(opt) / 2**20,
-                                 "cuda_peak_MB": peak / 2**20, "error": ""})
-                except Exception as exc:
-                    rows.append({"device": device, "model": model_name, "batch": batch, "optimizer": name,
-                                 "ms_per_step": float("nan"), "state_MB": float("nan"), "cuda_peak_MB": float("nan"),
-                                 "error": f"{type(exc).__name__}: {exc}"[:160]})
-            sgd = next((r["ms_per_step"] for r in rows if r["device"] == device and r["model"] == model_name
-                        and r["optimizer"] == "sgd"), float("nan"))
-            for r in rows:
-                if r["device"] == device and r["model"] == model_name:
-                    r["x_sgd"] = r["ms_per_step"] / sgd
-    return rows
+    return TrainConfig(optimizers=[name], device=device).build_namespace(0, name, **dict(overrides))
 
 
-def print_e2e(rows):
-    print(f"{'device':6} {'model':9} {'optimizer':28} {'ms/step':>9} {'x SGD':>7} {'state MB':>9}")
+def _peer(label: str):
+    module, cls, overrides, _ = PEERS[label]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"peer package {module!r} is not installed (bootstrap installs it with "
+                                  f"pip --no-deps): {exc}") from None
+    return functools.partial(getattr(mod, cls), **dict(overrides))
+
+
+def build(model_name: str, batch: int, device: str, spec: Spec) -> Tuple[Callable[[], object], int]:
+    """(one training step on a fixed minibatch, the period of its cost in steps)."""
+    from natasha_ext import cli_optimizers, models
+
+    torch.manual_seed(0)
+    model = models.get_model(model_name, in_channels=1, image_size=28).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    params = list(model.parameters())
+    loss = lambda: F.cross_entropy(model(x), y)
+    if spec.kind == "peer":
+        opt = _peer(spec.label)(params)
+
+        def step():  # the peers' protocol: the graph of the gradient is kept for their HVP
+            opt.zero_grad()
+            loss().backward(create_graph=True)
+            opt.step()
+        return step, 1
+    name, overrides = VARIANTS.get(spec.label, (spec.label, ()))
+    cli = cli_optimizers.get_spec(name)
+    hp = _hyperparameters(name, device, overrides)
+    opt = cli.build(model, params, hp)
+    if spec.path in ("fused", "reference"):
+        if spec.path == "fused" and not ops.fused_available(device):
+            raise RuntimeError(f"{spec.label}: the fused kernels are not available on {device}")
+        opt.fused = spec.path == "fused"
+    period = int(getattr(hp, PERIOD_FLAG[name], 1)) if name in PERIOD_FLAG else 1
+    if cli.closure == "loss":
+        return (lambda: opt.step(loss)), period
+
+    def closure():
+        opt.zero_grad()
+        out = loss()
+        out.backward()
+        return out
+    return (lambda: opt.step(closure)), period
+
+
+def build_step(model_name: str, batch: int, device: str, spec: Spec) -> Callable[[], object]:
+    """The step alone (what memory_probe builds in its fresh process)."""
+    return build(model_name, batch, device, spec)[0]
+
+
+def fused_vs_reference(fused: Sequence[float], ref: Sequence[float], tol: float = FUSED_TOL) -> Tuple[float, bool]:
+    """(fused median / reference median, flag): the flag is set when the fused path was slower in
+    every one of at least MIN_ROUNDS paired rounds and the ratio exceeds 1 + tol."""
+    if not fused or not ref:
+        return float("nan"), False
+    ratio = statistics.median(fused) / statistics.median(ref)
+    paired = list(zip(fused, ref))
+    every_round = len(paired) >= MIN_ROUNDS and all(f > r for f, r in paired)
+    return ratio, bool(every_round and ratio > 1 + tol)
+
+
+
+def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List[Spec], rounds: int,
+              sample_s: float) -> List[Dict]:
+    torch.set_num_threads(threads)
+    steps, periods, errors = {}, {}, {}
+    for spec in rows:
+        key = (spec.label, spec.path)
+        try:
+            step, period = build(model_name, batch, device, spec)
+            step()  # lazy state, first inverses; interleaved() then calibrates on a second step
+            steps[key], periods[key] = step, period
+        except Exception as exc:  # a peer not installed, no kernels, an optimizer that fails here
+            errors[key] = error_text(exc)
+    samples = interleaved(steps, device, rounds, sample_s, periods)
+    out = []
+    for spec in rows:
+        key = (spec.label, spec.path)
+        st = summarize(samples.get(key, []))
+        out.append({"device": device, "model": model_name, "batch": batch, "threads": threads,
+                    "optimizer": spec.label, "kind": spec.kind, "path": spec.path, "period": periods.get(key, 0),
+                    "rounds": len(samples.get(key, [])), "ms": st["median"] * 1e3, "ms_min": st["min"] * 1e3,
+                    "ms_max": st["max"] * 1e3, "spread": st["spread"], "error": errors.get(key, ""),
+                    "samples": samples.get(key, [])})
+    derive(out)
+    return out
+
+
+def derive(rows: List[Dict]) -> None:
+    """x SGD, fused/ref and its flag, x best peer (our AdaHessian rows against the faster of the
+    peers with the same curvature schedule), per (device, model, threads)."""
+    def key(r):
+        return r["device"], r["model"], r["threads"]
+    sgd = {key(r): r["ms"] for r in rows if r["optimizer"] == "sgd"}
+    peers = {}  # (key, our label) -> fastest peer's ms
     for r in rows:
-        print(f"{r['device']:6} {r['model']:9} {r['optimizer']:28} {r['ms_per_step']:9.2f} {r['x_sgd']:7.2f} "
-              f"{r['state_MB']:9.2f}" + (f"  ({r['error']})" if r["error"] else ""))
+        if r["kind"] == "peer" and r["optimizer"] in PEERS and r["ms"] == r["ms"]:
+            k = (key(r), PEERS[r["optimizer"]][3])
+            peers[k] = min(peers.get(k, float("inf")), r["ms"])
+    by_label = {(key(r), r["optimizer"], r["path"]): r for r in rows}
+    for r in rows:
+        r["x_sgd"] = r["ms"] / sgd.get(key(r), float("nan"))
+        best = peers.get((key(r), r["optimizer"])) if r["kind"] == "ours" else None
+        r["x_best_peer"] = r["ms"] / best if best else float("nan")
+        r["fused_over_ref"], r["fused_slower"] = float("nan"), False
+    for r in rows:
+        if r["path"] == "fused":
+            ref = by_label.get((key(r), r["optimizer"], "reference"))
+            if ref is not None:
+                ratio, flag = fused_vs_reference(r["samples"], ref["samples"])
+                r["fused_over_ref"], r["fused_slower"] = ratio, flag
+                ref["fused_over_ref"], ref["fused_slower"] = ratio, flag
+
+
+def memory_rows(device: str, model_name: str, batch: int, threads: int, rows: List[Spec], early: int,
+                late: int) -> Dict[str, Dict]:
+    """label -> memory_probe's result (or {'error': ...}) for the MEMORY_ROWS among ``rows``."""
+    out = {}
+    for spec in rows:
+        if spec.label not in MEMORY_ROWS or spec.path == "reference":
+            continue
+        try:
+            out[spec.label] = memory_probe(functools.partial(build_step, model_name, batch, device, spec), device,
+                                           threads, early, late)
+        except Exception as exc:
+            out[spec.label] = {"error": error_text(exc)}
+    return out
+
+
+def run_e2e(devices: List[str], threads: Sequence[int], rounds: int, sample_s: float, models: Optional[Sequence[str]] = None,
+            only: Optional[Sequence[str]] = None, memory: bool = True, early: int = 10, late: int = 200,
+            progress: Callable[[str], None] = print) -> List[Dict]:
+    """Rows of every (device, model, threads); memory columns on the first thread count's rows."""
+    rows_spec = specs(only)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for device in devices:
+            configs = CONFIGS[device]
+            if models:
+                unknown = set(models) - set(configs)
+                if unknown:
+                    raise ValueError(f"--e2e-models: {sorted(unknown)} not benchmarked on {device}; known: {sorted(configs)}")
+            for model_name, batch in configs.items():
+                if models and model_name not in models:
+                    continue
+                for i, n in enumerate(threads):
+                    progress(f"end to end: {device} {model_name} batch {batch}, {n} thread(s), {len(rows_spec)} rows")
+                    rows = time_rows(device, model_name, batch, n, rows_spec, rounds, sample_s)
+                    mem = memory_rows(device, model_name, batch, n, rows_spec, early, late) if memory and i == 0 else {}
+                    for r in rows:
+                        m = mem.get(r["optimizer"]) if r["path"] != "reference" else None
+                        r.update({"peak_MB": float("nan"), "growth_MB": float("nan"), "leak": None, "mem_method": "",
+                                  "mem_steps": f"{early}->{late}" if m else ""})
+                        if m and "error" in m:
+                            r["error"] = r["error"] or f"memory: {m['error']}"
+                        elif m:
+                            r.update(peak_MB=m["peak_MB"], growth_MB=m["growth_MB"], leak=m["leak"],
+                                     mem_method=m["method"])
+                    out += rows
+    finally:
+        torch.set_num_threads(before)
+    for r in out:
+        r.pop("samples")
+    return out
+
+
+def _cell(x: float, fmt: str) -> str:
+    return format(x, fmt) if x == x else "-"
+
+
+def table_lines(rows: List[Dict]) -> List[str]:
+    hdr = (f"{'model':8} {'thr':>3} {'optimizer':44} {'path':9} {'ms/step':>9} {'min':>9} {'max':>9} {'spread':>6} "
+           f"{'x SGD':>6} {'fused/ref':>9} {'x peer':>6} {'peak MB':>8} {'growth':>7} {'leak':>4}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        leak = "" if r.get("leak") is None else ("LEAK" if r["leak"] else "no")
+        flag = " SLOWER" if r["fused_slower"] and r["path"] == "fused" else ""
+        lines.append(f"{r['model']:8} {r['threads']:3d} {r['optimizer']:44} {r['path']:9} {_cell(r['ms'], '9.2f')} "
+                     f"{_cell(r['ms_min'], '9.2f')} {_cell(r['ms_max'], '9.2f')} {_cell(100 * r['spread'], '5.0f')}% "
+                     f"{_cell(r['x_sgd'], '6.2f')} {_cell(r['fused_over_ref'], '9.2f')} {_cell(r['x_best_peer'], '6.2f')} "
+                     f"{_cell(r.get('peak_MB', float('nan')), '8.1f')} {_cell(r.get('growth_MB', float('nan')), '7.1f')} "
+                     f"{leak:>4}{flag}" + (" !" if r["spread"] > SPREAD_TOL else "")
+                     + (f"  ({r['error']})" if r["error"] else ""))
+    methods = sorted({r["mem_method"] for r in rows if r.get("mem_method")})
+    lines.append(f"fused/ref: fused median / reference median; SLOWER: fused slower in every round and by > "
+                 f"{100 * FUSED_TOL:.0f} %. '!': spread (max - min) / median > {100 * SPREAD_TOL:.0f} %. x peer: time / the "
+                 f"faster AdaHessian peer with the same curvature schedule. Memory ({', '.join(methods) or 'not measured'}), "
+                 f"fresh process per row: peak above the memory before the first step; growth: memory after step "
+                 f"{next((r['mem_steps'] for r in rows if r.get('mem_steps')), '-')} (leak: growth > "
+                 f"max({LEAK_TOL_MB:g} MB, {100 * LEAK_TOL_REL:g} % of peak))")
+    return lines
+
+
+def print_e2e(rows: List[Dict]) -> None:
+    print("\n".join(table_lines(rows)))
+
+
+def markdown(rows: List[Dict]) -> str:
+    """The summary.md section: the same columns as the printed table."""
+    out = ["### End to end: one training step on a fixed minibatch (fused beside reference)", "",
+           "| device | model | batch | threads | optimizer | path | ms/step (min–max) | × SGD | fused/ref | × best peer "
+           "| peak MB | growth MB | leak | error |",
+           "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        leak = "" if r.get("leak") is None else ("**yes**" if r["leak"] else "no")
+        ratio = _cell(r["fused_over_ref"], ".2f") + (" **slower**" if r["fused_slower"] else "")
+        out.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['threads']} | {r['optimizer']} | {r['path']} | "
+                   f"{_cell(r['ms'], '.2f')} ({_cell(r['ms_min'], '.2f')}–{_cell(r['ms_max'], '.2f')}) | "
+                   f"{_cell(r['x_sgd'], '.2f')} | {ratio} | {_cell(r['x_best_peer'], '.2f')} | "
+                   f"{_cell(r.get('peak_MB', float('nan')), '.1f')} | {_cell(r.get('growth_MB', float('nan')), '.1f')} | "
+                   f"{leak} | {r['error']} |")
+    out += ["", table_lines(rows)[-1] if rows else ""]
+    return "\n".join(out)

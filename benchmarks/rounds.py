@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -32,17 +32,25 @@ def per_call_seconds(fn: Callable[[], object], calls: int, device: str) -> float
     return (time.perf_counter() - t0) / calls
 
 
-def calls_per_sample(fn: Callable[[], object], device: str, sample_s: float, max_calls: int = 1000) -> int:
+def calls_per_sample(fn: Callable[[], object], device: str, sample_s: float, max_calls: int = 1000,
+                     period: int = 1) -> int:
+    """Calls in one sample: enough to last ``sample_s``, rounded up to a multiple of ``period``."""
     once = per_call_seconds(fn, 1, device)
-    return max(1, min(max_calls, math.ceil(sample_s / max(once, 1e-9))))
+    calls = max(1, min(max_calls, math.ceil(sample_s / max(once, 1e-9))))
+    return -(-calls // period) * period
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], device: str, rounds: int,
-                sample_s: float) -> Dict[str, List[float]]:
-    """Seconds per call of every function, one sample per round each, in rotated order."""
+                sample_s: float, periods: Optional[Dict[str, int]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every function, one sample per round each, in rotated order.
+
+    ``periods``: name -> calls after which the function's cost repeats (an optimizer that
+    refreshes its curvature every k steps); its samples span whole periods, so each holds the
+    same share of the expensive calls wherever in the cycle it starts."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    calls = {name: calls_per_sample(fn, device, sample_s) for name, fn in fns.items()}
+    periods = periods or {}
+    calls = {name: calls_per_sample(fn, device, sample_s, period=periods.get(name, 1)) for name, fn in fns.items()}
     names = list(fns)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):

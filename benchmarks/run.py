@@ -3,7 +3,8 @@
     python -m benchmarks                 # all op rows, CPU (and CUDA when present), ResNet-18 + ResNet-50
     python -m benchmarks --quick         # CI-sized: ResNet-18's last 16 tensors, 3 rounds, short samples
     python -m benchmarks --ops oja_step,svrg_step --device cuda
-    python -m benchmarks --all           # op rows + HVP engines + end-to-end optimizer steps
+    python -m benchmarks --all           # op rows + HVP engines + end-to-end optimizer steps (1 and 2 threads)
+    python -m benchmarks --ops svrg_step --e2e --e2e-models lenet5 --threads 1   # one end-to-end table
 
 Writes results/benchmarks/{ops,hvp}.{json,csv}, ops_speedup.png, ops_bandwidth.png, hvp.png and
 summary.md (the markdown the README embeds).
@@ -34,7 +35,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine_info, make_params, model_shapes
+from benchmarks.common import error_text, machine_info, make_params, model_shapes
 from benchmarks.noise import COPY_DRIFT_TOL, SPREAD_TOL, flag_noise, summarize
 from benchmarks.rounds import interleaved
 
@@ -56,9 +57,6 @@ def collect_groups(only=None):
     return {op: cases for op, cases in groups.items() if not only or op in only or op in ALWAYS}
 
 
-def _error(exc):
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-
 
 def time_op(device, cases, ts, rounds, sample_s):
     """Samples (seconds per call) and set-up errors of one op's variants, timed in interleaved rounds."""
@@ -72,7 +70,7 @@ def time_op(device, cases, ts, rounds, sample_s):
                 torch.cuda.synchronize()  # an asynchronous error belongs to this row
             fns[case.variant] = fn
         except Exception as exc:  # a peer not installed, a path not built, a form that does not compile
-            errors[case.variant] = _error(exc)
+            errors[case.variant] = error_text(exc)
     return interleaved(fns, device, rounds, sample_s), errors
 
 
@@ -289,11 +287,9 @@ def write_summary(rows, copy, noisy, reasons, out_dir, meta, hvp_rows=None, e2e_
             lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['engine']} | {r['ms']:.2f} | "
                          f"{r['x_fwd_bwd']:.2f} |")
     if e2e_rows:
-        lines += ["", "### End to end: one training step on a fixed minibatch", "",
-                  "| device | model | batch | optimizer | ms/step | × SGD | state MB |", "|---|---|---:|---|---:|---:|---:|"]
-        for r in e2e_rows:
-            lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | {r['ms_per_step']:.2f} | "
-                         f"{r['x_sgd']:.2f} | {r['state_MB']:.2f} |" + (f" {r['error']}" if r["error"] else ""))
+        from benchmarks.end_to_end import markdown
+
+        lines += ["", markdown(e2e_rows)]
     if tta_rows:
         from benchmarks.time_to_accuracy import markdown
 
@@ -317,6 +313,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per row (default 7; 3 with --quick)")
     ap.add_argument("--hvp", action="store_true", help="also benchmark the HVP engines (LeNet-5, ResNet-18)")
     ap.add_argument("--e2e", action="store_true", help="also time a training step of every optimizer")
+    ap.add_argument("--e2e-models", default=None,
+                    help="comma list of --e2e models (CPU: lenet5,resnet18 (default both); CUDA: resnet18)")
+    ap.add_argument("--e2e-optimizers", default=None,
+                    help="comma list of --e2e rows by label (default: every optimizer, anchor and peer)")
+    ap.add_argument("--leak-steps", default="10,200",
+                    help="--e2e leak check: memory after step EARLY vs after step LATE (default 10,200)")
+    ap.add_argument("--no-memory", action="store_true", help="--e2e without the memory and leak probes")
     ap.add_argument("--tta", action="store_true",
                     help="also train every optimizer on MNIST to a target accuracy (minutes; part of --all)")
     ap.add_argument("--target", type=float, default=0.90, help="training accuracy target of --tta")
@@ -336,8 +339,15 @@ def main(argv=None):
     if rounds < 1:
         ap.error(f"--rounds must be >= 1, got {rounds}")
     models = args.models.split(",") if args.models else (["resnet18[-16:]"] if args.quick else ["resnet18", "resnet50"])
-    min_time = 0.1 if args.quick else 0.5  # HVP / end-to-end timing windows
+    min_time = 0.1 if args.quick else 0.5  # HVP timing window
     sample_s = 0.02 if args.quick else 0.1  # one op sample (per variant per round)
+    e2e_sample_s = 0.1 if args.quick else 0.5  # one end-to-end sample (whole periods of steps)
+    try:
+        leak_early, leak_late = (int(v) for v in args.leak_steps.split(","))
+    except ValueError:
+        ap.error(f"--leak-steps must be EARLY,LATE (two integers), got {args.leak_steps!r}")
+    if not 1 <= leak_early or leak_late < leak_early + 2:
+        ap.error(f"--leak-steps needs 1 <= EARLY and LATE >= EARLY + 2, got {args.leak_steps!r}")
     os.makedirs(args.out, exist_ok=True)
     from natasha_ext import ops
 
@@ -370,7 +380,14 @@ def main(argv=None):
     if args.e2e or args.all:
         from benchmarks.end_to_end import print_e2e, run_e2e
 
-        e2e_rows = run_e2e(devices, args.quick, min_time)
+        e2e_threads = [args.threads] if args.threads is not None else [1, 2]
+        try:
+            e2e_rows = run_e2e(devices, e2e_threads, rounds, e2e_sample_s,
+                               args.e2e_models.split(",") if args.e2e_models else None,
+                               args.e2e_optimizers.split(",") if args.e2e_optimizers else None,
+                               memory=not args.no_memory, early=leak_early, late=leak_late)
+        except ValueError as exc:
+            ap.error(str(exc))
         print()
         print_e2e(e2e_rows)
         write_csv_json("end_to_end", e2e_rows, args.out, meta)

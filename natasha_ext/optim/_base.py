@@ -197,6 +197,12 @@ class NatashaOptimizer(torch.optim.Optimizer):
         """The ``fused`` request (None, True or False) that every op call of this optimizer gets."""
         return self._fused
 
+    @fused.setter
+    def fused(self, fused: Optional[bool]) -> None:
+        # Switching paths between steps is allowed (benchmarks time both on one optimizer); the
+        # request is checked exactly as the constructor checks it.
+        self._fused = self._check_fused(fused)
+
     def accumulation_zeros(self, p: torch.Tensor) -> torch.Tensor:
         """Zeros shaped like ``p`` in its accumulation dtype (contiguous): new optimizer state."""
         return torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device)

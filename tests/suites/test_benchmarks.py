@@ -1,11 +1,17 @@
 """The benchmark machinery (benchmarks/): interleaved rounds, the row set every op gets (fused,
-foreach warm/cold, compiled, per-tensor), best_unfused, and the noise flags."""
+foreach warm/cold, compiled, per-tensor), best_unfused, and the noise flags; the end-to-end rows
+(fused beside reference, the fused/ref flag) and the memory / leak probe."""
+import functools
 import math
+import statistics
 
 import pytest
 import torch
 
+from benchmarks import end_to_end
 from benchmarks.common import Case
+from benchmarks.end_to_end import Spec, fused_vs_reference, time_rows
+from benchmarks.memory import memory_probe
 from benchmarks.noise import flag_noise, summarize
 from benchmarks.ops_natasha import svrg_foreach
 from benchmarks.rounds import interleaved
@@ -99,3 +105,85 @@ def test_a_form_that_does_not_compile_is_an_error_cell():
     samples, errors = time_op("cpu", cases, [torch.ones(3)], rounds=2, sample_s=0.0)
     assert len(samples["eager"]) == 2 and "compiled" not in samples
     assert errors["compiled"]  # dynamo's fullgraph refusal, as text
+
+
+def test_fused_over_reference_flag_fires_beyond_the_noise_and_not_below():
+    ref = [1.0, 1.0, 1.0, 1.0]
+    ratio, slower = fused_vs_reference([1.10, 1.12, 1.09, 1.11], ref)
+    assert slower and ratio == pytest.approx(1.105)
+    ratio, slower = fused_vs_reference([1.02, 1.02, 1.02, 1.02], ref)  # slower every round, within FUSED_TOL
+    assert not slower and ratio == pytest.approx(1.02)
+    ratio, slower = fused_vs_reference([1.10, 1.12, 0.95, 1.11], ref)  # median 10 % slower, one round faster
+    assert not slower and ratio > 1 + end_to_end.FUSED_TOL
+    assert not fused_vs_reference([1.2, 1.2], [1.0, 1.0])[1]  # too few rounds to call it
+    assert not fused_vs_reference([0.8, 0.7, 0.9], [1.0, 1.0, 1.0])[1]
+    ratio, slower = fused_vs_reference([], ref)
+    assert math.isnan(ratio) and not slower
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
+def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(monkeypatch):
+    monkeypatch.setitem(end_to_end.PEERS, "missing-peer", ("no_such_peer_package", "AdaHessian", (), "adahessian"))
+    saved = torch.get_num_threads()
+    rows_spec = end_to_end.specs(["adahessian", "kfac", "ifang", "natasha15", "missing-peer"])
+    rows = time_rows("cpu", "small-cnn", 8, 1, rows_spec, rounds=3, sample_s=0.0)
+    torch.set_num_threads(saved)
+    by = {(r["optimizer"], r["path"]): r for r in rows}
+    assert set(by) == {("sgd", "torch"), ("missing-peer", "peer")} | {
+        (n, p) for n in ("adahessian", "kfac", "ifang", "natasha15") for p in ("fused", "reference")}
+    assert "no_such_peer_package" in by[("missing-peer", "peer")]["error"]
+    assert math.isnan(by[("missing-peer", "peer")]["ms"])
+    for name in ("adahessian", "kfac", "ifang", "natasha15"):
+        f, r = by[(name, "fused")], by[(name, "reference")]
+        assert not f["error"] and not r["error"], (f, r)
+        assert f["rounds"] == r["rounds"] == 3 and 0 < f["ms_min"] <= f["ms"] <= f["ms_max"]
+        assert f["fused_over_ref"] == pytest.approx(f["ms"] / r["ms"]) == r["fused_over_ref"]
+        assert f["fused_slower"] == fused_vs_reference(f["samples"], r["samples"])[1]
+        assert f["x_sgd"] == pytest.approx(f["ms"] / by[("sgd", "torch")]["ms"])
+    # x peer: only our AdaHessian rows, against the peer of the same schedule (planted times)
+    planted = [dict(r, samples=list(r["samples"])) for r in rows]
+    for r in planted:
+        if r["optimizer"] == "missing-peer":
+            r.update(ms=50.0, error="")
+    end_to_end.derive(planted)
+    peer_x = {(r["optimizer"], r["path"]): r["x_best_peer"] for r in planted if r["x_best_peer"] == r["x_best_peer"]}
+    assert set(peer_x) == {("adahessian", "fused"), ("adahessian", "reference")}
+    assert peer_x[("adahessian", "fused")] == pytest.approx(by[("adahessian", "fused")]["ms"] / 50.0)
+    # samples span whole periods: natasha15's epoch of 27 steps, K-FAC's cov_every 10
+    assert by[("natasha15", "fused")]["period"] == 27 and by[("kfac", "reference")]["period"] == 10
+    # the switch reached the optimizer: the reference path never enters the compiled ops
+    steps = {}
+    for path in ("fused", "reference"):
+        step, _ = end_to_end.build("small-cnn", 8, "cpu", Spec("adahessian", "ours", path))
+        with torch.profiler.profile() as prof:
+            step()
+        steps[path] = {e.key for e in prof.key_averages() if e.key.startswith("natasha::")}
+    assert steps["fused"] and not steps["reference"], steps
+
+
+_HELD = []
+
+
+def _loop(leak_mb):
+    """A step that allocates and touches 1 MB; with leak_mb it also keeps leak_mb MB per step."""
+    def step():
+        x = torch.ones(256 * 1024)
+        if leak_mb:
+            _HELD.append(torch.ones(int(leak_mb * 256 * 1024)))
+        return float(x.sum())
+    return step
+
+
+def test_memory_probe_measures_a_peak_and_flags_a_growing_loop_only():
+    clean = memory_probe(functools.partial(_loop, 0), early=3, late=23)
+    assert clean["peak_MB"] > 0.5 and ("VmHWM" in clean["method"] or "ru_maxrss" in clean["method"])
+    assert not clean["leak"] and clean["growth_MB"] < 4
+    leaky = memory_probe(functools.partial(_loop, 1), early=3, late=23)
+    # 1 MB kept per step: at least the 17 steps between the two windows' edges show
+    assert leaky["leak"] and leaky["growth_MB"] > 12, leaky
+    assert leaky["peak_MB"] >= leaky["mem_late_MB"] > 12
+    real = memory_probe(functools.partial(end_to_end.build_step, "small-cnn", 8, "cpu", Spec("sgd", "anchor", "torch")),
+                        early=2, late=6)
+    assert real["peak_MB"] > 0
+    with pytest.raises(ValueError, match="early"):
+        memory_probe(functools.partial(_loop, 0), early=5, late=6)
