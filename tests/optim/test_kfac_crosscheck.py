@@ -26,6 +26,8 @@ natasha_ext's factors are read from the public optimizer: the first factor updat
 stores the current batch's statistic (its EMA starts there, whatever ``stat_decay``), and with
 ``cov_every=1`` that update happens on the first step.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,8 +36,18 @@ import torch.nn.functional as F
 from natasha_ext.optim import KFAC
 from tests.helpers import requires_fused
 
-curvlinops = pytest.importorskip("curvlinops", reason="curvlinops-for-pytorch not installed (tools/bootstrap.sh installs it)")
-asdl = pytest.importorskip("asdl", reason="asdfghjkl (module asdl) not installed (tools/bootstrap.sh installs it)")
+
+def _optional(module, package):
+    """(module or None, skip marker naming the package to install)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        mod = None
+    return mod, pytest.mark.skipif(mod is None, reason=f"{package} not installed (tools/bootstrap.sh installs it)")
+
+
+curvlinops, requires_curvlinops = _optional("curvlinops", "curvlinops-for-pytorch")
+asdl, requires_asdl = _optional("asdl", "asdfghjkl (module asdl)")
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 BATCH = 6
@@ -102,9 +114,8 @@ def curvlinops_factors(model, x, t, loss_name):
 
 def asdl_factors(model, x, t, loss_name):
     """{layer name: (A without bias column, G)} from ASDL's empirical Fisher (summed loss / data_size)."""
-    from asdl import FISHER_EMP, SHAPE_KRON, FisherConfig, get_fisher_maker
-    maker = get_fisher_maker(model, FisherConfig(fisher_type=FISHER_EMP, fisher_shapes=[SHAPE_KRON],
-                                                 data_size=BATCH))
+    maker = asdl.get_fisher_maker(model, asdl.FisherConfig(fisher_type=asdl.FISHER_EMP, fisher_shapes=[asdl.SHAPE_KRON],
+                                                           data_size=BATCH))
     y = maker.setup_model_call(model, x)
     if loss_name.startswith("ce"):
         maker.setup_loss_call(F.cross_entropy, y, t, reduction="sum")
@@ -117,6 +128,7 @@ def asdl_factors(model, x, t, loss_name):
 CASES = [(m, l) for m in MODELS for l in LOSSES]
 
 
+@requires_curvlinops
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=requires_fused)], ids=["reference", "fused"])
 @pytest.mark.parametrize("model_name,loss_name", CASES)
 def test_factors_match_curvlinops_kfac_expand_empirical(model_name, loss_name, fused):
@@ -134,6 +146,7 @@ def test_factors_match_curvlinops_kfac_expand_empirical(model_name, loss_name, f
 
 # ASDL registers module backward hooks that torch deprecates; the statistics it reads are unaffected
 @pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
+@requires_asdl
 @pytest.mark.parametrize("model_name,loss_name", CASES)
 def test_factors_match_asdl_empirical_fisher_kron(model_name, loss_name):
     model, x, t = _problem(model_name, loss_name)
