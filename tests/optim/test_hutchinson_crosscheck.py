@@ -19,7 +19,8 @@ from natasha_ext.curvature import HVP
 from natasha_ext.curvature.hutchinson import hutchinson_diagonal, rademacher_probe
 from tests.helpers import requires_fused
 
-curvlinops = pytest.importorskip("curvlinops", reason="curvlinops-for-pytorch not installed (tools/bootstrap.sh installs it)")
+curvlinops = pytest.importorskip("curvlinops",
+                                 reason="curvlinops-for-pytorch not installed (tools/bootstrap.sh installs it)")
 
 N_PROBES = 400
 SEED = 1234
@@ -112,4 +113,5 @@ def test_diagonal_estimate_agrees_with_curvlinops_hutchinson_diag(problem, sampl
     se = (exact_var / N_PROBES).sqrt()
     assert bool(((theirs - exact).abs() < Z_BOUND * se + 1e-12).all())
     diff_bound = Z_BOUND * 2 ** 0.5 * se + 1e-12
-    assert bool(((ours - theirs).abs() < diff_bound).all()), f"max ratio {((ours - theirs).abs() / diff_bound).max():.2f}"
+    ratio = (ours - theirs).abs() / diff_bound
+    assert bool((ratio < 1).all()), f"max |difference| / bound = {ratio.max():.2f}"

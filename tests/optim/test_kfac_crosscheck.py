@@ -73,6 +73,8 @@ def _cnn():
 
 
 MODELS = {"mlp": (_mlp, (5,)), "cnn": (_cnn, (2, 7, 7))}
+
+
 class Loss(NamedTuple):
     fn: Callable            # the loss natasha_ext's closure returns
     batch_averaged: bool    # KFAC's batch_averaged for it
@@ -122,9 +124,9 @@ def natasha_factors(model, x, t, loss_name, fused=None):
 def curvlinops_factors(model, x, t, loss_name):
     """{layer name: (A with bias column, G as curvlinops scales it)}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    op = curvlinops.KFACLinearOperator(model, LOSSES[loss_name].curvlinops_loss, params, [(x, t)], fisher_type="empirical",
-                                       kfac_approx="expand", separate_weight_and_bias=False,
-                                       check_deterministic=False)
+    op = curvlinops.KFACLinearOperator(model, LOSSES[loss_name].curvlinops_loss, params, [(x, t)],
+                                       fisher_type="empirical", kfac_approx="expand",
+                                       separate_weight_and_bias=False, check_deterministic=False)
     op.compute_kronecker_factors()
     sd = op.state_dict()
     return {name: (sd["input_covariances"][name], sd["gradient_covariances"][name]) for name, _ in _layers(model)}
