@@ -23,25 +23,33 @@ equal gradient budget, and Natasha2's kicks with the loss before/after each).
 Problems (short CPU setting; ``--full``: all training images but 5000 for validation, the whole
 test set, 10 epochs of batch 128):
 
-* ``lenet5-mnist``: LeNet-5, MNIST 1000/500/1000, 4 epochs of batch 50 (80 steps), target 90 %;
-* ``lenet5-fashion``: LeNet-5, Fashion-MNIST 1000/500/1000, 4 epochs of batch 50, target 70 %;
-* ``mlp-mnist``: MLP 784-128-10, MNIST 2000/500/1000, 4 epochs of batch 50 (160 steps), target 88 %.
+* ``lenet5-mnist``: LeNet-5, MNIST 2000/500/1000, 4 epochs of batch 50 (160 steps), target 90 %;
+* ``lenet5-fashion``: LeNet-5, Fashion-MNIST 2000/500/1000, 4 epochs of batch 50, target 70 %;
+* ``mlp-mnist``: MLP 784-128-10, MNIST 4000/500/1000, 4 epochs of batch 50 (320 steps), target 90 %.
 
-Time budget of the default run (12 optimizers, 5 grid points + 3 seeds = 8 runs each, 96 runs
-per problem). Measured training time per step, one thread, batch 50, on this 2-core machine
-while ~8 other processes shared it (load average 8; summed over the 12 optimizers, one step
-each; ARC (~11 HVPs per step) is half of it, Natasha2's Oja phase and AdaHessian's HVP most of
-the rest):
+Time budget of the default run (12 optimizers x (5 grid points + 3 seeds) = 96 runs per problem,
+one thread). Measured process CPU time per training step (batch 50, one thread; CPU time stands
+for the wall time of a quiet machine: the measuring machine was shared, load average 8-12 on its
+2 cores, where wall times were 4-8x longer):
 
-    LeNet-5:  ~0.80 s per "one step of each of the 12 optimizers"
-    MLP:      ~0.15 s
+    ms/step   sgd  sgd-mom adam adahess hybrid nat1.5 nat2  kfac  ang  ifang  TR   ARC   sum
+    LeNet-5   1.5  2.5     2    15      4      8      40    7.5   7.5  6.5    21   137   253
+    MLP       1.2  2       2    3.5     3.2    2.5    4.7   7.2   7.7  3.2    4.7  20.5   63
 
-    LeNet-5 problems: 2 problems x 8 runs x 80 steps x 0.80 s = 1024 s
-    MLP problem:      1 problem  x 8 runs x 160 steps x 0.15 s = 192 s
-    evaluation (train/val/test subsets after every epoch, 288 runs x 5 evaluations): ~150 s
-    total on the loaded machine: ~1370 s (23 min); a quiet 2-core machine is faster still.
+    one evaluation of train/val/test (after every epoch and before training): LeNet-5 0.22 s per
+    2500 images (0.31 s for 2000/500/1000), MLP 0.01 s
 
-See the calibration numbers in reports/compare/ (the committed run) for the measured totals.
+    LeNet-5 problem: 8 x (160 steps x 0.253 s + 12 x 5 evaluations x 0.31 s) = 8 x 59 s = 473 s
+    two LeNet-5 problems: 946 s
+    MLP problem:     8 x (320 steps x 0.063 s + 12 x 5 x 0.02 s) = 8 x 21 s = 170 s
+    total ~1120 s = 19 min of CPU (+ setup), under the 30-minute budget with ~35 % margin for
+    ARC / Natasha2 steps that cost more later in training (ARC's Krylov iterations vary: 5-7
+    HVPs per step measured over 80 LeNet-5 steps, 11 in the first ones).
+
+Calibration (lenet5-mnist at 1000/500/1000, 4 epochs, sgd / natasha2 / arc x 5 grid points + 1
+seed, on the loaded machine): 458 s wall for the 18 runs; training seconds per run: sgd 1.5-3.1,
+natasha2 7-16, arc 36-53. results.json records the wall and CPU seconds of every run.
+
 The tuned table (``--write-tuned PATH``) holds the selected settings of lenet5-mnist; the README
 demo (python/demo.py) reads python/tuned_lenet5_mnist.json when it exists.
 """
@@ -83,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default=None, help="TRAIN/VAL/TEST for every problem (overrides the default)")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every problem (overrides the default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (one, as the demo: these small models gain little from more, and a "
+                        "shared machine stalls multi-threaded torch; the time estimate assumes it)")
     p.add_argument("--out", default="results/compare", help="results folder")
     p.add_argument("--write-tuned", default=None, metavar="PATH",
                    help="write lenet5-mnist's selected settings as the demo's tuned table")

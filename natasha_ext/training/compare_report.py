@@ -53,7 +53,10 @@ def markdown(doc: Dict[str, Any]) -> str:
              f"over {s['span']} decades centred on its CLI default, tuned with seed {s['tune_seed']} on the "
              f"validation split; the selected setting then trains with fresh seeds {s['seeds']} (same initial "
              f"weights and minibatch order for every optimizer of a seed).  ",
-             f"Selection: {doc['selection']}.", ""]
+             f"Selection: {doc['selection']}.  ",
+             f"Total: {doc.get('wall_seconds', math.nan):.0f} s wall clock, {doc.get('cpu_seconds', math.nan):.0f} s "
+             "of process CPU time (with one thread: about the wall time on a quiet machine; "
+             "`run_cpu_time` per run in tuning.csv / final.csv).", ""]
     for problem, p in doc["problems"].items():
         tune = [r for r in doc["tuning"] if r["problem"] == problem]
         final = [r for r in doc["final"] if r["problem"] == problem]
@@ -70,8 +73,13 @@ def markdown(doc: Dict[str, Any]) -> str:
             rs = [r for r in tune if r["optimizer"] == name]
             cells = [f"{_fmt_value(r['value'])}: " + ("x" if r["diverged"] else f"{100 * r['val_acc']:.1f}")
                      + ("*" if r.get("selected") else "") for r in rs]
-            rows.append([name, rs[0]["flag"], ", ".join(cells)])
-        lines += _table(["optimizer", "tuned flag", "grid value: val acc %"], rows) + [""]
+            sel = [i for i, r in enumerate(rs) if r.get("selected")]
+            edge = len(rs) > 2 and sel and sel[0] in (0, len(rs) - 1) and not rs[sel[0]]["diverged"]
+            rows.append([name, rs[0]["flag"], ", ".join(cells), "yes" if edge else ""])
+        lines += _table(["optimizer", "tuned flag", "grid value: val acc %", "at grid edge"], rows) + [""]
+        if any(r[3] for r in rows):
+            lines += ["A selection at the grid's edge means the best value may lie outside the grid (widen "
+                      "`--span`).", ""]
         if final:
             rows = []
             for name in dict.fromkeys(r["optimizer"] for r in final):
