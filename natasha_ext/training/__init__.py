@@ -6,7 +6,10 @@ per-epoch metrics, CSV + JSON + PNG, a mean ± std summary over seeds, checkpoin
 * :mod:`~natasha_ext.training.runner`: :func:`run` (optimizers x seeds, result folder, resume);
 * :mod:`~natasha_ext.training.outputs`, :mod:`~natasha_ext.training.summary`,
   :mod:`~natasha_ext.training.plots`: files, tables, curves;
-* :mod:`~natasha_ext.training.cli`: the command line (``python -m natasha_ext.train``).
+* :mod:`~natasha_ext.training.cli`: the command line (``python -m natasha_ext.train``);
+* :mod:`~natasha_ext.training.compare` (+ :mod:`~natasha_ext.training.compare_report`,
+  :mod:`~natasha_ext.training.tuning`, :mod:`~natasha_ext.training.kicks`): the tuned, seeded
+  comparison of every optimizer (``python python/compare.py``) and the tuned table the demo reads.
 
 Reproduction programs build a :class:`TrainConfig` and call :func:`train_one` or :func:`run`::
 

@@ -139,6 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[TrainCon
     kw = {k: v for k, v in vars(ns).items() if k in fields}
     kw["model_args"] = dict(ns.model_args)
     kw["hparams"] = {k: v for k, v in vars(ns).items() if k in hp_names and v is not None}
+    kw["per_optimizer"] = (defaults or TrainConfig()).per_optimizer      # no flag: a program's own table
     try:
         return Command(TrainConfig(**kw), False)
     except ConfigError as e:
@@ -148,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[TrainCon
 def main(argv: Optional[Sequence[str]] = None, defaults: Optional[TrainConfig] = None) -> int:
     """The CLI: 0 when done, 2 for a bad argument or a missing/corrupt dataset, 130 on Ctrl-C."""
     parser = build_parser(defaults)
-    config, resume = parse_args(argv, parser=parser)
+    config, resume = parse_args(argv, defaults, parser=parser)
     try:
         run(config, resume=resume)
     except ConfigError as e:                     # found when the run starts (e.g. --out not writable)

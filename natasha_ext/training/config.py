@@ -69,7 +69,9 @@ class TrainConfig:
     Defaults reproduce the AdaHessian/Hybrid paper's setting (MNIST, 1200/200/200 class-balanced
     split, ResNet-18 with a 1-channel stem, batch 100, 15 epochs). ``hparams`` holds optimizer
     hyperparameters by flag name (``{"lr": 0.1}``), applied to every optimizer that has the flag;
-    the others keep their defaults (:mod:`natasha_ext.cli_optimizers`)."""
+    the others keep their defaults (:mod:`natasha_ext.cli_optimizers`). ``per_optimizer`` holds
+    hyperparameters of single optimizers (``{"sgd": {"lr": 0.05}}``, e.g. a tuned table); for a
+    flag set in both, ``hparams`` wins (an explicit CLI flag overrides a tuned value)."""
     optimizers: List[str] = field(default_factory=lambda: ["sgd"])
     model: str = "resnet18"
     model_args: Dict[str, Any] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class TrainConfig:
     verbose: bool = True
     checkpoint: bool = True
     hparams: Dict[str, Any] = field(default_factory=dict)
+    per_optimizer: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.optimizers, str):
@@ -107,6 +110,10 @@ class TrainConfig:
         self.seeds = list(self.seeds)
         self.model_args = dict(self.model_args)
         self.hparams = dict(self.hparams)
+        if not isinstance(self.per_optimizer, dict) or not all(isinstance(v, dict) for v in self.per_optimizer.values()):
+            raise ConfigError("per_optimizer", f"must map optimizer names to {{flag: value}} dicts, "
+                                               f"got {self.per_optimizer!r}")
+        self.per_optimizer = {k: dict(v) for k, v in self.per_optimizer.items()}
         self.validate()
 
     # ------------------------------------------------------------------------------ checks
@@ -153,12 +160,20 @@ class TrainConfig:
             if not any(k in cli_optimizers.get_spec(o).flags for o in self.optimizers):
                 raise ConfigError(k, f"does not apply to {', '.join(self.optimizers)} "
                                      f"(it is a flag of {', '.join(sorted(table[k]))})")
+        for name, values in self.per_optimizer.items():
+            if name not in cli_optimizers.OPTIMIZERS:
+                raise ConfigError("per_optimizer", f"optimizer must be one of {sorted(cli_optimizers.OPTIMIZERS)}, "
+                                                   f"got {name!r}")
+            unknown = sorted(set(values) - set(cli_optimizers.get_spec(name).flags))
+            if unknown:
+                raise ConfigError("per_optimizer", f"{name} has no hyperparameter(s) {unknown}")
         for name in self.optimizers:
-            bad = cli_optimizers.check_hyperparameters(name, self.hparams, self.build_namespace(0))
+            given = {**self.per_optimizer.get(name, {}), **self.hparams}
+            bad = cli_optimizers.check_hyperparameters(name, given, self.build_namespace(0))
             if bad is not None:
                 flags, msg = bad
-                raise ConfigError(flags[0] if len(flags) == 1 else "hparams",
-                                  f"{name} rejects {', '.join(f'{f}={self.hparams[f]!r}' for f in flags)}: {msg}")
+                where = "hparams" if len(flags) > 1 else ("per_optimizer" if flags[0] not in self.hparams else flags[0])
+                raise ConfigError(where, f"{name} rejects {', '.join(f'{f}={given[f]!r}' for f in flags)}: {msg}")
 
     # ---------------------------------------------------------------------------- helpers
     def for_optimizer(self, name: str, **hparams) -> "TrainConfig":
@@ -169,14 +184,16 @@ class TrainConfig:
         return dataclasses.replace(self, optimizers=[name], hparams={**kept, **hparams})
 
     def hyperparameters(self, name: str) -> Dict[str, Any]:
-        """The hyperparameters optimizer ``name`` runs with: ``hparams``, else its defaults."""
+        """The hyperparameters optimizer ``name`` runs with: ``hparams``, else ``per_optimizer[name]``,
+        else its defaults."""
         spec = cli_optimizers.get_spec(name)
-        return {k: self.hparams.get(k, spec.default(k)) for k in spec.flags}
+        own = self.per_optimizer.get(name, {})
+        return {k: self.hparams.get(k, own.get(k, spec.default(k))) for k in spec.flags}
 
     def build_namespace(self, seed: int, name: Optional[str] = None, **hparams) -> SimpleNamespace:
         """What :meth:`OptimizerSpec.build` reads: the run's settings, ``seed`` and (with ``name``)
         that optimizer's hyperparameters, ``hparams`` last."""
-        run = {k: v for k, v in vars(self).items() if k != "hparams"}
+        run = {k: v for k, v in vars(self).items() if k not in ("hparams", "per_optimizer")}
         hp = self.hyperparameters(name) if name is not None else {}
         return SimpleNamespace(**{**run, **hp, **hparams, "seed": seed})
 

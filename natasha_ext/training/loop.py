@@ -133,7 +133,8 @@ def train_one(config: TrainConfig, name: str, model: torch.nn.Module, splits: da
               task: str = "classification", log: Optional[Callable[[str], None]] = None,
               stop: Optional[Callable[[Dict[str, Any]], bool]] = None,
               checkpoint: Optional[RunCheckpoint] = None,
-              on_row: Optional[Callable[[Dict[str, Any], bool], None]] = None) -> List[Dict[str, Any]]:
+              on_row: Optional[Callable[[Dict[str, Any], bool], None]] = None,
+              observer: Optional[Any] = None) -> List[Dict[str, Any]]:
     """Train ``model`` (already on ``config.device`` and initialised) with optimizer ``name``
     (hyperparameters from ``config``) for ``config.epochs`` epochs; returns one history row per
     epoch (epoch 0 = before training).
@@ -141,7 +142,10 @@ def train_one(config: TrainConfig, name: str, model: torch.nn.Module, splits: da
     ``stop(row)``, called after each epoch's row, ends the run early when it returns True (e.g.
     a target training accuracy reached). ``checkpoint``: save the run after every epoch and, when
     it holds a saved epoch, continue from there. ``on_row(row, new)`` sees every row as it is
-    made (``new`` False for rows restored from the checkpoint)."""
+    made (``new`` False for rows restored from the checkpoint). ``observer``: an object with
+    ``before_step(optimizer)`` and ``after_step(optimizer, ctx, xb, yb, loss)`` called around
+    every optimizer step (e.g. :class:`~natasha_ext.training.kicks.KickProbe`); its own work is
+    timed with the epoch."""
     from tqdm.auto import tqdm
 
     saved = checkpoint.load() if checkpoint is not None else None
@@ -208,7 +212,11 @@ def train_one(config: TrainConfig, name: str, model: torch.nn.Module, splits: da
                     count["closure_backprops"] += 1
                     return loss
             optimizer.zero_grad(set_to_none=True)
+            if observer is not None:
+                observer.before_step(optimizer)
             loss = optimizer.step(closure)
+            if observer is not None:
+                observer.after_step(optimizer, ctx, xb, yb, loss)
             count["steps"] += 1
             if isinstance(loss, torch.Tensor):
                 loss_sum += loss.detach().double().reshape(())
