@@ -48,7 +48,10 @@ def damped_inverses(mats: Sequence[torch.Tensor], lams: Sequence[float], method:
             continue
         eye = torch.eye(n, dtype=dt, device=mats[idx[0]].device)
         L, info = torch.linalg.cholesky_ex(torch.stack([mats[j] + lams[j] * eye for j in idx]))
-        inv = torch.cholesky_inverse(L)
+        # cholesky_inverse returns each matrix column-major; the inverse is symmetric, so its
+        # transpose is the same matrix laid out row-major (contiguous) for free. A non-contiguous
+        # inverse cost the fused kfac_precondition a transposing copy of every factor every step.
+        inv = torch.cholesky_inverse(L).mT
         infos.append((idx, info))
         for k, j in enumerate(idx):
             out[j] = inv[k]

@@ -62,3 +62,20 @@ def test_hand_worked_factors_follow_their_definition():
         torch.testing.assert_close(x.shape[0] * dout.T @ dout, torch.tensor(G, dtype=D))
     for ema, one, two in ((A_EMA, A1, A2), (G_EMA, G1, G2)):
         torch.testing.assert_close(torch.tensor(ema), DECAY * torch.tensor(one) + (1 - DECAY) * torch.tensor(two))
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "eigh"])
+def test_stored_inverses_are_contiguous(inverse):
+    """The fused kfac_precondition takes row-major inverses; a column-major one (what
+    cholesky_inverse returns) costs a transposing copy of every factor on every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = KFAC(model, lr=0.1, cov_every=1, inv_every=1, inverse=inverse)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    opt.step(lambda: ((model(x) - y) ** 2).mean())
+    for layer in (model[0], model[2]):
+        st = opt.state[layer.weight]
+        for key in ("kfac_A_inv", "kfac_G_inv"):
+            assert st[key].is_contiguous(), (inverse, key, st[key].stride())
+            if inverse == "cholesky":  # the .mT view is the same matrix only because it is exactly symmetric
+                torch.testing.assert_close(st[key], st[key].mT, rtol=0, atol=0)
