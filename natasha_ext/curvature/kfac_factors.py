@@ -173,8 +173,10 @@ class FactorCollector:
         self.grad_scaler = grad_scaler
         self.collecting = True
         self.shard = (0, 1)  # (rank, world size): low-rank groups span the global batch
-        self._a: Dict[int, list] = {}
-        self._g: Dict[int, list] = {}
+        # per layer, the calls captured since the last clear(): [module, input stat, grad stat];
+        # the grad stat stays None until a backward pass reaches that call's output, so a
+        # grad-enabled forward without backward (a validation pass) contributes nothing
+        self._calls: Dict[int, List[list]] = {}
         self._handles = []
         for i, layer in enumerate(layers):
             self._handles.append(layer.module.register_forward_hook(_ForwardHook(self, i)))
@@ -195,13 +197,14 @@ class FactorCollector:
             stat = self._lowrank_a(layer, x.to(dt))
         else:
             stat = x
-        self._a.setdefault(i, []).append(stat)
+        call = [module, stat, None]
+        self._calls.setdefault(i, []).append(call)
         ref = weakref.ref(self)
 
-        def grad_hook(grad, i=i):
+        def grad_hook(grad, i=i, call=call):
             col = ref()
             if col is not None and col.collecting:
-                col._backward(i, grad)
+                call[2] = col._backward(i, grad)
 
         output.register_hook(grad_hook)
 
@@ -213,8 +216,11 @@ class FactorCollector:
                 g = g / scale.to(device=g.device, dtype=g.dtype)
         if self.mode == "lowrank":
             g = self._lowrank_g(self.layers[i], g)
-        # backward visits calls in reverse order; keep forward order for pairing
-        self._g.setdefault(i, []).insert(0, g)
+        return g
+
+    def _complete(self, i: int) -> List[list]:
+        """The calls of layer i whose backward has run (in forward order)."""
+        return [c for c in self._calls.get(i, ()) if c[2] is not None]
 
     # ------------------------------------------------------------------ full statistics
     @staticmethod
@@ -245,12 +251,12 @@ class FactorCollector:
 
     def a_rows(self, i: int) -> Tuple[torch.Tensor, float]:
         """(rows, scale) with A = scale * rows^T rows = E_{b,l}[a a^T]."""
-        rows = torch.cat([self._a_rows_one(self.layers[i], x) for x in self._a[i]], 0)
+        rows = torch.cat([self._a_rows_one(self.layers[i], c[1]) for c in self._complete(i)], 0)
         return rows, 1.0 / rows.shape[0]
 
     def g_rows(self, i: int) -> Tuple[torch.Tensor, float]:
         """(rows, scale) with G = scale * rows^T rows = (1/B) sum_{b,l} g g^T (g per example)."""
-        gs = self._g[i]
+        gs = [c[2] for c in self._complete(i)]
         rows = torch.cat([self._g_rows_one(self.layers[i], g) for g in gs], 0)
         batch = sum(self._batch(g) for g in gs)
         scale = float(batch) if self.batch_averaged else 1.0 / batch
@@ -308,8 +314,9 @@ class FactorCollector:
 
     def low_rank(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(YA, YG) with A ~ YA^T YA and G ~ YG^T YG from the s' group means (eqs. 11-12)."""
-        ya = torch.cat(self._a[i], 0) if len(self._a[i]) > 1 else self._a[i][0]
-        parts = self._g[i]
+        calls = self._complete(i)
+        ya = torch.cat([c[1] for c in calls], 0) if len(calls) > 1 else calls[0][1]
+        parts = [c[2] for c in calls]
         gm = torch.cat([p[0] for p in parts], 0) if len(parts) > 1 else parts[0][0]
         batch = sum(p[1] for p in parts)
         positions = parts[0][2]
@@ -321,12 +328,15 @@ class FactorCollector:
 
     # ------------------------------------------------------------------ bookkeeping
     def ready(self, i: int) -> bool:
-        """True when layer i has matching forward and backward captures."""
-        return bool(self._a.get(i)) and len(self._a.get(i, [])) == len(self._g.get(i, []))
+        """True when layer i has at least one call captured in a forward *and* a backward pass."""
+        return any(c[2] is not None for c in self._calls.get(i, ()))
+
+    def captured_without_backward(self, i: int) -> bool:
+        """True when layer i was called with grad enabled but no backward reached it."""
+        return bool(self._calls.get(i)) and not self.ready(i)
 
     def clear(self) -> None:
-        self._a.clear()
-        self._g.clear()
+        self._calls.clear()
 
     def remove(self) -> None:
         for h in self._handles:

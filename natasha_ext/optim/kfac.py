@@ -76,6 +76,7 @@ collected). A deep-copied or unpickled optimizer has no hooks until ``opt.attach
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import List, Optional
 
@@ -313,7 +314,11 @@ class _KroneckerFamily(NatashaOptimizer):
                                "unpickled): call opt.attach(model) first")
         loss = None
         params = [p for g in self.param_groups for p in g["params"]]
+        col = self._collector
         if closure is not None:
+            # the statistics are those of the closure's forward/backward, whatever passes the
+            # model ran since the last step
+            col.clear()
             loss = evaluate_closure(closure)
             live = [p for p in params if p.requires_grad]
             reached = _reached_leaves(loss)
@@ -329,13 +334,14 @@ class _KroneckerFamily(NatashaOptimizer):
         if not grads:
             return loss
         self.counters["gradients"] += 1
-        col = self._collector
         if not self.all_finite(grads):
             col.clear()
             self.skip_nonfinite("gradients")
             return loss
 
         ready = [i for i in range(len(self._layers)) if col.ready(i)]
+        if col.collecting:
+            self._warn_missing_statistics(ready)
         have = self._prepare(ready)
         col.clear()
         # layers whose weight has a gradient and that have curvature statistics
@@ -367,6 +373,19 @@ class _KroneckerFamily(NatashaOptimizer):
         self.counters["steps"] += 1
         col.collecting = self._due(self.cov_every)
         return loss
+
+    def _warn_missing_statistics(self, ready: List[int]) -> None:
+        """Say once when layers with a gradient got no statistics on a statistics step (their
+        forward ran without grad, or the backward did not pass through their hooked outputs):
+        they keep their old factors (or take the SGD-momentum update before the first ones)."""
+        missing = [self.layer_names[i] for i, l in enumerate(self._layers)
+                   if i not in ready and l.weight.grad is not None]
+        if missing and not getattr(self, "_warned_missing", False):
+            self._warned_missing = True
+            warnings.warn(f"{type(self).__name__}: no K-FAC statistics were captured for {missing} this step (their "
+                          "forward ran without grad or no backward pass reached their outputs); pass the forward "
+                          "pass as step(closure) or run forward and backward before step(). Said once.",
+                          RuntimeWarning, stacklevel=3)
 
     def _apply(self, directions) -> None:
         """Momentum and the parameter update; parameters without a preconditioned direction

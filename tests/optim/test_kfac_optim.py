@@ -120,7 +120,7 @@ def test_deepcopy_and_pickle():
     steps = opt.counters["steps"]
     for mm in (m2, m3):
         mm(_data(0)[0]).sum().backward()
-    assert not opt._collector._a  # nothing captured from the copies
+    assert not opt._collector._calls  # nothing captured from the copies
     # deepcopy of model and optimizer together, then re-attach on the copy
     m4, o4 = copy.deepcopy((m, opt))
     o4.attach(m4)

@@ -1,0 +1,71 @@
+"""Where K-FAC/ANG/IFANG statistics come from: the step's own forward/backward (a grad-enabled
+pass between steps changes nothing), a warning when a layer gets none, and tied weights."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from natasha_ext.optim import ANG, IFANG, KFAC
+
+MAKERS = {
+    "kfac": lambda m: KFAC(m, lr=0.05, cov_every=1, inv_every=2),
+    "ang": lambda m: ANG(m, lr=0.05, cov_every=1, inv_every=2, total_steps=8),
+    "ifang": lambda m: IFANG(m, lr=0.05, rank=2, total_steps=8),
+}
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+
+
+def _data(i):
+    g = torch.Generator().manual_seed(200 + i)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+def _run(name, closure, validate, steps=4):
+    torch.manual_seed(0)
+    m = _net()
+    opt = MAKERS[name](m)
+    xv, _ = _data(99)
+    for i in range(steps):
+        x, y = _data(i)
+        if closure:
+            opt.step(lambda: F.cross_entropy(m(x), y))
+        else:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if validate:
+                m(xv)  # grad enabled, no backward: after the training backward, before step()
+            opt.step()
+        if validate:
+            m(xv).sum()  # a validation forward without torch.no_grad() between steps
+    return opt, [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "backward"])
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_grad_enabled_forward_between_steps_changes_nothing(name, closure):
+    ref_opt, ref = _run(name, closure, validate=False)
+    opt, got = _run(name, closure, validate=True)
+    assert opt.counters["factor_updates"] == ref_opt.counters["factor_updates"] == 4
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+def test_layer_without_statistics_is_named_once():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFAC(m, lr=0.05, cov_every=1)
+    x = torch.randn(8, 3)
+    # the first layer is called functionally: its weight gets a gradient, its hooks see nothing
+    closure = lambda: m[2](m[1](F.linear(x, m[0].weight, m[0].bias))).pow(2).mean()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.step(closure)
+        opt.step(closure)
+    msgs = [str(w.message) for w in seen if "statistics" in str(w.message)]
+    assert len(msgs) == 1 and "['0']" in msgs[0], msgs
+    assert opt.counters["factor_updates"] == 2  # the second layer still got its statistics
