@@ -57,7 +57,9 @@ added to the gradient before preconditioning (the natural gradient of the L2-reg
 ``model_or_params``: an ``nn.Module`` (all its trainable parameters, one group), or an iterable
 of parameters / param groups together with ``model=`` (the module whose Linear/Conv2d layers are
 hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
-bias must share a group). Hyperparameters lr, momentum, damping, weight_decay are read per group
+bias must share a group). Modules that share a weight (weight tying) are one layer, named
+"first+second", whose factors come from the statistics of all their calls, as for a module called
+several times (they must share the bias too; otherwise construction fails naming both). Hyperparameters lr, momentum, damping, weight_decay are read per group
 at every step (LR schedulers work).
 
 Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)::

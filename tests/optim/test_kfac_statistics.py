@@ -69,3 +69,48 @@ def test_layer_without_statistics_is_named_once():
     msgs = [str(w.message) for w in seen if "statistics" in str(w.message)]
     assert len(msgs) == 1 and "['0']" in msgs[0], msgs
     assert opt.counters["factor_updates"] == 2  # the second layer still got its statistics
+
+
+class _Twice(nn.Module):
+    """y = second(tanh(first(x))) + head; ``tie`` makes first and second share weight and bias,
+    else first is second (one module called twice): the same function either way."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        head = nn.Linear(4, 3)  # drawn before the tied copy: the same initial weights either way
+        self.second = nn.Linear(4, 4) if tie else self.first
+        if tie:
+            self.second.weight = self.first.weight
+            self.second.bias = self.first.bias
+        self.head = head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_tied_weight_is_one_layer_with_the_statistics_of_all_uses(name):
+    # tied modules must train exactly like one module called at both places: one factor pair
+    # from the statistics of both calls (not the second call's blended in as a later step's)
+    runs = {}
+    for tie in (False, True):
+        torch.manual_seed(0)
+        m = _Twice(tie)
+        opt = MAKERS[name](m)
+        for i in range(4):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.step(lambda: F.cross_entropy(m(x), y))
+        runs[tie] = (opt, [p.detach().clone() for p in m.parameters()])
+    tied = runs[True][0]
+    assert tied.layer_names == ["first+second", "head"]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)
+
+
+def test_tied_weight_with_separate_biases_is_refused_naming_both_modules():
+    m = _Twice(tie=True)
+    m.second.bias = nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="'first' and 'second' share their weight but not their bias"):
+        KFAC(m)
