@@ -165,10 +165,14 @@ class AdaHessian(NatashaOptimizer):
         params = [p for _, ps in groups for p in ps]
         self._unused = set()
         if not params:
-            return evaluate_closure(closure).detach() if closure is not None else None
+            if closure is None:
+                raise self.no_closure_no_gradients("call loss.backward(create_graph=True) before step()")
+            return evaluate_closure(closure).detach()
         due = self._curvature_due(params)
+        rng = self.rng.state_dict()
         loss, grads, curv, offsets, engine = self._gradients_and_curvature(closure, groups, params, due)
         if not self.all_finite(grads + curv):
+            self.rng.load_state_dict(rng)  # a skipped step draws nothing: the stream is where it was
             self.skip_nonfinite("gradients or Hessian-vector products" if due else "gradients")
             return loss
         self._apply(groups, params, grads, curv, offsets, due)
@@ -357,6 +361,8 @@ class HybridSGDAdaHessian(AdaHessian):
                 if p.grad.grad_fn is not None:
                     p.grad = p.grad.detach()
         if not params:
+            if closure is None:
+                raise self.no_closure_no_gradients("call loss.backward() before step()")
             return loss
         skip_decay = {id(params[i]) for i in unused}  # the loss does not reach them: leave them alone
         self.counters["gradients"] += 1

@@ -91,7 +91,7 @@ from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
-from natasha_ext.optim.lambda_schedules import LAMBDA_SCHEDULES, lambda_schedule
+from natasha_ext.optim.lambda_schedules import DEFAULT_TIME_CONSTANT, LAMBDA_SCHEDULES, lambda_schedule
 from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
@@ -334,6 +334,8 @@ class _KroneckerFamily(NatashaOptimizer):
         self.check_grads(params)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
+            if closure is None:
+                raise self.no_closure_no_gradients("run forward and loss.backward() before step()")
             return loss
         self.counters["gradients"] += 1
         if not self.all_finite(grads):
@@ -462,22 +464,26 @@ class KFAC(_KroneckerFamily):
 class _AsymptoticBlend:
     """ANG's direction rule (eq. 7's spherical blend of U and T), mixed into ANG and IFANG."""
 
-    def _init_blend(self, lam_schedule, total_steps, lam_rate, per_layer) -> None:
+    def _init_blend(self, lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer) -> None:
+        if lam_schedule is None:
+            lam_schedule = "linear" if total_steps is not None else "saturating"
         self.lam_schedule = lam_schedule if isinstance(lam_schedule, str) else "callable"
         self.total_steps = total_steps
         self.lam_rate = float(lam_rate)
+        self.lam_time_constant = lam_time_constant
         self.per_layer = bool(per_layer)
         self.last_coefficients = None
 
     @staticmethod
-    def _blend_fn(lam_schedule, total_steps, lam_rate):
+    def _blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant):
         V.positive("lam_rate", lam_rate)
-        return lambda_schedule(lam_schedule, total_steps, lam_rate)
+        return lambda_schedule(lam_schedule, total_steps, lam_rate, lam_time_constant)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if "_lam_fn" not in self.__dict__ and self.lam_schedule != "callable":
-            self._lam_fn = lambda_schedule(self.lam_schedule, self.total_steps, self.lam_rate)
+            self._lam_fn = lambda_schedule(self.lam_schedule, self.total_steps, self.lam_rate,
+                                           getattr(self, "lam_time_constant", DEFAULT_TIME_CONSTANT))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -505,8 +511,12 @@ class ANG(_AsymptoticBlend, KFAC):
     by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
 
     Args: those of :class:`KFAC`, and
-        lam_schedule ('linear' | 'exp' | 'cosine' | callable(step) -> lam),
-        total_steps (steps over which lam reaches 1; required for the named schedules),
+        lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
+        None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
+        lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
+        strategy, Fig. 2; see :mod:`natasha_ext.optim.lambda_schedules` for the default 10000),
+        total_steps (steps over which lam reaches 1; required for 'linear', 'exp', 'cosine'),
+        lam_time_constant (10000 steps, the 'saturating' schedule's),
         lam_rate (5.0, the 'exp' schedule's rate), per_layer (False: one angle W for the whole
         parameter vector as eq. 7 is written; True: one per layer, Algorithm 2's per-layer loop).
         {shared_args}
@@ -518,13 +528,13 @@ class ANG(_AsymptoticBlend, KFAC):
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
-                 lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 per_layer: bool = False, **kwargs):
-        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+                 lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, **kwargs):
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         super().__init__(model_or_params, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
                          weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, inv_every=inv_every,
                          inverse=inverse, **kwargs)
-        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
+        self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
 
 @shared_args_doc
@@ -543,7 +553,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     reach a norm of sqrt(kl_clip / damping) independent of lr.
 
     Args: model_or_params, lr, momentum, damping, weight_decay, kl_clip, cov_every as
-        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, per_layer as :class:`ANG`;
+        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer
+        as :class:`ANG`;
         model, batch_averaged, grad_scaler as :class:`KFAC`.
         {shared_args}
 
@@ -554,18 +565,18 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
 
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-2,
                  weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
-                 rank: int = 1, lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
+                 rank: int = 1, lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
                  grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         V.positive_int("rank", rank)
-        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
         super().__init__(model_or_params, LowRankKronecker(rank), lr=lr, momentum=momentum, damping=damping,
                          weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, model=model,
                          batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
                          raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
-        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
+        self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
     @property
     def rank(self) -> int:
