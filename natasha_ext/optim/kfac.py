@@ -189,6 +189,10 @@ class _KroneckerFamily(NatashaOptimizer):
             raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
                              f"weight is among the optimizer's parameters; nothing to precondition "
                              f"(unsupported: {fallback or 'no layers with parameters'})")
+        dtypes = sorted({str(accumulation_dtype(l.weight)) for l in layers})
+        if self.fused and len(dtypes) > 1:
+            raise ValueError(f"{type(self).__name__}: fused=True needs the preconditioned layers in one precision, got "
+                             f"{dtypes}; use fused=None (the reference takes mixed fp32/fp64 layers)")
         self._layers = layers
         self._layer_group = [owned[l.weight] for l in layers]
         self.layer_names, self.fallback_names = [l.name or "<root>" for l in layers], fallback
@@ -287,7 +291,15 @@ class _KroneckerFamily(NatashaOptimizer):
     def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
         """(U list, [L, 3] reductions) for the layers idx."""
         return self.curvature.precondition(ts, [self.state[self._layers[i].weight] for i in idx],
-                                           [self._factor_damping(i) for i in idx], self.fused)
+                                           [self._factor_damping(i) for i in idx], self._list_fused(ts))
+
+    def _list_fused(self, ts: List[torch.Tensor]) -> Optional[bool]:
+        """``fused`` for an op over all preconditioned layers at once: the request, except that
+        fp32 and fp64 layers together take the reference under fused=None (the kernels take one
+        dtype per list; fused=True with mixed dtypes is refused by :meth:`attach`)."""
+        if self.fused is None and len({t.dtype for t in ts}) > 1:
+            return False
+        return self.fused
 
     def _direction(self, nat, ts, red, scale) -> None:
         """The natural gradient: d = nu U (KL clip)."""
@@ -502,7 +514,7 @@ class _AsymptoticBlend:
 
     def _direction(self, nat, ts, red, scale) -> None:
         self.last_coefficients = ops.ang_combine_(nat, ts, red, scale, self.current_lambda(), self.per_layer,
-                                                  fused=self.fused)
+                                                  fused=self._list_fused(ts))
 
 
 @shared_args_doc
