@@ -24,7 +24,8 @@ def _data(i):
     return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
 
 
-def _train(m, opt, steps, start=0, closure=False):
+def _train(m, opt, steps, start=0, closure=False, between=None):
+    """``between()``: whatever else the training loop runs (after backward and after step)."""
     for i in range(start, start + steps):
         x, y = _data(i)
         if closure:
@@ -32,7 +33,11 @@ def _train(m, opt, steps, start=0, closure=False):
         else:
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
+            if between is not None:
+                between()
             opt.step()
+        if between is not None:
+            between()
 
 
 MAKERS = {

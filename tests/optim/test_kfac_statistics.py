@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from natasha_ext.optim import ANG, IFANG, KFAC
+from tests.optim.test_kfac_optim import _data, _net, _train
 
 MAKERS = {
     "kfac": lambda m: KFAC(m, lr=0.05, cov_every=1, inv_every=2),
@@ -16,32 +17,13 @@ MAKERS = {
 }
 
 
-def _net():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
-
-
-def _data(i):
-    g = torch.Generator().manual_seed(200 + i)
-    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-
-
 def _run(name, closure, validate, steps=4):
     torch.manual_seed(0)
     m = _net()
     opt = MAKERS[name](m)
     xv, _ = _data(99)
-    for i in range(steps):
-        x, y = _data(i)
-        if closure:
-            opt.step(lambda: F.cross_entropy(m(x), y))
-        else:
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            if validate:
-                m(xv)  # grad enabled, no backward: after the training backward, before step()
-            opt.step()
-        if validate:
-            m(xv).sum()  # a validation forward without torch.no_grad() between steps
+    # a validation forward without torch.no_grad(): after the training backward and between steps
+    _train(m, opt, steps, closure=closure, between=(lambda: m(xv).sum()) if validate else None)
     return opt, [p.detach().clone() for p in m.parameters()]
 
 
