@@ -201,7 +201,7 @@ _KFAC = {
     "inverse": Flag("K-FAC damped inverse: cholesky or eigh"),
 }
 _ANG = {
-    "lam_schedule": Flag("ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)", choices=LAMBDA_SCHEDULES),
+    "lam_schedule": Flag("ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)", choices=LAMBDA_SCHEDULES, type=str),
     "total_steps": Flag("ANG: steps over which lambda reaches 1 (0: the whole run)", none=0),
 }
 

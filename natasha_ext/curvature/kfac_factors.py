@@ -72,8 +72,11 @@ def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int]) -> Tuple[List[
     """The layers of ``model`` K-FAC preconditions: supported modules whose weight is in ``owned``
     (parameter -> param group index), with their bias when it is owned too. Returns (layers,
     fallback), fallback naming each other module with owned parameters and why it is not
-    preconditioned. A layer's weight and bias must share a param group."""
-    layers, fallback = [], []
+    preconditioned. A layer's weight and bias must share a param group. Modules sharing one
+    weight (weight tying) form one layer: one factor pair from the statistics of all their calls,
+    as for a module called several times; they must share the bias too (or all have none)."""
+    by_weight: Dict[int, Tuple[List[str], List[nn.Module], Optional[torch.Tensor]]] = {}
+    fallback = []
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor) or w not in owned:
@@ -88,7 +91,15 @@ def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int]) -> Tuple[List[
         if b is not None and owned[b] != owned[w]:
             raise ValueError(f"layer {name!r}: weight and bias are in different param groups; K-FAC "
                              "preconditions them together and needs one group")
-        layers.append(KFACLayer(name, mod, bias=b is not None))
+        names, mods, bias = by_weight.setdefault(id(w), ([], [], b))
+        if any(m is mod for m in mods):
+            continue  # the same module reached under another name
+        if mods and (bias is not b or type(mods[0]) is not type(mod)):
+            raise ValueError(f"modules {names[0]!r} and {name!r} share their weight but not their bias (or their "
+                             "type); K-FAC needs tied layers to share weight and bias")
+        names.append(name or "<root>")
+        mods.append(mod)
+    layers = [KFACLayer("+".join(names), mods, bias=b is not None) for names, mods, b in by_weight.values()]
     return layers, fallback
 
 
@@ -120,10 +131,14 @@ class _ForwardHook:
 
 
 class KFACLayer:
-    """One preconditioned layer: its module, weight/bias parameters and kind."""
+    """One preconditioned layer: its module(s) (several when they share the weight), weight/bias
+    parameters and kind."""
 
-    def __init__(self, name: str, module: nn.Module, bias: bool):
+    def __init__(self, name: str, modules, bias: bool):
+        modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+        module = modules[0]
         self.name = name
+        self.modules = modules
         self.module = module
         self.kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         self.weight = module.weight
@@ -173,11 +188,14 @@ class FactorCollector:
         self.grad_scaler = grad_scaler
         self.collecting = True
         self.shard = (0, 1)  # (rank, world size): low-rank groups span the global batch
-        self._a: Dict[int, list] = {}
-        self._g: Dict[int, list] = {}
+        # per layer, the calls captured since the last clear(): [module, input stat, grad stat];
+        # the grad stat stays None until a backward pass reaches that call's output, so a
+        # grad-enabled forward without backward (a validation pass) contributes nothing
+        self._calls: Dict[int, List[list]] = {}
         self._handles = []
         for i, layer in enumerate(layers):
-            self._handles.append(layer.module.register_forward_hook(_ForwardHook(self, i)))
+            for module in layer.modules:
+                self._handles.append(module.register_forward_hook(_ForwardHook(self, i)))
 
     # ------------------------------------------------------------------ hooks
     def _stat_dtype(self, i):
@@ -185,23 +203,24 @@ class FactorCollector:
 
     def _forward(self, i: int, module, inputs, output):
         layer = self.layers[i]
-        if not self.collecting or not torch.is_grad_enabled() or module is not layer.module:
+        if not self.collecting or not torch.is_grad_enabled() or not any(module is m for m in layer.modules):
             return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         x = inputs[0].detach()
         dt = self._stat_dtype(i)
         if self.mode == "lowrank":
-            stat = self._lowrank_a(layer, x.to(dt))
+            stat = self._lowrank_a(layer, module, x.to(dt))
         else:
             stat = x
-        self._a.setdefault(i, []).append(stat)
+        call = [module, stat, None]
+        self._calls.setdefault(i, []).append(call)
         ref = weakref.ref(self)
 
-        def grad_hook(grad, i=i):
+        def grad_hook(grad, i=i, call=call):
             col = ref()
             if col is not None and col.collecting:
-                col._backward(i, grad)
+                call[2] = col._backward(i, grad)
 
         output.register_hook(grad_hook)
 
@@ -213,18 +232,20 @@ class FactorCollector:
                 g = g / scale.to(device=g.device, dtype=g.dtype)
         if self.mode == "lowrank":
             g = self._lowrank_g(self.layers[i], g)
-        # backward visits calls in reverse order; keep forward order for pairing
-        self._g.setdefault(i, []).insert(0, g)
+        return g
+
+    def _complete(self, i: int) -> List[list]:
+        """The calls of layer i whose backward has run (in forward order)."""
+        return [c for c in self._calls.get(i, ()) if c[2] is not None]
 
     # ------------------------------------------------------------------ full statistics
     @staticmethod
     def _batch(x: torch.Tensor) -> int:
         return x.shape[0] if x.dim() > 1 else 1
 
-    def _a_rows_one(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+    def _a_rows_one(self, layer: KFACLayer, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.to(accumulation_dtype(layer.weight))
         if layer.kind == "conv2d":
-            m = layer.module
             if x.dim() == 3:
                 x = x.unsqueeze(0)
             pad = m.padding if not isinstance(m.padding, str) else 0
@@ -245,12 +266,12 @@ class FactorCollector:
 
     def a_rows(self, i: int) -> Tuple[torch.Tensor, float]:
         """(rows, scale) with A = scale * rows^T rows = E_{b,l}[a a^T]."""
-        rows = torch.cat([self._a_rows_one(self.layers[i], x) for x in self._a[i]], 0)
+        rows = torch.cat([self._a_rows_one(self.layers[i], c[0], c[1]) for c in self._complete(i)], 0)
         return rows, 1.0 / rows.shape[0]
 
     def g_rows(self, i: int) -> Tuple[torch.Tensor, float]:
         """(rows, scale) with G = scale * rows^T rows = (1/B) sum_{b,l} g g^T (g per example)."""
-        gs = self._g[i]
+        gs = [c[2] for c in self._complete(i)]
         rows = torch.cat([self._g_rows_one(self.layers[i], g) for g in gs], 0)
         batch = sum(self._batch(g) for g in gs)
         scale = float(batch) if self.batch_averaged else 1.0 / batch
@@ -274,9 +295,8 @@ class FactorCollector:
             start = stop
         return w.to(device)
 
-    def _lowrank_a(self, layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
+    def _lowrank_a(self, layer: KFACLayer, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer.kind == "conv2d":
-            m = layer.module
             if x.dim() == 3:
                 x = x.unsqueeze(0)
             pad = m.padding if not isinstance(m.padding, str) else 0
@@ -308,8 +328,9 @@ class FactorCollector:
 
     def low_rank(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(YA, YG) with A ~ YA^T YA and G ~ YG^T YG from the s' group means (eqs. 11-12)."""
-        ya = torch.cat(self._a[i], 0) if len(self._a[i]) > 1 else self._a[i][0]
-        parts = self._g[i]
+        calls = self._complete(i)
+        ya = torch.cat([c[1] for c in calls], 0) if len(calls) > 1 else calls[0][1]
+        parts = [c[2] for c in calls]
         gm = torch.cat([p[0] for p in parts], 0) if len(parts) > 1 else parts[0][0]
         batch = sum(p[1] for p in parts)
         positions = parts[0][2]
@@ -321,12 +342,15 @@ class FactorCollector:
 
     # ------------------------------------------------------------------ bookkeeping
     def ready(self, i: int) -> bool:
-        """True when layer i has matching forward and backward captures."""
-        return bool(self._a.get(i)) and len(self._a.get(i, [])) == len(self._g.get(i, []))
+        """True when layer i has at least one call captured in a forward *and* a backward pass."""
+        return any(c[2] is not None for c in self._calls.get(i, ()))
+
+    def captured_without_backward(self, i: int) -> bool:
+        """True when layer i was called with grad enabled but no backward reached it."""
+        return bool(self._calls.get(i)) and not self.ready(i)
 
     def clear(self) -> None:
-        self._a.clear()
-        self._g.clear()
+        self._calls.clear()
 
     def remove(self) -> None:
         for h in self._handles:

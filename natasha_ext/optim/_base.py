@@ -70,6 +70,8 @@ class NatashaOptimizer(torch.optim.Optimizer):
     #: per-parameter state kept in the accumulation dtype of its parameter (fp32 for fp16/bf16/
     #: fp32 parameters, fp64 for fp64 ones); ``load_state_dict`` restores these keys in that dtype
     ACCUMULATION_STATE: tuple = ()
+    #: private attributes that deepcopy/pickle carry (the others are hooks and caches)
+    _PICKLED_PRIVATE: tuple = ("_fused",)
 
     def __init__(self, params, defaults: dict, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
@@ -148,6 +150,9 @@ class NatashaOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"{where} has dtype {p.dtype}; expected a floating-point parameter")
                 if p.is_sparse:
                     raise TypeError(f"{where} is sparse; sparse parameters are not supported")
+                if p.is_meta:
+                    raise ValueError(f"{where} is on the meta device (no data); materialise the model first "
+                                     "(e.g. model.to_empty(device=...) and initialise it)")
                 if first is None:
                     first = p
                 elif p.device != first.device:
@@ -212,6 +217,12 @@ class NatashaOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"params[{i}] has a sparse gradient; sparse gradients are not supported")
+
+    def no_closure_no_gradients(self, usage: str):
+        """The error of ``step()`` called without a closure when no parameter has a gradient
+        (a silent no-op would hide a forgotten closure)."""
+        return RuntimeError(f"{type(self).__name__}.step() got no closure and no parameter has a gradient: pass "
+                            f"step(closure) (closure() returns the loss without calling backward) or {usage}")
 
     def all_finite(self, tensors: List[torch.Tensor]) -> bool:
         """One host sync: True when every element of ``tensors`` is finite."""
@@ -308,5 +319,5 @@ class NatashaOptimizer(torch.optim.Optimizer):
         # the stream, counters, the fused request and the subclasses' public attributes (other
         # private ones are hooks).
         state = super().__getstate__()
-        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") or k == "_fused"})
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") or k in self._PICKLED_PRIVATE})
         return state

@@ -165,13 +165,21 @@ class AdaHessian(NatashaOptimizer):
         params = [p for _, ps in groups for p in ps]
         self._unused = set()
         if not params:
-            return evaluate_closure(closure).detach() if closure is not None else None
+            if closure is None:
+                raise self.no_closure_no_gradients("call loss.backward(create_graph=True) before step()")
+            return evaluate_closure(closure).detach()
         due = self._curvature_due(params)
+        rng = self.rng.state_dict()
         loss, grads, curv, offsets, engine = self._gradients_and_curvature(closure, groups, params, due)
+        bad = None
         if not self.all_finite(grads + curv):
-            self.skip_nonfinite("gradients or Hessian-vector products" if due else "gradients")
+            bad = "gradients or Hessian-vector products" if due else "gradients"
+        elif not self._apply(groups, params, grads, curv, offsets, due):
+            bad = "the updated parameters (the update overflows their dtype)"
+        if bad is not None:
+            self.rng.load_state_dict(rng)  # a skipped step draws nothing: the stream is where it was
+            self.skip_nonfinite(bad)
             return loss
-        self._apply(groups, params, grads, curv, offsets, due)
         self.counters["steps"] += 1
         if due:
             self.counters["hessian_updates"] += 1
@@ -245,31 +253,45 @@ class AdaHessian(NatashaOptimizer):
         return loss, grads, curv, offsets, engine
 
     @torch.no_grad()
-    def _apply(self, groups, params, grads, curv, offsets, due) -> None:
+    def _apply(self, groups, params, grads, curv, offsets, due) -> bool:
+        """The update, computed into copies of the parameters and moments, checked for overflow
+        (one reduction over the new parameters) and only then copied in: an update that overflows
+        the parameters' dtype (fp16 with a large lr) writes nothing. Returns False when it did."""
         mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
+        fresh = {}
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" in st:
+                fresh[p] = (st["exp_avg"].clone(), st["exp_hessian_diag_sq"].clone())
+            else:
+                fresh[p] = (self.accumulation_zeros(p), self.accumulation_zeros(p))
+        new_params = {p: p.detach().clone() for p in params}
         for ui, (group, idx, unused) in enumerate(self._units(groups)):
             ps = [params[i] for i in idx]
-            for p in ps:
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    st["step"] = torch.tensor(0.0)
-                    st["hessian_step"] = torch.tensor(0.0)
-                    st["exp_avg"] = self.accumulation_zeros(p)
-                    st["exp_hessian_diag_sq"] = self.accumulation_zeros(p)
-                st["step"] += 1
-                if due:
-                    st["hessian_step"] += 1
             st = self.state[ps[0]]
-            t, h = int(st["step"]), int(st["hessian_step"])
+            t, h = int(st.get("step", 0)) + 1, int(st.get("hessian_step", 0)) + int(due)
             beta1, beta2 = group["betas"]
             aops.adahessian_step(
-                ps, [grads[i] for i in idx], [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_hessian_diag_sq"] for p in ps], [curv[i] for i in idx] if due else [],
+                [new_params[p] for p in ps], [grads[i] for i in idx], [fresh[p][0] for p in ps],
+                [fresh[p][1] for p in ps], [curv[i] for i in idx] if due else [],
                 [aops.spatial_group_size(p.shape, group["block_size"]) for p in ps],
                 curv_mode=mode, abs_first=self.abs_before_average, seed=self.rng.seed, offset=offsets.get(ui, 0),
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=0.0 if unused else group["weight_decay"], hessian_power=group["hessian_power"],
                 bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
+        if not self.all_finite(list(new_params.values())):
+            return False
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["hessian_step"] = torch.tensor(0.0)
+            st["exp_avg"], st["exp_hessian_diag_sq"] = fresh[p]
+            st["step"] += 1
+            if due:
+                st["hessian_step"] += 1
+        torch._foreach_copy_(params, list(new_params.values()))
+        return True
 
 
 @shared_args_doc
@@ -357,6 +379,8 @@ class HybridSGDAdaHessian(AdaHessian):
                 if p.grad.grad_fn is not None:
                     p.grad = p.grad.detach()
         if not params:
+            if closure is None:
+                raise self.no_closure_no_gradients("call loss.backward() before step()")
             return loss
         skip_decay = {id(params[i]) for i in unused}  # the loss does not reach them: leave them alone
         self.counters["gradients"] += 1

@@ -57,7 +57,9 @@ added to the gradient before preconditioning (the natural gradient of the L2-reg
 ``model_or_params``: an ``nn.Module`` (all its trainable parameters, one group), or an iterable
 of parameters / param groups together with ``model=`` (the module whose Linear/Conv2d layers are
 hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
-bias must share a group). Hyperparameters lr, momentum, damping, weight_decay are read per group
+bias must share a group). Modules that share a weight (weight tying) are one layer, named
+"first+second", whose factors come from the statistics of all their calls, as for a module called
+several times (they must share the bias too; otherwise construction fails naming both). Hyperparameters lr, momentum, damping, weight_decay are read per group
 at every step (LR schedulers work).
 
 Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)::
@@ -76,6 +78,7 @@ collected). A deep-copied or unpickled optimizer has no hooks until ``opt.attach
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import List, Optional
 
@@ -88,7 +91,7 @@ from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
-from natasha_ext.optim.lambda_schedules import LAMBDA_SCHEDULES, lambda_schedule
+from natasha_ext.optim.lambda_schedules import DEFAULT_TIME_CONSTANT, LAMBDA_SCHEDULES, lambda_schedule
 from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
@@ -186,6 +189,10 @@ class _KroneckerFamily(NatashaOptimizer):
             raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
                              f"weight is among the optimizer's parameters; nothing to precondition "
                              f"(unsupported: {fallback or 'no layers with parameters'})")
+        dtypes = sorted({str(accumulation_dtype(l.weight)) for l in layers})
+        if self.fused and len(dtypes) > 1:
+            raise ValueError(f"{type(self).__name__}: fused=True needs the preconditioned layers in one precision, got "
+                             f"{dtypes}; use fused=None (the reference takes mixed fp32/fp64 layers)")
         self._layers = layers
         self._layer_group = [owned[l.weight] for l in layers]
         self.layer_names, self.fallback_names = [l.name or "<root>" for l in layers], fallback
@@ -284,7 +291,15 @@ class _KroneckerFamily(NatashaOptimizer):
     def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
         """(U list, [L, 3] reductions) for the layers idx."""
         return self.curvature.precondition(ts, [self.state[self._layers[i].weight] for i in idx],
-                                           [self._factor_damping(i) for i in idx], self.fused)
+                                           [self._factor_damping(i) for i in idx], self._list_fused(ts))
+
+    def _list_fused(self, ts: List[torch.Tensor]) -> Optional[bool]:
+        """``fused`` for an op over all preconditioned layers at once: the request, except that
+        fp32 and fp64 layers together take the reference under fused=None (the kernels take one
+        dtype per list; fused=True with mixed dtypes is refused by :meth:`attach`)."""
+        if self.fused is None and len({t.dtype for t in ts}) > 1:
+            return False
+        return self.fused
 
     def _direction(self, nat, ts, red, scale) -> None:
         """The natural gradient: d = nu U (KL clip)."""
@@ -313,7 +328,11 @@ class _KroneckerFamily(NatashaOptimizer):
                                "unpickled): call opt.attach(model) first")
         loss = None
         params = [p for g in self.param_groups for p in g["params"]]
+        col = self._collector
         if closure is not None:
+            # the statistics are those of the closure's forward/backward, whatever passes the
+            # model ran since the last step
+            col.clear()
             loss = evaluate_closure(closure)
             live = [p for p in params if p.requires_grad]
             reached = _reached_leaves(loss)
@@ -327,15 +346,18 @@ class _KroneckerFamily(NatashaOptimizer):
         self.check_grads(params)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
+            if closure is None:
+                raise self.no_closure_no_gradients("run forward and loss.backward() before step()")
             return loss
         self.counters["gradients"] += 1
-        col = self._collector
         if not self.all_finite(grads):
             col.clear()
             self.skip_nonfinite("gradients")
             return loss
 
         ready = [i for i in range(len(self._layers)) if col.ready(i)]
+        if col.collecting:
+            self._warn_missing_statistics(ready)
         have = self._prepare(ready)
         col.clear()
         # layers whose weight has a gradient and that have curvature statistics
@@ -367,6 +389,19 @@ class _KroneckerFamily(NatashaOptimizer):
         self.counters["steps"] += 1
         col.collecting = self._due(self.cov_every)
         return loss
+
+    def _warn_missing_statistics(self, ready: List[int]) -> None:
+        """Say once when layers with a gradient got no statistics on a statistics step (their
+        forward ran without grad, or the backward did not pass through their hooked outputs):
+        they keep their old factors (or take the SGD-momentum update before the first ones)."""
+        missing = [self.layer_names[i] for i, l in enumerate(self._layers)
+                   if i not in ready and l.weight.grad is not None]
+        if missing and not getattr(self, "_warned_missing", False):
+            self._warned_missing = True
+            warnings.warn(f"{type(self).__name__}: no K-FAC statistics were captured for {missing} this step (their "
+                          "forward ran without grad or no backward pass reached their outputs); pass the forward "
+                          "pass as step(closure) or run forward and backward before step(). Said once.",
+                          RuntimeWarning, stacklevel=3)
 
     def _apply(self, directions) -> None:
         """Momentum and the parameter update; parameters without a preconditioned direction
@@ -441,22 +476,26 @@ class KFAC(_KroneckerFamily):
 class _AsymptoticBlend:
     """ANG's direction rule (eq. 7's spherical blend of U and T), mixed into ANG and IFANG."""
 
-    def _init_blend(self, lam_schedule, total_steps, lam_rate, per_layer) -> None:
+    def _init_blend(self, lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer) -> None:
+        if lam_schedule is None:
+            lam_schedule = "linear" if total_steps is not None else "saturating"
         self.lam_schedule = lam_schedule if isinstance(lam_schedule, str) else "callable"
         self.total_steps = total_steps
         self.lam_rate = float(lam_rate)
+        self.lam_time_constant = lam_time_constant
         self.per_layer = bool(per_layer)
         self.last_coefficients = None
 
     @staticmethod
-    def _blend_fn(lam_schedule, total_steps, lam_rate):
+    def _blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant):
         V.positive("lam_rate", lam_rate)
-        return lambda_schedule(lam_schedule, total_steps, lam_rate)
+        return lambda_schedule(lam_schedule, total_steps, lam_rate, lam_time_constant)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if "_lam_fn" not in self.__dict__ and self.lam_schedule != "callable":
-            self._lam_fn = lambda_schedule(self.lam_schedule, self.total_steps, self.lam_rate)
+            self._lam_fn = lambda_schedule(self.lam_schedule, self.total_steps, self.lam_rate,
+                                           getattr(self, "lam_time_constant", DEFAULT_TIME_CONSTANT))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -475,7 +514,7 @@ class _AsymptoticBlend:
 
     def _direction(self, nat, ts, red, scale) -> None:
         self.last_coefficients = ops.ang_combine_(nat, ts, red, scale, self.current_lambda(), self.per_layer,
-                                                  fused=self.fused)
+                                                  fused=self._list_fused(ts))
 
 
 @shared_args_doc
@@ -484,8 +523,12 @@ class ANG(_AsymptoticBlend, KFAC):
     by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
 
     Args: those of :class:`KFAC`, and
-        lam_schedule ('linear' | 'exp' | 'cosine' | callable(step) -> lam),
-        total_steps (steps over which lam reaches 1; required for the named schedules),
+        lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
+        None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
+        lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
+        strategy, Fig. 2; see :mod:`natasha_ext.optim.lambda_schedules` for the default 10000),
+        total_steps (steps over which lam reaches 1; required for 'linear', 'exp', 'cosine'),
+        lam_time_constant (10000 steps, the 'saturating' schedule's),
         lam_rate (5.0, the 'exp' schedule's rate), per_layer (False: one angle W for the whole
         parameter vector as eq. 7 is written; True: one per layer, Algorithm 2's per-layer loop).
         {shared_args}
@@ -497,13 +540,13 @@ class ANG(_AsymptoticBlend, KFAC):
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
-                 lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 per_layer: bool = False, **kwargs):
-        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+                 lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, **kwargs):
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         super().__init__(model_or_params, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
                          weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, inv_every=inv_every,
                          inverse=inverse, **kwargs)
-        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
+        self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
 
 @shared_args_doc
@@ -522,7 +565,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     reach a norm of sqrt(kl_clip / damping) independent of lr.
 
     Args: model_or_params, lr, momentum, damping, weight_decay, kl_clip, cov_every as
-        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, per_layer as :class:`ANG`;
+        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer
+        as :class:`ANG`;
         model, batch_averaged, grad_scaler as :class:`KFAC`.
         {shared_args}
 
@@ -533,18 +577,18 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
 
     def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-2,
                  weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
-                 rank: int = 1, lam_schedule="linear", total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
+                 rank: int = 1, lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
+                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
                  grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         V.positive_int("rank", rank)
-        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate)
+        self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
         super().__init__(model_or_params, LowRankKronecker(rank), lr=lr, momentum=momentum, damping=damping,
                          weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, model=model,
                          batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
                          raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
-        self._init_blend(lam_schedule, total_steps, lam_rate, per_layer)
+        self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
     @property
     def rank(self) -> int:

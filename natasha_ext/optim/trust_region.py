@@ -15,6 +15,15 @@ with ||s||_A = sqrt(s^T A s) and A = diag(a) the ellipsoid:
 * ``norm='adagrad'`` (eq. 2, diagonal): a = v + eps, v <- v + g^2;
 * ``norm='spherical'``: a = 1 (A = I, the usual spherical region).
 
+Fused vs reference (fp32): the compiled ``tr_cg_init_`` computes the RMSProp update as one fused
+multiply-add, v = fma(beta, v, ((1 - beta) g) g), with beta and 1 - beta formed in fp32; the
+pure-PyTorch reference rounds beta v and ((1 - beta) g) g separately and takes 1 - beta from
+double. Both are eq. 3; they differ by up to one ulp per element and step (measured: ~40% of the
+elements, relative 2e-7), and the trust region's discrete decisions (CG stopping tests, accept/
+reject) can amplify that over a few steps (1e-4-level weight differences seen in fp32, 1e-13 in
+fp64). Runs are bit-identical for a fixed ``fused`` setting; compare fused and reference runs with
+fp64 or with tolerances.
+
 The ellipsoid is updated with the current gradient before the subproblem (Alg. 1, line 5), so
 ellipsoidal and spherical runs differ only by A. B is the minibatch Hessian through
 Hessian-vector products (``curvature='hessian'``, engines ``hvp='exact'`` double backward or
@@ -84,10 +93,11 @@ def _loss_only(out):
 
 class _RegularisedNewton(NatashaOptimizer):
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "backprops", "loss_evals", "accepted",
-                "rejected", "subproblem_iters")
+                "rejected", "subproblem_iters", "resolution_limit_hits")
     _GLOBAL: tuple = ()
     _PER_GROUP = ("norm", "beta", "eps")
     ACCUMULATION_STATE = ("square_avg",)
+    _PICKLED_PRIVATE = NatashaOptimizer._PICKLED_PRIVATE + ("_model",)  # model= survives deepcopy
 
     def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -186,10 +196,12 @@ class _RegularisedNewton(NatashaOptimizer):
         self.counters["loss_evals"] += 1
         return float(loss), saved
 
-    def _ratio(self, closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info):
-        """rho = actual / predicted decrease of the step (-inf when not finite), from one loss
-        evaluation at w + s. Returns (rho, trial loss, saved weights), or None when the model
-        predicts no decrease: the step is then finished as 'stationary' without moving."""
+    def _ratio(self, closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info, backup):
+        """rho = actual / predicted decrease of the step, from one loss evaluation at w + s.
+        Returns (rho, trial loss, saved weights), or None when the step is already finished:
+        the model predicts no decrease ('stationary', nothing moves), or the loss at w + s is not
+        finite (a non-finite event: weights and ellipsoid restored, the step skipped, or
+        NonFiniteError with ``raise_on_nonfinite``)."""
         pred = -model
         info.update(iters=iters, reason=reason, predicted=pred)
         if not pred > 0:
@@ -197,8 +209,24 @@ class _RegularisedNewton(NatashaOptimizer):
             self._finish(oracle, bp_per, info)
             return None
         trial, saved = self._trial(closure, params, step_vec)
+        if not math.isfinite(trial):
+            self._restore(params, saved)
+            self._restore_ellipsoid(backup)
+            info["reason"] = "nonfinite_trial_loss"
+            try:
+                self.skip_nonfinite("the loss at the trial point")
+            finally:
+                self._finish(oracle, bp_per, info, taken=False)
+            return None
         rho = (float(loss0) - trial) / pred
         return (rho if math.isfinite(rho) else -math.inf), trial, saved
+
+    def _resolution(self, params, a) -> tuple:
+        """(eps * ||x||_A, ||x||_A) with eps the machine epsilon of the coarsest parameter dtype:
+        a step whose A-norm is below eps * ||x||_A cannot change x at the dtype's resolution."""
+        eps = max(torch.finfo(p.dtype).eps for p in params)
+        xa = math.sqrt(sum(float((ai * p.detach().to(ai.dtype).square()).sum()) for ai, p in zip(a, params)))
+        return eps * xa, xa
 
     @staticmethod
     def _restore(params, saved):
@@ -206,8 +234,10 @@ class _RegularisedNewton(NatashaOptimizer):
             for p, s in zip(params, saved):
                 p.copy_(s)  # restore by copy: bit-identical
 
-    def _finish(self, oracle, backprops_per_product, info):
-        self.counters["steps"] += 1
+    def _finish(self, oracle, backprops_per_product, info, taken: bool = True):
+        """Count the step's products (and the step itself unless it was skipped), free graphs."""
+        if taken:
+            self.counters["steps"] += 1
         self.counters["gradients"] += oracle.n_grad
         self.counters["hvps"] += oracle.n_hvp
         bp = oracle.n_grad + backprops_per_product * oracle.n_hvp
@@ -224,7 +254,7 @@ class _RegularisedNewton(NatashaOptimizer):
         try:
             self.skip_nonfinite("curvature")
         finally:  # counted and the graphs freed also when raising
-            self._finish(oracle, bp_per, info)
+            self._finish(oracle, bp_per, info, taken=False)
 
     def _eigenpoint(self, matvec, params, a, grads, radius: float, iters: int):
         """Assumption 2's eigenpoint: ||s||_A = radius along the leftmost eigenvector of
@@ -291,6 +321,16 @@ class TrustRegion(_RegularisedNewton):
         {shared_args}
         With a process group every rank takes the same accept/reject decision.
 
+    Resolution floor: a rejection divides the radius by gamma but never below eps * ||x||_A
+    (eps: machine epsilon of the coarsest parameter dtype, ||x||_A the weights in the ellipsoid's
+    norm), the size below which a step cannot change the weights; each time the floor stops the
+    shrinking ``counters['resolution_limit_hits']`` grows by one (a run that keeps hitting it has
+    reached its dtype's resolution: stop, or switch to fp64). The radius grows again by gamma on
+    very successful steps; ``opt.radius = r`` resets it by hand (also saved in ``state_dict``).
+    A non-finite loss at the trial point w + s is a non-finite event, not a rejection: weights
+    and ellipsoid restored, ``counters['skipped_steps']`` + 1 (or NonFiniteError).
+    Skipped steps are not counted in ``counters['steps']``.
+
     ``step(closure)`` returns the loss at the current point (before the step).
     """
 
@@ -336,7 +376,7 @@ class TrustRegion(_RegularisedNewton):
             try:
                 self.skip_nonfinite("gradients")
             finally:  # counted and the graphs freed also when raising
-                self._finish(oracle, bp_per, info)
+                self._finish(oracle, bp_per, info, taken=False)
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
@@ -362,14 +402,15 @@ class TrustRegion(_RegularisedNewton):
             if reason == "nonfinite":
                 self._skip_curvature(oracle, bp_per, info, backup, iters)
                 return loss0
-        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info)
+        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info,
+                                backup)
         if evaluated is None:
             return loss0
         rho, trial, saved = evaluated
         accepted = rho >= g0["eta"]
         if not accepted:
             self._restore(params, saved)
-            self.radius = self.radius / g0["gamma"]
+            self.radius = self._shrunk_radius(params, work["a"], g0)
             self.counters["rejected"] += 1
         else:
             self.counters["accepted"] += 1
@@ -378,6 +419,16 @@ class TrustRegion(_RegularisedNewton):
         info.update(rho=rho, accepted=accepted, trial_loss=trial, radius=self.radius)
         self._finish(oracle, bp_per, info)
         return loss0
+
+    def _shrunk_radius(self, params, a, g0) -> float:
+        """radius / gamma, floored at the dtype's resolution eps * ||x||_A (see the class
+        docstring); a floor hit is counted in ``counters['resolution_limit_hits']``."""
+        new = self.radius / g0["gamma"]
+        floor, _ = self._resolution(params, a)
+        if new < floor:
+            self.counters["resolution_limit_hits"] += 1
+            return max(min(self.radius, floor), torch.finfo(torch.float64).tiny)
+        return new
 
     def extra_state(self) -> dict:
         st = super().extra_state()
@@ -417,6 +468,13 @@ class ARC(_RegularisedNewton):
             gradient Lanczos starts from a Philox Rademacher vector, which finds the escape
             direction -theta_min/sigma along the leftmost eigenvector).
         {shared_args}
+
+    Resolution ceiling (the counterpart of :class:`TrustRegion`'s radius floor): a rejection
+    multiplies sigma by gamma but not past sigma_max = ||g||_{A^-1} / (eps ||x||_A)^2, where the
+    cubic step sqrt(||g||_{A^-1} / sigma) would fall below the weights' resolution; each hit adds
+    one to ``counters['resolution_limit_hits']``; sigma falls again on very successful steps and
+    ``opt.sigma = s`` resets it by hand. A non-finite trial loss is a skipped step, as in
+    :class:`TrustRegion`; skipped steps are not counted in ``counters['steps']``.
     """
 
     _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
@@ -490,7 +548,7 @@ class ARC(_RegularisedNewton):
             try:
                 self.skip_nonfinite("gradients")
             finally:  # counted and the graphs freed also when raising
-                self._finish(oracle, bp_per, info)
+                self._finish(oracle, bp_per, info, taken=False)
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
@@ -519,14 +577,15 @@ class ARC(_RegularisedNewton):
         if not math.isfinite(model):
             self._skip_curvature(oracle, bp_per, info, backup, iters)
             return loss0
-        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info)
+        evaluated = self._ratio(closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info,
+                                backup)
         if evaluated is None:
             return loss0
         rho, trial, saved = evaluated
         accepted = rho >= g0["eta1"]
         if not accepted:
             self._restore(params, saved)
-            self.sigma = self.sigma * g0["gamma"]
+            self.sigma = self._raised_sigma(params, work["a"], rz0, g0)
             self.counters["rejected"] += 1
         else:
             self.counters["accepted"] += 1
@@ -535,6 +594,19 @@ class ARC(_RegularisedNewton):
         info.update(rho=rho, accepted=accepted, trial_loss=trial, sigma=self.sigma)
         self._finish(oracle, bp_per, info)
         return loss0
+
+    def _raised_sigma(self, params, a, rz0: float, g0) -> float:
+        """gamma * sigma, capped where the cubic step ||s||_A ~ sqrt(||g||_{A^-1} / sigma) falls
+        below the dtype's resolution eps * ||x||_A: sigma_max = ||g||_{A^-1} / (eps ||x||_A)^2;
+        a cap hit is counted in ``counters['resolution_limit_hits']``."""
+        new = self.sigma * g0["gamma"]
+        floor, _ = self._resolution(params, a)
+        if floor > 0 and math.isfinite(rz0) and rz0 > 0:
+            ceiling = math.sqrt(rz0) / (floor * floor)
+            if new > ceiling:
+                self.counters["resolution_limit_hits"] += 1
+                return max(self.sigma, min(ceiling, new))
+        return new
 
     def extra_state(self) -> dict:
         st = super().extra_state()

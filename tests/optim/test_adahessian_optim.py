@@ -366,7 +366,8 @@ def test_invalid_hybrid_hyperparameters():
 
 def test_step_without_closure_or_grads():
     ps = make_params()
-    assert AdaHessian(ps).step() is None  # no grads: nothing to do
+    with pytest.raises(RuntimeError, match="no closure"):  # issue 19: README's RuntimeError, not a no-op
+        AdaHessian(ps).step()
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and len(FUSED) == 2

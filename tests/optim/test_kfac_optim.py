@@ -24,7 +24,8 @@ def _data(i):
     return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
 
 
-def _train(m, opt, steps, start=0, closure=False):
+def _train(m, opt, steps, start=0, closure=False, between=None):
+    """``between()``: whatever else the training loop runs (after backward and after step)."""
     for i in range(start, start + steps):
         x, y = _data(i)
         if closure:
@@ -32,7 +33,11 @@ def _train(m, opt, steps, start=0, closure=False):
         else:
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
+            if between is not None:
+                between()
             opt.step()
+        if between is not None:
+            between()
 
 
 MAKERS = {
@@ -120,7 +125,7 @@ def test_deepcopy_and_pickle():
     steps = opt.counters["steps"]
     for mm in (m2, m3):
         mm(_data(0)[0]).sum().backward()
-    assert not opt._collector._a  # nothing captured from the copies
+    assert not opt._collector._calls  # nothing captured from the copies
     # deepcopy of model and optimizer together, then re-attach on the copy
     m4, o4 = copy.deepcopy((m, opt))
     o4.attach(m4)
