@@ -22,9 +22,14 @@ def natasha_ops() -> List[str]:
     return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("natasha::"))
 
 
+def _has_kernel(op: str, key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"natasha::{op}", key))
+
+
 def kernel_table() -> Dict[str, Dict[str, bool]]:
-    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys."""
-    return {op: {key: bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"natasha::{op}", key))
+    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys. An op registered once as
+    CompositeExplicitAutograd (pure ATen, e.g. kfac_factor_ema_) serves both keys."""
+    return {op: {key: _has_kernel(op, key) or _has_kernel(op, "CompositeExplicitAutograd")
                  for key in ("CPU", "CUDA")} for op in natasha_ops()}
 
 
