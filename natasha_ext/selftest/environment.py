@@ -23,8 +23,10 @@ def natasha_ops() -> List[str]:
 
 
 def kernel_table() -> Dict[str, Dict[str, bool]]:
-    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys."""
-    return {op: {key: bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"natasha::{op}", key))
+    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys. The computed dispatch table
+    counts an op registered once for every device (csrc/composite.cpp, CompositeExplicitAutograd)
+    as having a CPU and a CUDA kernel."""
+    return {op: {key: bool(torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"natasha::{op}", key))
                  for key in ("CPU", "CUDA")} for op in natasha_ops()}
 
 
