@@ -1,5 +1,5 @@
 """Table I / Table II and Figures 1-2 of "Discussion on the viability of a modern second order
-method ..." (Attias, Cadei, Novakovic; papers/adahessian-hybrid-resnet18-mnist.md).
+method ..." (Attias, Cadei & Novakovic, EPFL, undated).
 
 Setting (the paper's): ResNet-18 with a 1-channel stem (11,175,370 parameters), real MNIST,
 class-balanced 1200 train / 200 validation / 200 test images, batch 100, 15 epochs,

@@ -1,6 +1,7 @@
-"""Table 1 of the ANG paper (asymptotic-natural-gradient.md): time per iteration and per epoch of
-K-FAC, SGD, ANG and IFANG with the gaps relative to K-FAC, plus the accuracy/loss curves of SGD,
-K-FAC, ANG (each lambda strategy) and IFANG.
+"""Table 1 of the ANG paper (Tang, Jiang, Song, Gong, Li, Yu, Wang & Wang, "AsymptoticNG: a
+regularized natural gradient optimization algorithm with look-ahead strategy", 2021): time per
+iteration and per epoch of K-FAC, SGD, ANG and IFANG with the gaps relative to K-FAC, plus the
+accuracy/loss curves of SGD, K-FAC, ANG (each lambda strategy) and IFANG.
 
 Timing (Table 1): ResNet-18 in its CIFAR form (natasha_ext.models.resnet18, 3x3 stride-1 stem, no
 max-pool, 11.17 M parameters) on 32x32x3 input; the short default keeps its depth and layer structure

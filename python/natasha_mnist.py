@@ -1,5 +1,6 @@
 """Natasha1.5 / Natasha2 vs SGD, SGD-momentum and Adam: LeNet on real MNIST (the comparison of
-natasha2-pytorch-report, Sec. 4 / Fig. 3 and its appendix).
+Liu, Liu, Liu & Li, "Implementing and evaluating Natasha2 with PyTorch", Columbia University
+project report, undated, Sec. 4 / Fig. 3 and its appendix).
 
 Report setting: LeNet, cross-entropy; every epoch draws 10 % of the training set by bootstrap;
 30 epochs; SGD lr 0.01; SGD-momentum lr 0.01, momentum 0.9; Adam torch defaults; Natasha1.5

@@ -95,7 +95,8 @@ def _opt(lst, i):
 def svrg_step(params: List[torch.Tensor], grads: List[torch.Tensor], snapshot_grads, mu,
               anchor: List[torch.Tensor], avg_sum: List[torch.Tensor], lr: float, reg: float,
               finalize: int, center, prox_L: float, prox_radius: float) -> torch.Tensor:
-    """One inner step of Natasha1.5 over the whole parameter list (natasha2-pytorch-report Alg. 1
+    """One inner step of Natasha1.5 over the whole parameter list (Liu, Liu, Liu & Li, "Implementing
+    and evaluating Natasha2 with PyTorch", Columbia University project report, undated, Alg. 1
     lines 29-30, Alg. 2 lines 7-8), in place.
 
     Per element, with x = params, a = anchor (x_hat), accumulation in fp32 (fp64 for fp64):
@@ -356,7 +357,8 @@ def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor]
 
 # =============================================================================================
 # kfac / ang / ifang: factor EMA, damped Kronecker apply, SMW (low-rank) apply, ANG slerp combine
-# (asymptotic-natural-gradient.md eqs. 7-14). Every layer's gradient is one 2-D matrix
+# (Tang et al., "AsymptoticNG: a regularized natural gradient optimization algorithm with
+# look-ahead strategy", 2021, eqs. 7-14). Every layer's gradient is one 2-D matrix
 # T = [dW | db] of shape (out, in [+1]); its factors are A (in+1 square) and G (out square).
 # Reductions are per layer, [L, 3] in the accumulation dtype, columns
 #   0: t^T G^-1 t = <T, U>,   1: ||G^-1 t||^2 = ||U||^2,   2: ||t||^2 = ||T||^2,

@@ -22,14 +22,11 @@ def natasha_ops() -> List[str]:
     return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("natasha::"))
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"natasha::{op}", key))
-
-
 def kernel_table() -> Dict[str, Dict[str, bool]]:
-    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys. An op registered once as
-    CompositeExplicitAutograd (pure ATen, e.g. kfac_factor_ema_) serves both keys."""
-    return {op: {key: _has_kernel(op, key) or _has_kernel(op, "CompositeExplicitAutograd")
+    """op -> {dispatch key -> has a kernel} for the CPU and CUDA keys. The computed dispatch table
+    counts an op registered once for every device (csrc/composite.cpp, CompositeExplicitAutograd)
+    as having a CPU and a CUDA kernel."""
+    return {op: {key: bool(torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"natasha::{op}", key))
                  for key in ("CPU", "CUDA")} for op in natasha_ops()}
 
 
