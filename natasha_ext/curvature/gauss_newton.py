@@ -1,5 +1,6 @@
 """Generalised Gauss-Newton products G v = J^T H_l J v (Schraudolph 2002), the positive
-semi-definite alternative to the Hessian in regularised Newton methods (paper, Sec. 2).
+semi-definite alternative to the Hessian in regularised Newton methods (
+"Adaptive norms for deep learning with regularized Newton methods" (anonymous, under double-blind review, 2019), Sec. 2).
 
 Closure convention for ``curvature='gauss_newton'``: ``closure()`` returns ``(loss, outputs)``
 where ``outputs`` is the network output tensor and ``loss`` a convex function of it (cross

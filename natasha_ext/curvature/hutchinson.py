@@ -1,4 +1,5 @@
-"""Hutchinson's estimator of the Hessian diagonal (paper eq. 8) and AdaHessian's spatial average.
+"""Hutchinson's estimator of the Hessian diagonal and AdaHessian's spatial average
+(Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in non-convex optimization training a deep convolutional neural network" (EPFL, undated), eqs. 8-9).
 
     diag(H) = E_z[z * (H z)],   z Rademacher (+-1 with probability 1/2 each)
 
@@ -47,7 +48,7 @@ def hutchinson_diagonal(hvp: Callable[[List[torch.Tensor]], List[torch.Tensor]],
 
 
 def spatial_average(d: torch.Tensor, block_size: Optional[int] = None, abs_first: bool = True) -> torch.Tensor:
-    """AdaHessian's D^(s) for one tensor (paper eq. 9): the mean of |D| over each conv kernel
+    """AdaHessian's D^(s) for one tensor (Attias et al., eq. 9): the mean of |D| over each conv kernel
     (all dims after the first two, for 3-D, 4-D, 5-D ... weights) or over blocks of
     ``block_size`` consecutive elements of 1-D/2-D tensors. ``abs_first=False`` takes |mean D|
     instead of mean |D|. Same shape as ``d``."""

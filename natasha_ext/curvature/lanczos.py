@@ -1,7 +1,8 @@
 """Lanczos on the A-scaled curvature and the small problems on its tridiagonal matrix.
 
 With A = diag(a) the change of variables s = A^{-1/2} x turns ||s||_A into ||x||_2 and B into
-C = A^{-1/2} B A^{-1/2}, so the regularised models of the trust-region paper become Euclidean
+C = A^{-1/2} B A^{-1/2}, so the regularised models of
+"Adaptive norms for deep learning with regularized Newton methods" (anonymous, under double-blind review, 2019) become Euclidean
 ones in x. :func:`lanczos` builds an orthonormal Krylov basis Q of C (full re-orthogonalisation;
 the bases here are small) and the tridiagonal T = Q^T C Q. On T:
 

@@ -1,5 +1,6 @@
 """Steihaug-Toint truncated CG in the A-norm (preconditioned CG, Conn, Gould & Toint 2000,
-Alg. 7.5.1) for the trust-region subproblem of the ellipsoidal TR paper, eq. (7):
+Alg. 7.5.1) for the trust-region subproblem of
+"Adaptive norms for deep learning with regularized Newton methods" (anonymous, under double-blind review, 2019), eq. (7):
 
     min_s  m(s) = g^T s + 1/2 s^T B s    s.t.  ||s||_A = sqrt(s^T A s) <= radius,  A = diag(a).
 
