@@ -174,12 +174,16 @@ def plot_tuning(doc: Dict[str, Any], problem: str, path) -> None:
 
     tune = [r for r in doc["tuning"] if r["problem"] == problem]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 5))
-    for name in dict.fromkeys(r["optimizer"] for r in tune):
+    # twelve optimizers outrun a 10-colour cycle: a 20-colour map and alternating markers keep
+    # every curve distinguishable
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
+    for k, name in enumerate(dict.fromkeys(r["optimizer"] for r in tune)):
         rs = [r for r in tune if r["optimizer"] == name]
         ok = [r for r in rs if not r["diverged"]]
         label = f"{name} ({rs[0]['flag']})"
-        (ln,) = ax_acc.plot([r["value"] for r in ok], [r["val_acc"] for r in ok], marker="o", label=label)
-        ax_loss.plot([r["value"] for r in ok], [r["val_loss"] for r in ok], marker="o", color=ln.get_color())
+        style = dict(marker=markers[k % len(markers)], color=colours[(2 * k) % 20 + (k // 10) % 2])
+        (ln,) = ax_acc.plot([r["value"] for r in ok], [r["val_acc"] for r in ok], label=label, **style)
+        ax_loss.plot([r["value"] for r in ok], [r["val_loss"] for r in ok], **style)
         bad = [r["value"] for r in rs if r["diverged"]]
         if bad:
             ax_acc.plot(bad, [0.0] * len(bad), "x", color=ln.get_color(), markersize=8)
