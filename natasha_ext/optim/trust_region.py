@@ -196,6 +196,22 @@ class _RegularisedNewton(NatashaOptimizer):
         self.counters["loss_evals"] += 1
         return float(loss), saved
 
+    def _begin(self, closure, info: dict):
+        """The start both methods share: gradient (and graph) at x, the step's info record, and the
+        non-finite check. Returns (params, group 0, oracle, backprops per product, info); a
+        non-empty info["reason"] means the step was skipped (counted, graphs freed)."""
+        params = self._params()
+        self.check_grads(params)
+        oracle, bp_per = self._oracle(closure, params)
+        info = {**info, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
+        if not self.all_finite(oracle.grads + [oracle.loss.reshape(1)]):
+            info["reason"] = "nonfinite_gradient"
+            try:
+                self.skip_nonfinite("gradients")
+            finally:  # counted and the graphs freed also when raising
+                self._finish(oracle, bp_per, info, taken=False)
+        return params, self.param_groups[0], oracle, bp_per, info
+
     def _ratio(self, closure, params, step_vec, loss0, model, iters, reason, oracle, bp_per, info, backup):
         """rho = actual / predicted decrease of the step, from one loss evaluation at w + s.
         Returns (rho, trial loss, saved weights), or None when the step is already finished:
@@ -364,19 +380,9 @@ class TrustRegion(_RegularisedNewton):
         V.positive("cg_tol", group["cg_tol"])
 
     def step(self, closure: Callable = None):
-        params = self._params()
-        self.check_grads(params)
-        g0 = self.param_groups[0]
-        oracle, bp_per = self._oracle(closure, params)
-        loss0 = oracle.loss
-        grads = oracle.grads
-        info = {"radius": self.radius, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
-        if not self.all_finite(grads + [loss0.reshape(1)]):
-            info["reason"] = "nonfinite_gradient"
-            try:
-                self.skip_nonfinite("gradients")
-            finally:  # counted and the graphs freed also when raising
-                self._finish(oracle, bp_per, info, taken=False)
+        params, g0, oracle, bp_per, info = self._begin(closure, {"radius": self.radius})
+        loss0, grads = oracle.loss, oracle.grads
+        if info["reason"]:
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
@@ -537,18 +543,9 @@ class ARC(_RegularisedNewton):
         return unflatten(asq * x, a), val, len(lz.alphas)
 
     def step(self, closure: Callable = None):
-        params = self._params()
-        self.check_grads(params)
-        g0 = self.param_groups[0]
-        oracle, bp_per = self._oracle(closure, params)
+        params, g0, oracle, bp_per, info = self._begin(closure, {"sigma": self.sigma})
         loss0, grads = oracle.loss, oracle.grads
-        info = {"sigma": self.sigma, "rho": float("nan"), "accepted": False, "iters": 0, "reason": ""}
-        if not self.all_finite(grads + [loss0.reshape(1)]):
-            info["reason"] = "nonfinite_gradient"
-            try:
-                self.skip_nonfinite("gradients")
-            finally:  # counted and the graphs freed also when raising
-                self._finish(oracle, bp_per, info, taken=False)
+        if info["reason"]:
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
