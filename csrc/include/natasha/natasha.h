@@ -6,7 +6,8 @@
 
 namespace natasha {
 
-// Natasha1.5's gradient estimator (natasha2-pytorch-report Alg. 1 line 29 / Alg. 2 line 7):
+// Natasha1.5's gradient estimator (Liu, Liu, Liu & Li, Natasha2 PyTorch project report, Columbia,
+// undated, Alg. 1 line 29 / Alg. 2 line 7):
 //   d = g - g_snap + mu + reg * (x - x_hat)
 // reg = 2 sigma for the faithful estimator, sigma for the report's simplified one; the caller
 // passes g_snap = mu = 0 when those terms are absent.
