@@ -13,6 +13,7 @@ switch, after K-FAC inverse refreshes (``inv_every=2``), across trust-region rad
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -219,3 +220,33 @@ def state_tensors(opt) -> List[torch.Tensor]:
     walk(dict(opt.state))
     walk(opt.extra_state())
     return out
+
+
+def roundtrip(obj):
+    """``obj`` through torch.save / torch.load(weights_only=True), as a checkpoint travels."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def resumed_run(case, pb: "Problem", n: int, *, init_seed: int, opt_seed: int, after_load=None):
+    """The resume experiment: 2n steps straight (reference) and n steps + a weights_only checkpoint
+    into a FRESH model and optimizer (model init ``init_seed``, optimizer seed ``opt_seed``) + n
+    steps. ``after_load(model, opt)`` runs right after the load. Returns (m_ref, o_ref, m2, o2)."""
+    m_ref = pb.model()
+    o_ref = case.make(m_ref)
+    case.run(pb, m_ref, o_ref, 0, 2 * n)
+    m1 = pb.model()
+    o1 = case.make(m1)
+    case.run(pb, m1, o1, 0, n)
+    ckpt = roundtrip({"model": m1.state_dict(), "optim": o1.state_dict()})
+    del m1, o1
+    m2 = pb.model(init_seed=init_seed)
+    o2 = case.make(m2, seed=opt_seed)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["optim"])
+    if after_load is not None:
+        after_load(m2, o2)
+    case.run(pb, m2, o2, n, 2 * n)
+    return m_ref, o_ref, m2, o2

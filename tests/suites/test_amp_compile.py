@@ -15,13 +15,12 @@
     - torch.optim's own step wrapper (profiling hooks: "step_unsupported").
   The fused ops themselves carry fake kernels: no graph break is located in natasha_ext/ops.
 """
-import io
 
 import pytest
 import torch
 
 from natasha_ext import amp, ops
-from tests.suites.optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, case_params, flat_params, state_tensors
+from tests.suites.optimizer_zoo import ZOO, ZOO_BY_NAME, Problem, case_params, flat_params, resumed_run, state_tensors
 
 LOW = [torch.bfloat16, torch.float16]
 # state that is a copy of the parameters themselves may keep their dtype (Natasha's x_tilde)
@@ -54,25 +53,14 @@ def test_low_precision_params_keep_fp32_state(case, dtype):
 @case_params()
 def test_bf16_resume_is_bit_identical(case):
     pb, n = Problem(dtype=torch.bfloat16), case.resume_steps
-    m_ref = pb.model()
-    o_ref = case.make(m_ref)
-    case.run(pb, m_ref, o_ref, 0, 2 * n)
-    m1 = pb.model()
-    o1 = case.make(m1)
-    case.run(pb, m1, o1, 0, n)
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "optim": o1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m2 = pb.model(init_seed=5)
-    o2 = case.make(m2, seed=4321)
-    m2.load_state_dict(ckpt["model"])
-    o2.load_state_dict(ckpt["optim"])
-    for p in m2.parameters():
-        for k, v in o2.state[p].items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1 and k not in PARAM_COPIES:
-                assert v.dtype == torch.float32, f"state {k!r} came back as {v.dtype}"
-    case.run(pb, m2, o2, n, 2 * n)
+
+    def state_kept_fp32(m2, o2):
+        for p in m2.parameters():
+            for k, v in o2.state[p].items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1 and k not in PARAM_COPIES:
+                    assert v.dtype == torch.float32, f"state {k!r} came back as {v.dtype}"
+
+    m_ref, _, m2, _ = resumed_run(case, pb, n, init_seed=5, opt_seed=4321, after_load=state_kept_fp32)
     assert torch.equal(flat_params(m_ref), flat_params(m2))
 
 

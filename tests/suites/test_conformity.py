@@ -5,7 +5,6 @@ fused=True/None/False, and bad input (hyperparameters, sparse gradients, complex
 mixed devices/dtypes, closures that break the convention)."""
 import copy
 import inspect
-import io
 import math
 import pickle
 
@@ -16,14 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from natasha_ext import _backend, ops
-from tests.suites.optimizer_zoo import ZOO, Problem, case_params, flat_params, state_tensors
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+from tests.suites.optimizer_zoo import ZOO, Problem, case_params, flat_params, resumed_run, roundtrip, state_tensors
 
 
 def assert_same(a, b, path="state"):
@@ -62,21 +54,7 @@ def test_resume_is_bit_identical(case):
     """2N steps == N steps + torch.save/torch.load(weights_only=True) into a FRESH model and
     optimizer (other init, other seed) + N steps."""
     pb, n = Problem(), case.resume_steps
-    m_ref = pb.model()
-    o_ref = case.make(m_ref)
-    case.run(pb, m_ref, o_ref, 0, 2 * n)
-
-    m1 = pb.model()
-    o1 = case.make(m1)
-    case.run(pb, m1, o1, 0, n)
-    ckpt = roundtrip({"model": m1.state_dict(), "optim": o1.state_dict()})
-    del m1, o1
-
-    m2 = pb.model(init_seed=123)
-    o2 = case.make(m2, seed=98765)
-    m2.load_state_dict(ckpt["model"])
-    o2.load_state_dict(ckpt["optim"])
-    case.run(pb, m2, o2, n, 2 * n)
+    m_ref, o_ref, m2, o2 = resumed_run(case, pb, n, init_seed=123, opt_seed=98765)
 
     assert torch.equal(flat_params(m_ref), flat_params(m2))
     assert_same(o_ref.state_dict(), o2.state_dict())
