@@ -291,15 +291,7 @@ class _KroneckerFamily(NatashaOptimizer):
     def _precondition(self, idx: List[int], ts: List[torch.Tensor]):
         """(U list, [L, 3] reductions) for the layers idx."""
         return self.curvature.precondition(ts, [self.state[self._layers[i].weight] for i in idx],
-                                           [self._factor_damping(i) for i in idx], self._list_fused(ts))
-
-    def _list_fused(self, ts: List[torch.Tensor]) -> Optional[bool]:
-        """``fused`` for an op over all preconditioned layers at once: the request, except that
-        fp32 and fp64 layers together take the reference under fused=None (the kernels take one
-        dtype per list; fused=True with mixed dtypes is refused by :meth:`attach`)."""
-        if self.fused is None and len({t.dtype for t in ts}) > 1:
-            return False
-        return self.fused
+                                           [self._factor_damping(i) for i in idx], self.fused)
 
     def _direction(self, nat, ts, red, scale) -> None:
         """The natural gradient: d = nu U (KL clip)."""
@@ -514,7 +506,7 @@ class _AsymptoticBlend:
 
     def _direction(self, nat, ts, red, scale) -> None:
         self.last_coefficients = ops.ang_combine_(nat, ts, red, scale, self.current_lambda(), self.per_layer,
-                                                  fused=self._list_fused(ts))
+                                                  fused=self.fused)
 
 
 @shared_args_doc
