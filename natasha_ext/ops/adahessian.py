@@ -38,11 +38,6 @@ def spatial_group_size(shape: Sequence[int], block_size: Optional[int] = None) -
     return int(block_size) if block_size else 1
 
 
-# Older names of "the kernels are there" kept for callers outside this package's ops layer; the
-# library is built from the same tree as this module (setup.py), so the ops always exist.
-_HAS_HUTCHINSON = _HAS_STEP = True
-
-
 def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int, offset: int, *,
                      alpha: float = 1.0, accumulate: bool = False, fused: Optional[bool] = None) -> None:
     """``diag += alpha * z * hz`` (``=`` when not ``accumulate``), z the Rademacher draw of the

@@ -28,12 +28,6 @@ TR_MODES = {"spherical": reference.TR_SPHERICAL, "rmsprop": reference.TR_RMSPROP
             "adagrad": reference.TR_ADAGRAD}
 
 
-def _has_op(name: str) -> bool:
-    """Kept for callers of the older build guard: the library is built from this tree, so every
-    op exists when it is loaded."""
-    return hasattr(torch.ops.natasha, name)
-
-
 def _use_kernel(op: str, fused: Optional[bool], inputs_name: str, inputs: List[torch.Tensor],
                 state: List[tuple]) -> bool:
     """The kernels take one input dtype and contiguous state lists of its accumulation dtype."""

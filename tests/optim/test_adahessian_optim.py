@@ -12,11 +12,9 @@ import torch.nn.functional as F
 
 from natasha_ext.curvature import HVP, hutchinson_diagonal
 from natasha_ext.ops import PhiloxStream
-from natasha_ext.ops import adahessian as aops
 from natasha_ext.optim import AdaHessian, HybridSGDAdaHessian
 
-FUSED = [False] + ([True] if aops._HAS_STEP and aops._HAS_HUTCHINSON and __import__("natasha_ext").ops.fused_available()
-                   else [])
+FUSED = [False] + ([True] if __import__("natasha_ext").ops.fused_available() else [])
 
 
 # ------------------------------------------------------------------ small problems
