@@ -38,6 +38,7 @@ def spatial_group_size(shape: Sequence[int], block_size: Optional[int] = None) -
     return int(block_size) if block_size else 1
 
 
+@torch.no_grad()
 def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int, offset: int, *,
                      alpha: float = 1.0, accumulate: bool = False, fused: Optional[bool] = None) -> None:
     """``diag += alpha * z * hz`` (``=`` when not ``accumulate``), z the Rademacher draw of the
@@ -58,6 +59,7 @@ def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int
     writeback()
 
 
+@torch.no_grad()
 def hutchinson_diag(hz: List[torch.Tensor], seed: int, offset: int, *, fused: Optional[bool] = None
                     ) -> List[torch.Tensor]:
     """z * hz as new fp32 (fp64 for fp64) tensors; see :func:`hutchinson_diag_`."""
@@ -66,6 +68,7 @@ def hutchinson_diag(hz: List[torch.Tensor], seed: int, offset: int, *, fused: Op
     return out
 
 
+@torch.no_grad()
 def adahessian_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg: List[torch.Tensor],
                     exp_hess_sq: List[torch.Tensor], curv: List[torch.Tensor], group_sizes: List[int], *,
                     curv_mode: int, abs_first: bool = True, seed: int = 0, offset: int = 0, lr: float,

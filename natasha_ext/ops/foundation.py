@@ -10,6 +10,7 @@ from natasha_ext.ops._dispatch import (acc_dtype, check_tensor_list, contiguous,
                                        use_kernel)
 
 
+@torch.no_grad()
 def rademacher_(tensors: List[torch.Tensor], seed: int, offset: int, *, fused: Optional[bool] = None) -> None:
     """Fill every tensor with +-1 drawn from the Philox stream (seed, offset), bit-identical on
     CPU, CUDA and the reference. The stream treats the list as one concatenated vector; the
@@ -25,6 +26,7 @@ def rademacher_(tensors: List[torch.Tensor], seed: int, offset: int, *, fused: O
     writeback()
 
 
+@torch.no_grad()
 def global_norm(tensors: List[torch.Tensor], *, fused: Optional[bool] = None) -> torch.Tensor:
     """sqrt(sum_i ||t_i||^2) over the list as a 0-dim tensor (fp32; fp64 when tensors[0] is fp64),
     without a host sync. The tensors may have different dtypes."""

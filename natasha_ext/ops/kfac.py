@@ -42,6 +42,7 @@ def _not_contiguous(name: str, ts: Sequence[torch.Tensor]) -> Optional[str]:
     return None if i is None else f"{name}[{i}] is not contiguous (updated in place)"
 
 
+@torch.no_grad()
 def kfac_factor_ema_(factors: List[torch.Tensor], rows: List[torch.Tensor], scales: Sequence[float],
                      decay: float, *, fused: Optional[bool] = None) -> None:
     """factor_i <- decay * factor_i + (1 - decay) * scales[i] * rows_i^T rows_i (in place).
@@ -68,6 +69,7 @@ def kfac_factor_ema_(factors: List[torch.Tensor], rows: List[torch.Tensor], scal
     torch.ops.natasha.kfac_factor_ema_(list(factors), contiguous(rows), [float(s) for s in scales], decay=float(decay))
 
 
+@torch.no_grad()
 def kfac_precondition(grads: List[torch.Tensor], g_inv: List[torch.Tensor], a_inv: List[torch.Tensor], *,
                       fused: Optional[bool] = None):
     """(U, reductions): U_i = G_inv_i T_i A_inv_i and the [L, 3] reductions
@@ -84,6 +86,7 @@ def kfac_precondition(grads: List[torch.Tensor], g_inv: List[torch.Tensor], a_in
     return list(outs), red
 
 
+@torch.no_grad()
 def kfac_smw_apply(grads: List[torch.Tensor], ya: List[torch.Tensor], yg: List[torch.Tensor],
                    damping, *, fused: Optional[bool] = None):
     """(U, reductions) with U_i = (lam I + YG_i^T YG_i)^-1 T_i (lam I + YA_i^T YA_i)^-1 applied by
@@ -106,6 +109,7 @@ def kfac_smw_apply(grads: List[torch.Tensor], ya: List[torch.Tensor], yg: List[t
     return list(outs), red
 
 
+@torch.no_grad()
 def ang_combine_(nat: List[torch.Tensor], grads: List[torch.Tensor], reductions: torch.Tensor,
                  scale: Optional[torch.Tensor] = None, lam: float = 0.0, per_layer: bool = False, *,
                  fused: Optional[bool] = None) -> torch.Tensor:

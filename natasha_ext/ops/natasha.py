@@ -15,6 +15,7 @@ from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tenso
 __all__ = ["svrg_step_", "oja_step_", "svrg_step", "oja_step"]
 
 
+@torch.no_grad()
 def svrg_step_(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: List[torch.Tensor],
                avg_sum: List[torch.Tensor], *, lr: float, reg: float, snapshot_grads: Optional[List[torch.Tensor]] = None,
                mu: Optional[List[torch.Tensor]] = None, finalize: int = 0, center: Optional[List[torch.Tensor]] = None,
@@ -56,6 +57,7 @@ def svrg_step_(params: List[torch.Tensor], grads: List[torch.Tensor], anchor: Li
     return out
 
 
+@torch.no_grad()
 def oja_step_(v: List[torch.Tensor], hv: List[torch.Tensor], scale: torch.Tensor, eta: float, *,
               fused: Optional[bool] = None) -> torch.Tensor:
     """w <- scale (w - eta H w) over the list in one pass (``v`` holds w, ``hv`` = H w, ``scale`` =

@@ -47,6 +47,7 @@ def _check(name, lists):
         raise RuntimeError(f"{name}: all tensors must share one device, got {sorted(map(str, devs))}")
 
 
+@torch.no_grad()
 def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tensor], r: List[torch.Tensor],
                 p: List[torch.Tensor], grads: List[torch.Tensor], beta: float, eps: float, mode: str | int,
                 *, fused: Optional[bool] = None) -> torch.Tensor:
@@ -62,6 +63,7 @@ def tr_cg_init_(v: List[torch.Tensor], a: List[torch.Tensor], s: List[torch.Tens
     return reference.tr_cg_init_(v, a, s, r, p, grads, beta, eps, m)
 
 
+@torch.no_grad()
 def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor], a: List[torch.Tensor],
             *, fused: Optional[bool] = None) -> torch.Tensor:
     """[p^T B p, r^T p, r^T A^{-1} Bp, Bp^T A^{-1} Bp] as a 1-D tensor of 4 (no host sync)."""
@@ -72,6 +74,7 @@ def cg_dots(p: List[torch.Tensor], Bp: List[torch.Tensor], r: List[torch.Tensor]
     return reference.cg_dots(p, Bp, r, a)
 
 
+@torch.no_grad()
 def cg_step_(s: List[torch.Tensor], r: List[torch.Tensor], p: List[torch.Tensor], Bp: List[torch.Tensor],
              a: List[torch.Tensor], alpha: float, beta: float, *, fused: Optional[bool] = None) -> torch.Tensor:
     """s += alpha p; r += alpha Bp; p = -r/a + beta p. Returns [r^T A^{-1} r, s^T A s, s^T A p, p^T A p]."""
