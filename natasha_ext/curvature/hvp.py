@@ -32,7 +32,7 @@ Loss scaling (fp16 training): inside ``loss_scale(S)`` the engines differentiate
 and divide the result by ``S`` (``natasha_ext.amp.scaled_step`` drives it from a
 ``torch.amp.GradScaler``); an overflow shows up as inf/NaN in the unscaled gradient, which the
 optimizers' non-finite check turns into a skipped step. A closure that calls backward itself
-differentiates its own loss: its ``.grad`` is taken as it is (no scale applied or removed).
+differentiates its own, unscaled loss: refused inside ``loss_scale``.
 
 Engines:
   * ``'exact'``: double backward, Hv = d(g.v)/dx on the graph of g (one extra backward).
@@ -136,6 +136,9 @@ def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "
     if loss.numel() != 1:
         raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
     if written is not None:
+        if _LOSS_SCALE.get() is not None:
+            raise ValueError("loss scaling (natasha_ext.amp.scaled_step) scales the loss the optimizer differentiates, "
+                             f"but the closure called backward() on its own loss: {PACKAGE_CONVENTION}")
         loss = loss.detach().reshape(())
         loss._closure_grads = written
         return loss

@@ -51,9 +51,9 @@ def package_twin(case):
 
 def snapshot(model, opt):
     """What a refused step must leave alone: parameters, counters, the Philox stream and the
-    per-parameter state (the state a first step creates lazily aside: Natasha2 sets it up
-    before it evaluates the closure)."""
-    state = {k: v for k, v in opt.state_dict()["state"].items() if type(opt).__name__ != "Natasha2"}
+    per-parameter state (the state a first step creates lazily aside: Natasha15/Natasha2 set it
+    up before they evaluate the closure)."""
+    state = {k: v for k, v in opt.state_dict()["state"].items() if not type(opt).__name__.startswith("Natasha")}
     return [p.detach().clone() for p in model.parameters()], repr(opt.counters), repr(opt.rng.state_dict()), repr(state)
 
 
@@ -200,3 +200,21 @@ def test_a_detached_loss_without_backward_names_both_conventions(case):
     with pytest.raises(ValueError, match=r"without grad_fn and wrote no gradient.*without calling backward.*"
                                          r"loss\.backward\(\)"):
         opt.step(lambda: F.mse_loss(model(x), y).detach())
+
+
+@case_params([c for c in HESSIAN if c.cls in ("Natasha15", "KFAC", "AdaHessian")][::2])
+def test_loss_scaling_with_a_backward_closure_is_refused(case):
+    """natasha_ext.amp.scaled_step scales the loss the optimizer differentiates; a closure whose
+    own backward ran on the unscaled loss is refused, with nothing changed."""
+    from natasha_ext import amp
+
+    problem = Problem()
+    model = problem.model()
+    kw = {"grad_scaler": torch.amp.GradScaler("cpu", init_scale=1024.0)} if case.takes_model else {}
+    opt = case.make(model, **kw)
+    scaler = kw.get("grad_scaler") or torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"loss scaling.*called backward\(\)"):
+        amp.scaled_step(opt, backward_closure(problem, model, opt, 0), scaler)
+    after = snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0])) and after[1:] == before[1:]
