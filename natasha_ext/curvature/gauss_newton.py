@@ -50,7 +50,8 @@ class GaussNewton:
         self.n_hvp, self.n_grad = 0, 1
         self._scale = _hvp._LOSS_SCALE.get()
         with torch.enable_grad():
-            loss, out = split_closure_output(closure())
+            out = _hvp.closure_output(closure, "curvature='gauss_newton' (use 'hessian' with such a closure)")
+            loss, out = split_closure_output(out)
             self._out = out
             scaled = loss if self._scale is None else loss * self._scale
             # dl/dout of the (scaled) loss; H_l J v below is taken through it, then unscaled

@@ -1,9 +1,27 @@
 """Gradients and Hessian-vector products from a loss closure: the engines every second-order
 optimizer of the package shares.
 
-Closure convention: ``closure()`` evaluates the loss on the current minibatch and returns it
-*without* calling backward; the engines differentiate with ``torch.autograd.grad`` and keep no
-graph alive after they return (no ``create_graph=True`` leak into ``.grad``).
+Two closure conventions, told apart at every evaluation (see :func:`watching`):
+
+* the package's: ``closure()`` evaluates the loss on the current minibatch and returns it
+  *without* calling backward; the engines differentiate with ``torch.autograd.grad`` and keep no
+  graph alive after they return (no ``create_graph=True`` leak into ``.grad``). Every engine
+  works with it.
+* torch.optim's (``torch.optim.LBFGS``, PyTorch Lightning's automatic optimization):
+  ``closure()`` zeroes the gradients, evaluates the loss, calls ``backward()`` and returns the
+  loss (with or without its spent graph). The gradient is then read from ``.grad``; a
+  Hessian-vector product is a finite difference of two such gradients (``hvp='auto'`` picks it,
+  ``hvp='exact'`` is refused: the graph is gone); a loss-only evaluation (a trial point) runs the
+  closure with grad enabled, since its backward needs the graph; Gauss-Newton products, which
+  need the outputs' graph, are refused.
+
+Inside an optimizer's ``step()`` the parameters' ``.grad`` are set to None before each closure
+call and read afterwards: a closure that wrote a gradient ran backward (a package-convention
+closure never does, whether or not its loss has a ``grad_fn``). The first evaluation of a step
+leaves its gradient in ``.grad`` (as ``loss.backward(); opt.step()`` would); later ones (finite
+differences, snapshots, trial points) put ``.grad`` back as it was. Each evaluation's gradient is
+that evaluation's alone, so gradient accumulation across calls (Lightning's
+``accumulate_grad_batches > 1``) is not supported.
 
 Multi-process: while an optimizer with a process group runs ``step()`` (see
 :mod:`natasha_ext.distributed`), the gradients and HVPs these engines return are averaged across
@@ -13,12 +31,15 @@ left local, since what is differentiated afterwards is averaged instead.
 Loss scaling (fp16 training): inside ``loss_scale(S)`` the engines differentiate ``S * loss``
 and divide the result by ``S`` (``natasha_ext.amp.scaled_step`` drives it from a
 ``torch.amp.GradScaler``); an overflow shows up as inf/NaN in the unscaled gradient, which the
-optimizers' non-finite check turns into a skipped step.
+optimizers' non-finite check turns into a skipped step. A closure that calls backward itself
+differentiates its own, unscaled loss: refused inside ``loss_scale``.
 
 Engines:
   * ``'exact'``: double backward, Hv = d(g.v)/dx on the graph of g (one extra backward).
   * ``'finite_difference'``: Hv ~ (g(x + q v) - g(x)) / q, one extra gradient; the parameters
     are restored bit-exactly afterwards.
+  * ``'auto'``: ``'exact'`` for the package's closures, ``'finite_difference'`` for closures that
+    call backward.
 """
 from __future__ import annotations
 
@@ -30,9 +51,14 @@ import torch
 
 from natasha_ext import distributed
 
-HVP_METHODS = ("exact", "finite_difference")
+HVP_METHODS = ("auto", "exact", "finite_difference")
 
 _LOSS_SCALE: contextvars.ContextVar = contextvars.ContextVar("natasha_ext_loss_scale", default=None)
+_WATCH: contextvars.ContextVar = contextvars.ContextVar("natasha_ext_closure_watch", default=None)
+
+#: the two conventions, as the errors state them
+PACKAGE_CONVENTION = "return the loss without calling backward (the optimizer differentiates it)"
+BACKWARD_CONVENTION = "zero the gradients, call loss.backward() and return the loss (torch.optim's convention)"
 
 
 @contextlib.contextmanager
@@ -45,22 +71,104 @@ def loss_scale(scale: Optional[float]):
         _LOSS_SCALE.reset(token)
 
 
+class _Watch:
+    """The parameters whose ``.grad`` tell the conventions apart during one step, and whether
+    an evaluation of this step has already left its gradient in ``.grad``."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params, self.kept = [p for p in params if p.requires_grad], False
+
+
+@contextlib.contextmanager
+def watching(params: Sequence[torch.Tensor]):
+    """Recognise closures that call backward among the evaluations inside the block (every
+    optimizer's ``step()`` runs in one, over its parameters; see the module docstring)."""
+    token = _WATCH.set(_Watch(params))
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
+
+
+def _run(closure: Callable, grad: bool = True):
+    """``closure()`` with the watched ``.grad`` set to None first; returns (output, the
+    gradients it wrote by ``id`` of the parameter, or None when it wrote none)."""
+    watch = _WATCH.get()
+    params = watch.params if watch is not None else []
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    keep = False
+    try:
+        with torch.set_grad_enabled(grad):
+            out = closure()
+        written = {id(p): p.grad.detach() for p in params if p.grad is not None}
+        if not written:
+            return out, None
+        keep = not watch.kept  # the step's first gradient stays in .grad, as after loss.backward()
+        watch.kept = True
+        if keep:
+            for p in params:
+                if p.grad is not None and p.grad.requires_grad:  # backward(create_graph=True): cut the graph
+                    p.grad = p.grad.detach()
+        return out, written
+    finally:
+        if not keep:
+            for p, g in zip(params, saved):
+                p.grad = g
+
+
+def called_backward(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` came from a closure that called backward itself (gradient in ``.grad``)."""
+    return hasattr(loss, "_closure_grads")
+
+
 def evaluate_closure(closure: Optional[Callable[[], torch.Tensor]], who: str = "step") -> torch.Tensor:
-    """Run the closure with grad enabled and check it returns a differentiable scalar."""
+    """Run the closure with grad enabled and check it returns a scalar loss that either carries
+    its graph (package convention) or came with gradients in ``.grad`` (the closure called
+    backward: the returned loss is detached and :func:`gradients` reads those)."""
     if closure is None:
-        raise RuntimeError(f"{who}() needs a closure: closure() must evaluate the model on the current "
-                           "minibatch and return the loss tensor (without calling backward)")
-    with torch.enable_grad():
-        loss = closure()
+        raise RuntimeError(f"{who}() needs a closure: closure() must evaluate the model on the current minibatch and "
+                           f"either {PACKAGE_CONVENTION} or {BACKWARD_CONVENTION}")
+    loss, written = _run(closure)
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"closure must return a Tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
+    if written is not None:
+        if _LOSS_SCALE.get() is not None:
+            raise ValueError("loss scaling (natasha_ext.amp.scaled_step) scales the loss the optimizer differentiates, "
+                             f"but the closure called backward() on its own loss: {PACKAGE_CONVENTION}")
+        loss = loss.detach().reshape(())
+        loss._closure_grads = written
+        return loss
     if loss.grad_fn is None:
-        raise ValueError("closure returned a tensor without grad_fn: the loss must depend on the "
-                         "parameters through autograd (did it run under torch.no_grad or call .detach?)")
+        raise ValueError("closure returned a tensor without grad_fn and wrote no gradient: either "
+                         f"{PACKAGE_CONVENTION}, with the loss depending on the parameters through autograd (not under "
+                         f"torch.no_grad, not .detach()ed), or {BACKWARD_CONVENTION}")
     with torch.enable_grad():  # a view taken under no_grad (e.g. a @torch.no_grad step) loses grad_fn
         return loss.reshape(())
+
+
+def evaluate_loss(closure: Callable):
+    """The closure's output where only the loss value is needed (a trial point): under no_grad,
+    or, once this step has seen the closure call backward, with grad enabled (its backward needs
+    the graph) and ``.grad`` put back afterwards."""
+    watch = _WATCH.get()
+    out, _ = _run(closure, grad=watch is not None and watch.kept)
+    if isinstance(out, (tuple, list)):
+        return type(out)(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+    return out.detach() if isinstance(out, torch.Tensor) else out
+
+
+def closure_output(closure: Callable, needs: str):
+    """The raw output of a closure whose graph the caller differentiates itself (``needs`` names
+    the setting that requires it); a closure that called backward is refused."""
+    out, written = _run(closure)
+    if written is not None:
+        raise ValueError(f"{needs} needs the graph of the closure's outputs, but the closure called backward(), "
+                         f"which frees it: {PACKAGE_CONVENTION}")
+    return out
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
@@ -68,18 +176,37 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
     """d loss / d params; parameters the loss does not reach get zeros. Averaged across the
     active process group unless ``create_graph``. When ``unused`` is a list, the indices of the
     parameters the loss does not reach are appended to it (not while a process group is active:
-    another rank's loss may reach them), so an optimizer can leave them alone as torch.optim does."""
-    scale = _LOSS_SCALE.get()
-    gs = torch.autograd.grad(loss if scale is None else loss * scale, list(params), create_graph=create_graph,
-                             retain_graph=retain_graph, allow_unused=True)
+    another rank's loss may reach them), so an optimizer can leave them alone as torch.optim does.
+    For a loss from a closure that called backward, the gradients it wrote to ``.grad``."""
+    if called_backward(loss):
+        if create_graph:
+            raise ValueError(f"create_graph: the closure called backward(), so no graph is left; {PACKAGE_CONVENTION}")
+        gs = [loss._closure_grads.get(id(p)) for p in params]
+    else:
+        scale = _LOSS_SCALE.get()
+        gs = torch.autograd.grad(loss if scale is None else loss * scale, list(params), create_graph=create_graph,
+                                 retain_graph=retain_graph, allow_unused=True)
+        if scale is not None:  # unscale (differentiably when the graph is kept, so H v comes out unscaled)
+            gs = [None if g is None else g / scale for g in gs]
     if unused is not None and distributed.active_group() is None:
         unused.extend(i for i, g in enumerate(gs) if g is None)
     gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
-    if scale is not None:  # unscale (differentiably when the graph is kept, so H v comes out unscaled)
-        gs = [g / scale for g in gs]
     if create_graph:
         return gs
     return distributed.all_reduce_mean(gs)
+
+
+def resolve_method(method: str, loss: torch.Tensor) -> str:
+    """The HVP engine for ``method`` and the closure that produced ``loss`` ('auto': exact for
+    the package convention, finite differences for a closure that called backward)."""
+    if method not in HVP_METHODS:
+        raise ValueError(f"hvp must be one of {HVP_METHODS}, got {method!r}")
+    if not called_backward(loss):
+        return "exact" if method == "auto" else method
+    if method == "exact":
+        raise ValueError("hvp='exact' differentiates the loss's graph twice, but the closure called backward(), so no "
+                         f"graph is left: pass hvp='finite_difference' (or 'auto'), or {PACKAGE_CONVENTION}")
+    return "finite_difference"
 
 
 class HVP:
@@ -89,17 +216,20 @@ class HVP:
     >>> h.loss, h.grads          # loss and gradient (detached)
     >>> hv = h(v)                # H v, as many times as needed
     >>> h.release()              # frees the double-backward graph (also on garbage collection)
+
+    ``h.method`` is the engine in use ('auto' resolved by :func:`resolve_method`).
     """
 
     def __init__(self, closure: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
                  method: str = "exact", fd_eps: float = 1e-4):
         if method not in HVP_METHODS:
             raise ValueError(f"hvp must be one of {HVP_METHODS}, got {method!r}")
-        self.closure, self.params, self.method, self.fd_eps = closure, list(params), method, fd_eps
+        self.closure, self.params, self.fd_eps = closure, list(params), fd_eps
         self.n_hvp = 0
         self.n_grad = 1
         self.unused: List[int] = []  # indices of the params the loss does not reach (see gradients)
         loss = evaluate_closure(closure)
+        self.method = method = resolve_method(method, loss)
         if method == "exact":
             self._g_graph = gradients(loss, self.params, create_graph=True, unused=self.unused)
             self.grads = distributed.all_reduce_mean([g.detach() for g in self._g_graph])

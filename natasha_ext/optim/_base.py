@@ -14,6 +14,11 @@
   hyperparameters in ``__init__``, ``add_param_group``, every ``step`` and ``load_state_dict``.
 * ``load_state_dict`` checks everything first (class tag, group keys and values, state shapes)
   and either loads all of it or changes nothing.
+* Closures: ``step()`` runs inside :func:`natasha_ext.curvature.hvp.watching` over the
+  optimizer's parameters, so the engines accept both closure conventions (the package's, which
+  returns the loss without backward, and torch.optim's/Lightning's, which calls backward) and
+  refuse, naming the argument, the settings that need the package's (``hvp='exact'``,
+  ``curvature='gauss_newton'``).
 * An optional ``process_group`` (``set_process_group``): while ``step()`` runs, the shared
   curvature engines average losses, gradients and HVPs across it (see
   :mod:`natasha_ext.distributed`); the Philox seed is broadcast when the group is attached.
@@ -28,6 +33,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from natasha_ext import distributed, ops
+from natasha_ext.curvature import hvp
 from natasha_ext.ops import PhiloxStream
 from natasha_ext.precision import accumulation_dtype
 
@@ -100,13 +106,16 @@ class NatashaOptimizer(torch.optim.Optimizer):
         def step_with_group(self, *args, **kw):
             self._check_groups()  # the group dicts may have been edited (LR schedulers, users)
             group = getattr(self, "_process_group", None)
+            # the engines tell the two closure conventions apart by these parameters' .grad
+            watch = hvp.watching([p for g in self.param_groups for p in g["params"]])
             if group is None or distributed.active_group() is group:  # none, or a nested super().step
-                return step(self, *args, **kw)
+                with watch:
+                    return step(self, *args, **kw)
             if args:
                 args = (distributed.wrap_closure(args[0], group),) + tuple(args[1:])
             elif kw.get("closure") is not None:
                 kw["closure"] = distributed.wrap_closure(kw["closure"], group)
-            with distributed.using_group(group):
+            with distributed.using_group(group), watch:
                 return step(self, *args, **kw)
 
         step_with_group._natasha_group_wrapped = True
@@ -222,7 +231,7 @@ class NatashaOptimizer(torch.optim.Optimizer):
         """The error of ``step()`` called without a closure when no parameter has a gradient
         (a silent no-op would hide a forgotten closure)."""
         return RuntimeError(f"{type(self).__name__}.step() got no closure and no parameter has a gradient: pass "
-                            f"step(closure) (closure() returns the loss without calling backward) or {usage}")
+                            f"step(closure) (closure() returns the loss, with or without calling backward) or {usage}")
 
     def all_finite(self, tensors: List[torch.Tensor]) -> bool:
         """One host sync: True when every element of ``tensors`` is finite."""

@@ -67,7 +67,8 @@ class AdaHessian(NatashaOptimizer):
         block_size: the paper's block average b for 1-D/2-D tensors (default None: none). Conv
             weights (3-D and more) always average over their kernel dims.
         hvp: 'exact' (double backward) or 'finite_difference' (one extra gradient per probe;
-            closure mode only).
+            closure mode only); 'auto' (default): exact, or finite differences for a closure
+            that calls backward itself (see :mod:`natasha_ext.curvature.hvp`).
         abs_before_average: True (the original implementation): D^(s) = mean |D|;
             False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
         {shared_args}
@@ -90,7 +91,7 @@ class AdaHessian(NatashaOptimizer):
 
     def __init__(self, params, lr: float = 0.15, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
-                 block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
+                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
                  raise_on_nonfinite: bool = False, process_group=None, _extra_defaults: Optional[dict] = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
@@ -239,7 +240,7 @@ class AdaHessian(NatashaOptimizer):
                                                   fused=self.fused)
                     del hz
                 self.counters["hvps"] += n
-                if self.hvp == "finite_difference" and closure is not None:
+                if closure is not None and engine.method == "finite_difference":
                     self.counters["gradients"] += n
         finally:
             if engine is not None:
@@ -317,7 +318,7 @@ class HybridSGDAdaHessian(AdaHessian):
     def __init__(self, params, switch_threshold: float = 1.0, sgd_lr: float = 0.005, momentum: float = 0.9,
                  lr: float = 0.001, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
-                 block_size: Optional[int] = None, hvp: str = "exact", abs_before_average: bool = True,
+                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = True,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         V._num("switch_threshold", switch_threshold)

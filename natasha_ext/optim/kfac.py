@@ -68,7 +68,9 @@ Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)
     loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
 
 ``step(closure)`` also works: ``closure()`` returns the loss without calling backward and the
-optimizer differentiates it (setting ``.grad``). Statistics are captured only in forward passes
+optimizer differentiates it (setting ``.grad``), or it calls backward itself (torch.optim's
+convention, PyTorch Lightning's automatic optimization) and the hooks see that pass.
+Statistics are captured only in forward passes
 run with grad enabled while ``opt.collecting`` is True (on steps that are multiples of
 ``cov_every``), and they must be followed by a backward pass before ``step()``.
 
@@ -86,7 +88,7 @@ import torch
 import torch.nn as nn
 
 from natasha_ext import ops
-from natasha_ext.curvature.hvp import evaluate_closure, gradients
+from natasha_ext.curvature.hvp import called_backward, evaluate_closure, gradients
 from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
@@ -327,7 +329,8 @@ class _KroneckerFamily(NatashaOptimizer):
             col.clear()
             loss = evaluate_closure(closure)
             live = [p for p in params if p.requires_grad]
-            reached = _reached_leaves(loss)
+            # the leaves the loss reaches (a closure that called backward: those it wrote .grad to)
+            reached = {p for p in live if p.grad is not None} if called_backward(loss) else _reached_leaves(loss)
             with torch.enable_grad():  # the engine may scale the loss (AMP): keep the graph
                 gs = gradients(loss, live)
             for p, g in zip(live, gs):

@@ -58,7 +58,7 @@ from typing import Callable, List, Optional
 import torch
 
 from natasha_ext import distributed, ops
-from natasha_ext.curvature import HVP, evaluate_closure, gradients, oja_min_eigenvector
+from natasha_ext.curvature import HVP, HVP_METHODS, evaluate_closure, gradients, oja_min_eigenvector
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 from natasha_ext.precision import accumulation_dtype
@@ -341,8 +341,9 @@ class Natasha2(_NatashaEpochs):
         L (float): smoothness L in F^k(x) = f(x) + L max(0, ||x - y_k|| - delta/L2)^2 (faithful only).
         L2 (float): second-order smoothness; the kick length is delta/L2 and the F^k radius delta/L2
             (faithful). The simplified variant kicks by delta (Liu et al. Alg. 3 line 11, where L = L2 = 1).
-        hvp ('exact' | 'finite_difference'): double backward, or (grad f(x + q v) - grad f(x)) / q
-            with q = ``fd_eps`` (Liu et al. Alg. 4, q = 1e-4).
+        hvp ('exact' | 'finite_difference' | 'auto'): double backward, or (grad f(x + q v) - grad f(x)) / q
+            with q = ``fd_eps`` (Liu et al. Alg. 4, q = 1e-4); 'auto' (default): exact, or finite
+            differences for a closure that calls backward itself.
         variant ('faithful' | 'simplified'): faithful = Liu et al. Alg. 1 (variance-reduced estimator
             with 2 sigma, F^k applied by its closed-form prox, kick delta/L2); simplified = Liu et al.
             Alg. 3-4 (estimator grad f_i(x_t) + sigma (x_t - x_hat), no F^k, kick delta).
@@ -355,7 +356,7 @@ class Natasha2(_NatashaEpochs):
 
     def __init__(self, params, lr: float = 0.01, sigma: float = 0.5, epoch_size: int = 27, subepochs: int = 9,
                  delta: float = 0.1, eta: float = 0.1, oja_iters: Optional[int] = None, L: float = 1.0,
-                 L2: float = 1.0, hvp: str = "exact", fd_eps: float = 1e-4, variant: str = "faithful",
+                 L2: float = 1.0, hvp: str = "auto", fd_eps: float = 1e-4, variant: str = "faithful",
                  snapshot_batches: Optional[int] = None, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         defaults = dict(lr=lr, sigma=sigma, epoch_size=epoch_size, subepochs=subepochs, delta=delta, eta=eta,
@@ -374,7 +375,7 @@ class Natasha2(_NatashaEpochs):
             V.positive_int("oja_iters", group["oja_iters"])
         V.nonnegative("L", group["L"])
         V.positive("L2", group["L2"])
-        V.choice("hvp", group["hvp"], ("exact", "finite_difference"))
+        V.choice("hvp", group["hvp"], HVP_METHODS)
         V.positive("fd_eps", group["fd_eps"])
         V.choice("variant", group["variant"], ("faithful", "simplified"))
 

@@ -58,7 +58,7 @@ import torch
 
 from natasha_ext import ops
 from natasha_ext.curvature.gauss_newton import GaussNewton
-from natasha_ext.curvature.hvp import HVP, HVP_METHODS
+from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_loss
 from natasha_ext.curvature.lanczos import Lanczos, cubic_tridiag, flatten, leftmost, unflatten
 from natasha_ext.curvature.steihaug import cubic_cg, steihaug_cg
 from natasha_ext.optim import _validation as V
@@ -192,7 +192,7 @@ class _RegularisedNewton(NatashaOptimizer):
         with torch.no_grad():
             for p, s in zip(params, step):
                 p.add_(s.to(p.dtype))
-            loss = _loss_only(closure())
+            loss = _loss_only(evaluate_loss(closure))  # grad enabled for a closure that calls backward
         self.counters["loss_evals"] += 1
         return float(loss), saved
 
@@ -328,6 +328,7 @@ class TrustRegion(_RegularisedNewton):
         cg_tol: relative residual ||r||_{A^-1} <= cg_tol ||g||_{A^-1} stops CG (default 0.1).
         curvature: 'hessian' or 'gauss_newton' (closure returns (loss, outputs)).
         hvp: Hessian-vector-product engine, 'exact' or 'finite_difference'; fd_eps its step.
+            'auto' (default): exact, or finite differences for a closure that calls backward.
         grad_tol: epsilon_g of Alg. 1 line 4: if ||g|| <= grad_tol the gradient is set to 0 and
             the step is the eigenpoint (default 0: only an exactly vanishing gradient).
         eigen_iters: Lanczos iterations for the eigenpoint when the gradient vanishes (default
@@ -356,7 +357,7 @@ class TrustRegion(_RegularisedNewton):
     def __init__(self, params, radius: float = 1e-4, max_radius: float = 10.0, eta: float = 0.01,
                  eta_very_successful: float = 0.95, gamma: float = 2.0, norm: str = "rmsprop",
                  beta: float = 0.8, eps: float = 1e-8, cg_max_iters: int = 50, cg_tol: float = 0.1,
-                 curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
+                 curvature: str = "hessian", hvp: str = "auto", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
         defaults = dict(radius=radius, max_radius=max_radius, eta=eta, eta_very_successful=eta_very_successful,
@@ -489,7 +490,7 @@ class ARC(_RegularisedNewton):
     def __init__(self, params, sigma: float = 1.0, eta1: float = 0.1, eta2: float = 0.9, gamma: float = 2.0,
                  norm: str = "rmsprop", subproblem: str = "lanczos", beta: float = 0.8, eps: float = 1e-8,
                  sigma_min: float = 1e-8, subproblem_max_iters: int = 25, subproblem_tol: float = 0.1,
-                 curvature: str = "hessian", hvp: str = "exact", fd_eps: float = 1e-4, grad_tol: float = 0.0,
+                 curvature: str = "hessian", hvp: str = "auto", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
         defaults = dict(sigma=sigma, eta1=eta1, eta2=eta2, gamma=gamma, sigma_min=sigma_min, norm=norm,
