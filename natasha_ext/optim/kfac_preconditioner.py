@@ -126,16 +126,16 @@ def _method_default(method: str, name: str):
 
 
 class _CountForwards:
-    """Forward hook on the root module: counts the training-mode, grad-enabled forward passes
-    (micro-batches). A weak link to its preconditioner; copies and pickles as a no-op."""
+    """Forward pre-hook on the root module: counts the training-mode, grad-enabled forward
+    passes (micro-batches). A weak link to its preconditioner; copies and pickles as a no-op."""
 
     def __init__(self, owner: "KFACPreconditioner"):
         self._ref = weakref.ref(owner)
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, module, inputs):
         owner = self._ref()
         if owner is not None and module.training and torch.is_grad_enabled():
-            owner._forwards += 1
+            owner._micro_batch_starts()
 
     def __deepcopy__(self, memo):
         return _no_op
@@ -284,13 +284,14 @@ class KFACPreconditioner:
         self.layer_names = [l.name for l in layers]
         self.fallback_names = fallback
         self._forwards = 0
+        self._shard = ((torch.distributed.get_rank(group), torch.distributed.get_world_size(group))
+                       if group is not None else (0, 1))
         col = FactorCollector(layers, mode=curvature.collector_mode, rank=curvature.rank,
                               batch_averaged=self.batch_averaged, grad_scaler=grad_scaler)
-        if group is not None:
-            col.shard = (torch.distributed.get_rank(group), torch.distributed.get_world_size(group))
+        col.shard = self._shard
         col.collecting = True
         self._collector: Optional[FactorCollector] = col
-        self._handles = [model.register_forward_hook(_CountForwards(self))]
+        self._handles = [model.register_forward_pre_hook(_CountForwards(self))]
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles + [col])
 
     # ------------------------------------------------------------------ settings
@@ -347,6 +348,29 @@ class KFACPreconditioner:
         lrs = [float(V.nonnegative("lr", v)) for v in lrs]
         return lrs
 
+    def _micro_batch_starts(self) -> None:
+        """Before micro-batch j's forward: IFANG's row groups span the global batch of
+        world x accumulation_steps micro-batches (micro-batch j of rank r is its (r k + j)-th
+        block), so this pass yields its share of every group mean (see _fold_micro_batches)."""
+        col, k = self._collector, self.accumulation_steps
+        if col is not None and self.method == "ifang" and k > 1:
+            r, world = self._shard
+            col.shard = (r * k + min(self._forwards, k - 1), world * k)
+        self._forwards += 1
+
+    def _fold_micro_batches(self, states: List[dict], ready: List[int]) -> List[torch.Tensor]:
+        """IFANG with k micro-batches: the collector stacks the k passes' shares of the s' group
+        means as k s' rows, each scaled by 1/sqrt(k s'); the group means of the concatenated
+        batch are the average of the shares, i.e. YA = sum_j rows_j / sqrt(k) (likewise YG).
+        Returns the new factors."""
+        k, out = self.accumulation_steps, []
+        for i in ready:
+            for key in LowRankKronecker.STATE:
+                y = states[i][key]
+                states[i][key] = (y.reshape(k, -1, y.shape[1]).sum(0) / math.sqrt(k)).contiguous()
+                out.append(states[i][key])
+        return out
+
     def _check_micro_batches(self) -> None:
         if self._forwards != self.accumulation_steps:
             raise RuntimeError(f"KFACPreconditioner.step(): accumulation_steps={self.accumulation_steps} but "
@@ -391,6 +415,8 @@ class KFACPreconditioner:
         states = [({k: v.clone() for k, v in st.items()} if i in ready else dict(st))
                   for i, st in enumerate(self._states)]
         fresh = self.curvature.update(self._layers, states, col, ready, self.fused) if ready else []
+        if ready and self.method == "ifang" and self.accumulation_steps > 1:
+            fresh = self._fold_micro_batches(states, ready)
         if fresh and self.process_group is not None:  # after the EMA: the factors of the global batch
             for t, avg in zip(fresh, distributed.all_reduce_mean(fresh, self.process_group)):
                 t.copy_(avg)
