@@ -103,6 +103,30 @@ def test_lr_forms_agree():
     assert _equal(runs[0], runs[1]) and _equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("opt_name", sorted(TORCH_OPTIMIZERS))
+@pytest.mark.parametrize("method", METHODS)
+def test_trains_under_sgd_and_adam(method, opt_name):
+    """20 steps on a teacher's labels, KL clip reading the torch optimizer's lr: the loss falls."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(10, 3)
+    data = [(x, teacher(x).argmax(1)) for x in torch.randn(20, 64, 10)]
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = {"sgd": lambda: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+           "adam": lambda: torch.optim.Adam(m.parameters(), lr=3e-3)}[opt_name]()
+    pc = KFACPreconditioner(m, method, kl_clip=1e-3, lr=opt)
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        assert pc.step()
+        opt.step()
+    assert sum(losses[-5:]) / 5 < 0.85 * losses[0], losses
+    assert pc.counters["steps"] == 20 and not pc.fallback_names
+
+
 # ---------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("opt_name", sorted(TORCH_OPTIMIZERS))
 @pytest.mark.parametrize("method", METHODS)
