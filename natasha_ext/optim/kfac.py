@@ -304,7 +304,8 @@ class _KroneckerFamily(NatashaOptimizer):
         None when clipping is off."""
         if self.kl_clip is None:
             return None
-        return kl_clip_scale(red, [float(self.param_groups[self._layer_group[i]]["lr"]) for i in idx], self.kl_clip)
+        lrs = [float(self.param_groups[self._layer_group[i]]["lr"]) for i in idx]
+        return kl_clip_scale(red[:, 0], lrs, self.kl_clip)  # t^T F^-1 t: the natural gradient's
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

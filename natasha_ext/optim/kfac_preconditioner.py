@@ -20,7 +20,8 @@ The directions (Martens & Grosse, "Optimizing neural networks with Kronecker-fac
 curvature", 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
 convolution layers", 2016; Tang, Jiang, Song, Gong, Li, Yu, Wang & Wang, "AsymptoticNG: a
 regularized natural gradient optimization algorithm with look-ahead strategy", 2021), with
-lam = sqrt(damping) added to each factor (factored Tikhonov damping, Tang et al. eq. 8):
+lam added to each factor (Tang et al. eq. 8): ``factor_damping`` when given, else sqrt(damping),
+Martens & Grosse's factored Tikhonov damping of the block A (x) G + damping I:
 
 * ``'kfac'``: d = U = (G + lam I)^-1 T (A + lam I)^-1, A = E[a a^T] and G = E[g g^T] exponential
   moving averages (``stat_decay``) refreshed every ``cov_every`` steps, inverted every
@@ -117,12 +118,26 @@ _DENSE = ("damping", "stat_decay", "cov_every", "inv_every", "inverse")
 _BLEND = ("lam_schedule", "total_steps", "lam_rate", "lam_time_constant", "per_layer")
 _SETTINGS = {"kfac": _DENSE, "ang": _DENSE + _BLEND, "ifang": ("damping", "cov_every", "rank") + _BLEND}
 # the settings that may change during training (attributes users may set; saved in state_dict)
-_MUTABLE = ("damping", "kl_clip", "cov_every", "stat_decay", "inv_every")
+_MUTABLE = ("damping", "factor_damping", "kl_clip", "cov_every", "stat_decay", "inv_every")
 
 
 def _method_default(method: str, name: str):
     """The default of ``name`` in the constructor of the method's optimizer class."""
     return inspect.signature(METHODS[method].__init__).parameters[name].default
+
+
+def _resolve_damping(method: str, damping, factor_damping):
+    """(damping, factor_damping), one of them None: factor_damping when given, else damping, else
+    the method's optimizer's default (its damping, or its DEFAULT_FACTOR_DAMPING where the class
+    has one and no default damping)."""
+    if factor_damping is not None:
+        return None, factor_damping
+    if damping is not None:
+        return damping, None
+    default = _method_default(method, "damping")
+    if default is not None:
+        return default, None
+    return None, getattr(METHODS[method], "DEFAULT_FACTOR_DAMPING", None)
 
 
 class _CountForwards:
@@ -178,7 +193,10 @@ class KFACPreconditioner:
             and backward passes feed the hooks; every trainable supported layer is
             preconditioned.
         method ('kfac' | 'ang' | 'ifang'): the direction (module docstring).
-        damping: gamma of (A (x) G + gamma I); lam = sqrt(gamma) is added to each factor.
+        damping: gamma of the Kronecker block A (x) G + gamma I, applied as factored Tikhonov
+            damping: lam = sqrt(gamma) is added to each factor.
+        factor_damping: lam added to each factor directly (Tang et al.'s eq. 8); replaces
+            ``damping`` when given.
         stat_decay, cov_every, inv_every, inverse ('kfac', 'ang'): as :class:`KFAC`.
         rank ('ifang'): s', the rank of the minibatch factors, as :class:`IFANG`.
         lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer ('ang', 'ifang'):
@@ -198,13 +216,14 @@ class KFACPreconditioner:
 
     Attributes: ``layer_names``, ``fallback_names``, ``counters`` (steps, skipped_steps,
     factor_updates, inverse_updates), ``last_coefficients`` (ANG/IFANG: the last [L, 2] (c1, c2)
-    with d = c1 U + c2 T); ``damping``, ``kl_clip``, ``cov_every``, ``stat_decay`` and
+    with d = c1 U + c2 T); ``damping``, ``factor_damping``, ``kl_clip``, ``cov_every``, ``stat_decay`` and
     ``inv_every`` may be changed between steps.
     """
 
     COUNTERS = ("steps", "skipped_steps", "factor_updates", "inverse_updates")
 
     def __init__(self, model: nn.Module, method: str = "kfac", *, damping: Optional[float] = None,
+                 factor_damping: Optional[float] = None,
                  stat_decay: Optional[float] = None, cov_every: Optional[int] = None,
                  inv_every: Optional[int] = None, inverse: Optional[str] = None, rank: Optional[int] = None,
                  lam_schedule=None, total_steps: Optional[int] = None, lam_rate: Optional[float] = None,
@@ -224,7 +243,9 @@ class KFACPreconditioner:
                                 f"{', '.join(_SETTINGS[method])})")
         s = {n: (given[n] if given[n] is not None or n in ("lam_schedule", "total_steps")
                  else _method_default(method, n)) for n in _SETTINGS[method]}
-        self._check_settings(dict(damping=s["damping"], kl_clip=kl_clip, cov_every=s["cov_every"],
+        s["damping"], s["factor_damping"] = _resolve_damping(method, damping, factor_damping)
+        self._check_settings(dict(damping=s["damping"], factor_damping=s["factor_damping"], kl_clip=kl_clip,
+                                  cov_every=s["cov_every"],
                                   stat_decay=s.get("stat_decay"), inv_every=s.get("inv_every")))
         V.positive_int("accumulation_steps", accumulation_steps)
         if kl_clip and lr is None:
@@ -265,7 +286,8 @@ class KFACPreconditioner:
 
         self.method = method
         self.curvature = curvature
-        self.damping = float(s["damping"])
+        self.damping = s["damping"]
+        self.factor_damping = s["factor_damping"]
         self.kl_clip = float(kl_clip) if kl_clip else None
         self.cov_every = int(s["cov_every"])
         self.per_layer = bool(s.get("per_layer", False))
@@ -306,12 +328,18 @@ class KFACPreconditioner:
         return self.curvature.rank if self.method == "ifang" else None
 
     def _settings(self) -> dict:
-        return {k: getattr(self, k) for k in _MUTABLE if getattr(self, k) is not None or k == "kl_clip"}
+        dense = ("stat_decay", "inv_every")
+        return {k: getattr(self, k) for k in _MUTABLE if self.method != "ifang" or k not in dense}
 
     @staticmethod
     def _check_settings(s: dict) -> None:
         """The settings that may change between steps (errors name them)."""
-        V.positive("damping", s["damping"])
+        for key in ("damping", "factor_damping"):
+            if s.get(key) is not None:
+                V.positive(key, s[key])
+        if (s.get("damping") is None) == (s.get("factor_damping") is None):
+            raise ValueError(f"exactly one of damping and factor_damping must be set, got damping={s.get('damping')!r}, "
+                             f"factor_damping={s.get('factor_damping')!r}")
         if s.get("kl_clip") is not None:
             V.nonnegative("kl_clip", s["kl_clip"])
         V.positive_int("cov_every", s["cov_every"])
@@ -321,7 +349,8 @@ class KFACPreconditioner:
             V.positive_int("inv_every", s["inv_every"])
 
     def __repr__(self):
-        return (f"KFACPreconditioner(method={self.method!r}, damping={self.damping}, kl_clip={self.kl_clip}, "
+        return (f"KFACPreconditioner(method={self.method!r}, damping={self.damping}, factor_damping="
+                f"{self.factor_damping}, kl_clip={self.kl_clip}, "
                 f"accumulation_steps={self.accumulation_steps},\n"
                 f"  preconditioned ({len(self.layer_names)}): {', '.join(self.layer_names)}\n"
                 f"  gradient left as is ({len(self.fallback_names)}): {', '.join(self.fallback_names) or '-'}\n)")
@@ -421,7 +450,8 @@ class KFACPreconditioner:
             for t, avg in zip(fresh, distributed.all_reduce_mean(fresh, self.process_group)):
                 t.copy_(avg)
         have = [i for i, st in enumerate(states) if self.curvature.has_statistics(st)]
-        lams = [math.sqrt(self.damping)] * len(self._layers)
+        per_factor = self.factor_damping if self.factor_damping is not None else math.sqrt(self.damping)
+        lams = [float(per_factor)] * len(self._layers)
         refreshed = self.curvature.refresh(states, have, lams, self.counters["steps"])
         pre = [i for i in have if self._layers[i].weight.grad is not None]
         nat, coefficients = [], None
@@ -434,7 +464,7 @@ class KFACPreconditioner:
                     gb = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
                 ts.append(layer.grad_matrix(layer.weight.grad, gb, accumulation_dtype(layer.weight)))
             nat, red = self.curvature.precondition(ts, [states[i] for i in pre], [lams[i] for i in pre], self.fused)
-            scale = kl_clip_scale(red, self._layer_lrs(pre), self.kl_clip) if self.kl_clip else None
+            scale = kl_clip_scale(red[:, 0], self._layer_lrs(pre), self.kl_clip) if self.kl_clip else None
             if self.method == "kfac":
                 if scale is not None:
                     torch._foreach_mul_(nat, scale.to(nat[0].dtype))

@@ -91,6 +91,18 @@ def test_sgd_reproduces_the_optimizer_with_kl_clip_and_lr_schedule(method):
     assert not _equal(m2.parameters(), m3.parameters())
 
 
+def test_factor_damping_is_the_per_factor_lam():
+    """factor_damping=lam equals damping=lam^2 (lam = sqrt(damping) per factor), bit for bit."""
+    runs = []
+    for kw in (dict(damping=0.25), dict(factor_damping=0.5)):
+        m = _net()
+        sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+        _train(m, KFACPreconditioner(m, "ang", cov_every=1, inv_every=1, total_steps=4, lam_schedule="linear", **kw),
+               sgd, 0, 3)
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert _equal(*runs)
+
+
 def test_lr_forms_agree():
     """lr= as the optimizer, a callable or a float: the same KL clip while the lr is constant."""
     runs = []
@@ -310,6 +322,7 @@ BAD_ARGS = [
     (dict(method="natural"), ValueError, "invalid method"),
     (dict(damping=0.0), ValueError, "invalid damping"),
     (dict(damping=float("nan")), ValueError, "damping must not be NaN"),
+    (dict(factor_damping=-0.1), ValueError, "invalid factor_damping"),
     (dict(stat_decay=1.0), ValueError, "invalid stat_decay"),
     (dict(cov_every=0), ValueError, "invalid cov_every"),
     (dict(cov_every=1.5), TypeError, "cov_every must be an int"),
