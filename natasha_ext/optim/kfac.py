@@ -88,7 +88,6 @@ import torch.nn as nn
 from natasha_ext import ops
 from natasha_ext.curvature.hvp import evaluate_closure, gradients
 from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
-from natasha_ext.curvature.kl_clip import kl_clip_scale
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
@@ -300,12 +299,18 @@ class _KroneckerFamily(NatashaOptimizer):
             torch._foreach_mul_(nat, scale.to(nat[0].dtype))
 
     def _kl_scale(self, idx: List[int], red: torch.Tensor) -> Optional[torch.Tensor]:
-        """nu of :func:`natasha_ext.curvature.kl_clip.kl_clip_scale` with each layer's group lr;
-        None when clipping is off."""
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 t_l^T G_l^-1 t_l)) as a 0-dim tensor (1 when the
+        sum is not positive); None when clipping is off."""
         if self.kl_clip is None:
             return None
         lrs = [float(self.param_groups[self._layer_group[i]]["lr"]) for i in idx]
-        return kl_clip_scale(red[:, 0], lrs, self.kl_clip)  # t^T F^-1 t: the natural gradient's
+        if all(lr == lrs[0] for lr in lrs):  # one lr (the usual case): no host-to-device copy
+            vg = red[:, 0].sum() * lrs[0] ** 2
+        else:
+            lr2 = torch.tensor([lr ** 2 for lr in lrs], dtype=red.dtype).to(red.device, non_blocking=True)
+            vg = (red[:, 0] * lr2).sum()
+        nu = torch.sqrt(self.kl_clip / vg.clamp_min(torch.finfo(red.dtype).tiny)).clamp(max=1.0)
+        return torch.where(torch.isfinite(vg) & (vg > 0), nu, torch.ones_like(nu))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

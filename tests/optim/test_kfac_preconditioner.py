@@ -39,6 +39,22 @@ def _data(i, n=16, dtype=torch.float64):
     return torch.randn(n, 1, 8, 8, generator=g).to(dtype), torch.randint(0, 5, (n,), generator=g)
 
 
+def _factors(pc):
+    """The preconditioner's per-parameter state tensors (factors, inverses), in a fixed order."""
+    state = pc.state_dict()["engine"]["state"]
+    return [(pid, k, v) for pid in sorted(state) for k, v in sorted(state[pid].items())]
+
+
+def _same_factors(pc1, pc2, **tol):
+    f1, f2 = _factors(pc1), _factors(pc2)
+    assert [(a, b) for a, b, _ in f1] == [(a, b) for a, b, _ in f2]
+    for (_, _, u), (_, _, v) in zip(f1, f2):
+        if tol:
+            torch.testing.assert_close(v, u, **tol)
+        else:
+            assert torch.equal(u, v)
+
+
 def _grads(m):
     return [p.grad.clone() for p in m.parameters()]
 
@@ -79,8 +95,7 @@ def test_sgd_reproduces_the_optimizer_with_kl_clip_and_lr_schedule(method):
         s1.step()
     _train(m2, pc, sgd, 0, 6, s2)
     assert _equal(m1.parameters(), m2.parameters())
-    for k in pc.COUNTERS:
-        assert pc.counters[k] == o1.counters[k], k
+    assert pc.counters == o1.counters
     if method != "kfac":
         assert torch.equal(pc.last_coefficients, o1.last_coefficients)
     # the clip and the schedule matter: without the clip the steps differ
@@ -89,18 +104,6 @@ def test_sgd_reproduces_the_optimizer_with_kl_clip_and_lr_schedule(method):
     _train(m3, KFACPreconditioner(m3, method, **SETTINGS[method]), sgd3, 0, 6,
            torch.optim.lr_scheduler.StepLR(sgd3, step_size=2, gamma=0.5))
     assert not _equal(m2.parameters(), m3.parameters())
-
-
-def test_factor_damping_is_the_per_factor_lam():
-    """factor_damping=lam equals damping=lam^2 (lam = sqrt(damping) per factor), bit for bit."""
-    runs = []
-    for kw in (dict(damping=0.25), dict(factor_damping=0.5)):
-        m = _net()
-        sgd = torch.optim.SGD(m.parameters(), lr=0.1)
-        _train(m, KFACPreconditioner(m, "ang", cov_every=1, inv_every=1, total_steps=4, lam_schedule="linear", **kw),
-               sgd, 0, 3)
-        runs.append([p.detach().clone() for p in m.parameters()])
-    assert _equal(*runs)
 
 
 def test_lr_forms_agree():
@@ -176,7 +179,7 @@ def test_step_refuses_a_wrong_number_of_micro_batches():
     before = _grads(m)
     with pytest.raises(RuntimeError, match="accumulation_steps=2 but 1 training forward"):
         pc.step()
-    assert _equal(before, _grads(m)) and pc.counters["steps"] == 0 and pc.state_dict()["layers"] == [{}, {}]
+    assert _equal(before, _grads(m)) and pc.counters["steps"] == 0 and not _factors(pc)
     with torch.no_grad():  # an evaluation pass does not count
         m(x)
     (F.cross_entropy(m(x[16:]), y[16:]) / 2).backward()
@@ -221,18 +224,15 @@ def test_grad_scaler_under_autocast(method, dtype):
     tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-6)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(b, a, **tol)
-    for s1, s2 in zip(pc1.state_dict()["layers"], pc2.state_dict()["layers"]):
-        for k in s1:
-            assert s2[k].dtype == torch.float32
-            torch.testing.assert_close(s2[k], s1[k], **tol)
+    _same_factors(pc1, pc2, **tol)
+    assert all(v.dtype == torch.float32 for _, _, v in _factors(pc2))
 
-    saved, params = pc2.state_dict(), [p.detach().clone() for p in m2.parameters()]
+    saved, params = _factors(pc2), [p.detach().clone() for p in m2.parameters()]
     scale = scaler.get_scale()
     assert not _amp_step(m2, pc2, opt, scaler, 3, dtype, poison=True)
     assert pc2.counters["skipped_steps"] == 1 and pc2.counters["steps"] == 3
     assert _equal(params, m2.parameters()) and scaler.get_scale() == scale / 2
-    for s1, s2 in zip(saved["layers"], pc2.state_dict()["layers"]):
-        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(saved, _factors(pc2))) and len(saved) == len(_factors(pc2))
     assert _amp_step(m2, pc2, opt, scaler, 4, dtype)  # and trains on
     assert all(torch.isfinite(p).all() for p in m2.parameters())
 
@@ -258,7 +258,7 @@ def test_nonfinite_gradient_changes_nothing_or_raises():
     pc = KFACPreconditioner(m, "kfac", cov_every=1, inv_every=1)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     _train(m, pc, opt, 0, 2)
-    saved = pc.state_dict()
+    saved, counters = _factors(pc), dict(pc.counters)
     x, y = _data(2)
     opt.zero_grad()
     F.cross_entropy(m(x), y).backward()
@@ -267,16 +267,41 @@ def test_nonfinite_gradient_changes_nothing_or_raises():
     assert pc.step() is False
     after = _grads(m)
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, after))
-    assert pc.counters == dict(saved["counters"], skipped_steps=1)
-    for s1, s2 in zip(saved["layers"], pc.state_dict()["layers"]):
-        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert pc.counters == dict(counters, skipped_steps=1, gradients=counters["gradients"] + 1)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(saved, _factors(pc)))
     m2 = _net()
     strict = KFACPreconditioner(m2, "kfac", raise_on_nonfinite=True)
     F.cross_entropy(m2(x), y).backward()
     m2[0].weight.grad[0, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError):
         strict.step()
-    assert strict.counters["steps"] == 0 and strict.state_dict()["layers"] == [{}, {}]
+    assert strict.counters["steps"] == 0 and not _factors(strict)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_nonfinite_directions_restore_the_factors(strict):
+    """Finite gradients but a non-finite direction (a corrupted inverse): the statistics step's
+    factor update is undone, .grad and the counters stay as they were (but skipped_steps)."""
+    m = _net()
+    pc = KFACPreconditioner(m, "kfac", cov_every=1, inv_every=100, raise_on_nonfinite=strict)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    _train(m, pc, opt, 0, 2)
+    pc.engine.state[m[5].weight]["kfac_A_inv"][0, 0] = float("inf")
+    saved, counters = [(a, b, v.clone()) for a, b, v in _factors(pc)], dict(pc.counters)
+    x, y = _data(2)
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    before = _grads(m)
+    if strict:
+        with pytest.raises(NonFiniteError, match="directions"):
+            pc.step()
+    else:
+        assert pc.step() is False
+    assert _equal(before, _grads(m))
+    assert pc.counters == dict(counters, skipped_steps=counters["skipped_steps"] + (not strict))
+    now = _factors(pc)
+    assert [(a, b) for a, b, _ in saved] == [(a, b) for a, b, _ in now]
+    assert all(torch.equal(u.nan_to_num(), v.nan_to_num()) for (_, _, u), (_, _, v) in zip(saved, now))
 
 
 # ---------------------------------------------------------------------- resume
@@ -313,8 +338,7 @@ def test_resume_is_bit_identical(method, opt_name):
     _train(m3, pc3, o3, n, n, s3)
     assert _equal(m1.parameters(), m3.parameters())
     assert pc3.counters == pc1.counters
-    for a, b in zip(pc1.state_dict()["layers"], pc3.state_dict()["layers"]):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _same_factors(pc1, pc3)
 
 
 # ---------------------------------------------------------------------- arguments
@@ -322,7 +346,6 @@ BAD_ARGS = [
     (dict(method="natural"), ValueError, "invalid method"),
     (dict(damping=0.0), ValueError, "invalid damping"),
     (dict(damping=float("nan")), ValueError, "damping must not be NaN"),
-    (dict(factor_damping=-0.1), ValueError, "invalid factor_damping"),
     (dict(stat_decay=1.0), ValueError, "invalid stat_decay"),
     (dict(cov_every=0), ValueError, "invalid cov_every"),
     (dict(cov_every=1.5), TypeError, "cov_every must be an int"),
@@ -341,6 +364,8 @@ BAD_ARGS = [
     (dict(accumulation_steps=0), ValueError, "invalid accumulation_steps"),
     (dict(accumulation_steps=2.0), TypeError, "accumulation_steps must be an int"),
     (dict(fused="yes"), TypeError, "fused must be None, True or False"),
+    (dict(momentum=0.9), TypeError, "momentum is not a setting of KFACPreconditioner"),
+    (dict(lr=0.1, weight_decay=1e-4), TypeError, "weight_decay is not a setting of KFACPreconditioner"),
 ]
 
 
@@ -355,7 +380,7 @@ def test_bad_arguments_name_the_argument(kwargs, exc, match):
 def test_bad_models():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         KFACPreconditioner([nn.Linear(2, 2).weight])
-    with pytest.raises(ValueError, match="model has no trainable nn.Linear / nn.Conv2d"):
+    with pytest.raises(ValueError, match="nothing to precondition"):
         KFACPreconditioner(nn.Sequential(nn.BatchNorm1d(3)))
 
 
@@ -369,12 +394,20 @@ def test_settings_edited_between_steps_are_checked():
     with pytest.raises(ValueError, match="invalid lr"):  # the callable's value, at step time
         pc.step()
     pc.lr = opt
-    pc.damping = -1.0
+    pc.param_groups[0]["damping"] = -1.0
     with pytest.raises(ValueError, match="invalid damping"):
         pc.step()
-    assert _equal(before, _grads(m)) and pc.counters["steps"] == 0 and pc.state_dict()["layers"] == [{}, {}]
-    pc.damping = 1e-3
+    assert _equal(before, _grads(m)) and pc.counters["steps"] == 0 and not _factors(pc)
+    pc.param_groups[0]["damping"] = 1e-3
     assert pc.step()
+    # lr= an optimizer whose groups give the preconditioned weights two lrs: refused, by name
+    m2 = _net()
+    two = torch.optim.SGD([{"params": m2[0].parameters()}, {"params": m2[5].parameters(), "lr": 0.5},
+                           {"params": m2[1].parameters()}], lr=0.1)
+    pc2 = KFACPreconditioner(m2, "kfac", kl_clip=1e-3, lr=two)
+    F.cross_entropy(m2(x), y).backward()
+    with pytest.raises(ValueError, match=r"lr: .* lrs \[0.1, 0.5\]"):
+        pc2.step()
 
 
 def test_load_state_dict_checks_everything_first():
@@ -384,30 +417,28 @@ def test_load_state_dict_checks_everything_first():
     good = pc.state_dict()
     fresh = KFACPreconditioner(_net(), "kfac", cov_every=1, inv_every=1)
 
-    def variant(**change):
-        sd = {**good, **change}
-        sd["layers"] = [dict(st) for st in sd["layers"]]
-        return sd
+    def variant(method="kfac", state=None, group=None):
+        eng = dict(good["engine"])
+        eng["state"] = {pid: dict(st) for pid, st in eng["state"].items()}
+        eng["state"][0].update(state or {})
+        eng["param_groups"] = [dict(g, **(group or {})) for g in eng["param_groups"]]
+        return {"method": method, "engine": eng}
 
-    bad_a = variant()
-    bad_a["layers"][1]["kfac_A"] = torch.zeros(3, 3, dtype=torch.float64)
-    nan_g = variant()
-    nan_g["layers"][0]["kfac_G"] = torch.full_like(good["layers"][0]["kfac_G"], float("nan"))
     cases = [(variant(method="ang"), "saved by method='ang'"),
-             (variant(layers=good["layers"][:1]), "1 layers saved"),
-             (bad_a, r"state 'kfac_A' must be a floating-point tensor of shape \(65, 65\)"),
-             (nan_g, "state 'kfac_G' is not finite"),
-             (variant(counters={"steps": -1}), "counters must hold"),
-             (variant(settings=dict(good["settings"], damping=0.0)), "invalid damping"),
-             ({"layers": []}, "not a KFACPreconditioner state_dict")]
+             (variant(state={"kfac_A": torch.zeros(3, 3, dtype=torch.float64)}), r"state\['kfac_A'\] of parameter 0"),
+             (variant(state={"kfac_G_inv": torch.full((4, 4), float("nan"), dtype=torch.float64)}),
+              r"state\['kfac_G_inv'\] of parameter 0 is not finite"),
+             (variant(group={"damping": 0.0}), "invalid damping"),
+             ({"engine": good["engine"]}, "not a KFACPreconditioner state_dict")]
     for sd, match in cases:
         with pytest.raises(ValueError, match=match):
             fresh.load_state_dict(sd)
-        assert fresh.counters["steps"] == 0 and fresh.state_dict()["layers"] == [{}, {}]
-    with pytest.raises(ValueError, match="saved by method='kfac' rank=None"):
+        assert fresh.counters["steps"] == 0 and not _factors(fresh)
+    with pytest.raises(ValueError, match="saved by method='kfac'"):
         KFACPreconditioner(_net(), "ifang").load_state_dict(good)
     fresh.load_state_dict(good)
-    assert fresh.counters == good["counters"]
+    assert fresh.counters == pc.counters
+    _same_factors(fresh, pc)
 
 
 def test_hooks_lifecycle():
