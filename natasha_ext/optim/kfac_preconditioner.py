@@ -41,12 +41,12 @@ with its defaults and its argument checks. Not taken: ``lr``, ``momentum``, ``we
 between steps, as on the optimizer).
 
 The step size is the torch optimizer's: the preconditioner holds no learning rate, except for
-KL clipping. ``kl_clip`` (default None: off) scales d by nu = min(1, sqrt(kl_clip / sum_l lr^2
-d_l^T F_l d_l)) (Ba, Grosse & Martens, "Distributed second-order optimization using
-Kronecker-factored approximations", 2017, as the optimizers do), which needs the lr the torch
-optimizer will use: pass ``lr=`` the torch optimizer (the lr of the param group holding the
-preconditioned weights is read at every step, so LR schedulers are followed), a callable
-returning the lr, or a float.
+KL clipping. ``kl_clip`` (default None: off) is the optimizer's KL clip, d <- nu d with
+nu = min(1, sqrt(kl_clip / sum_l lr^2 d_l^T F_l d_l)) (Ba, Grosse & Martens, "Distributed
+second-order optimization using Kronecker-factored approximations", 2017; for K-FAC's d = U,
+d^T F d = t^T F^-1 t), which needs the lr the torch optimizer will use: pass ``lr=`` the torch
+optimizer (the lr of the param group holding the preconditioned weights is read at every step,
+so LR schedulers are followed), a callable returning the lr, or a float.
 
 Weight decay is the torch optimizer's (added to d by SGD/Adam, decoupled by AdamW); parameters of
 layers that are not preconditioned (``precond.fallback_names``) keep their gradient as it is. A
@@ -336,7 +336,7 @@ class KFACPreconditioner:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled() and not _unscaled(self.grad_scaler):
             raise RuntimeError("KFACPreconditioner.step(): the gradients are still scaled by grad_scaler; call "
                                "scaler.unscale_(optimizer) before precond.step()")
-        lr = self._current_lr()
+        lr = self._current_lr() if eng.kl_clip else 0.0  # only the KL clip reads it
         for group in eng.param_groups:
             group["lr"] = lr
         # a statistics step updates factors in place: keep copies to restore on non-finite directions
