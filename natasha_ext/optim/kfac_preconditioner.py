@@ -102,7 +102,6 @@ from typing import Callable, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from natasha_ext import distributed
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NonFiniteError
 from natasha_ext.optim.kfac import ANG, IFANG, KFAC
