@@ -307,15 +307,16 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         ARC, closure="loss",
         help="adaptive cubic regularisation (Cartis et al. 2011) in the same adaptive norms, Lanczos + secular "
              "equation (or --subproblem cg); sigma 1, eta1 0.1, eta2 0.9, gamma 2, 25 Krylov its / tol 0.1; cubic "
-             "term in the same A as the trust region (--norm-scale unit_mean: A / mean(a), ARC.practical's)",
+             "term in the same A as the trust region (--norm-scale initial_mean: A / mean(a_0), "
+             "ARC.practical's)",
         flags={**_TR, "sigma": Flag("ARC: initial cubic regularisation sigma"),
                "eta1": Flag("ARC: acceptance threshold on rho"),
                "eta2": Flag("ARC: rho above which sigma shrinks by gamma"),
                "subproblem": Flag("ARC subproblem solver: lanczos or cg"),
                "subproblem_max_iters": Flag("ARC: Krylov dimension / CG iterations per step"),
                "subproblem_tol": Flag("ARC: relative model-gradient tolerance"),
-               "norm_scale": Flag("ARC: cubic term in A (raw, as TR) or A / mean(a) (unit_mean)",
-                                  choices=NORM_SCALES)}),
+               "norm_scale": Flag("ARC: cubic term in A (raw, as TR) or in A / mean(a_0), a_0 the first "
+                                  "step's ellipsoid (initial_mean)", choices=NORM_SCALES)}),
 }
 
 

@@ -25,8 +25,9 @@ cap; radius 1e-4, eta 0.01, gamma 2, RMSProp beta 0.8, eps 1e-8, CG <= 50 iterat
 ARC: sigma 1, eta1 0.1, eta2 0.9, gamma 2, Lanczos <= 25, the cubic term in the same A as TR),
 the same for the ellipsoidal and spherical variants (they differ only by A, as in the paper).
 ``--practical`` runs ``TrustRegion.practical`` / ``ARC.practical`` instead (three-tier radius
-update capped at 10; cubic term in A / mean(a)). SGD lr 0.1 and Adam lr 1e-3 (torch defaults
-otherwise); the paper's Table 1 values were not available to this implementation.
+update capped at 10; cubic term in A / mean(a_0), a_0 the first step's ellipsoid). SGD lr 0.1
+and Adam lr 1e-3 (torch defaults otherwise); the paper's Table 1 values were not available to
+this implementation.
 
 Outputs in ``--out``: ``history.csv`` (per problem, optimizer, seed, epoch), ``runs.csv`` (one row
 per run: reached?, backprops / epochs / seconds to target), ``summary.csv`` and ``results.json``

@@ -66,7 +66,7 @@ from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 
 NORMS = ("rmsprop", "adagrad", "spherical")
-NORM_SCALES = ("raw", "unit_mean")  # ARC's cubic term: in A itself (as TrustRegion) or in A / mean(a)
+NORM_SCALES = ("raw", "initial_mean")  # ARC's cubic term: in A (as TrustRegion) or A / mean(a at the first step)
 CURVATURES = ("hessian", "gauss_newton")
 
 
@@ -508,11 +508,14 @@ class ARC(_RegularisedNewton):
             sigma then plays the role of the Hessian's Lipschitz constant in that norm, so with
             RMSProp's small a (squared gradients, ~1e-6..1e-12) sigma_0 = 1 starts far too small
             and the first steps are rejected until sigma has grown by gamma enough times.
-            'unit_mean' measures it in A / mean(a) (mean over all elements, recomputed every
-            step; what :meth:`practical` uses): sigma_0 = 1 is then on a usable scale from the
-            start, but the normaliser moves with the gradients, so the sigma that the accept/
-            reject test adapted at step t is applied to a rescaled norm at step t + 1 (by
-            (mean a_t / mean a_{t+1})^{3/2}, untested by rho). Spherical: both are A = I.
+            'initial_mean' (what :meth:`practical` uses) measures it in A / mean(a_0), a_0 the
+            ellipsoid of the first completed step, a constant from then on (saved in
+            ``state_dict``): sigma_0 = 1 is on a usable scale from the start and sigma keeps
+            referring to one norm, the trust region's up to a fixed factor. (Normalising by the
+            current mean(a) every step, as earlier versions did, would rescale the norm by
+            (mean a_t / mean a_{t+1})^{3/2} between steps without rho ever testing it, so the
+            sigma adapted by the accept/reject rule would chase a moving scale.) Spherical: A = I
+            in every mode.
         subproblem: 'lanczos' (Krylov subspace of A^{-1/2} B A^{-1/2} from A^{-1/2} g, the cubic
             model minimised on the tridiagonal by the secular equation; stops when the model
             gradient beta_k |y_k| <= subproblem_tol ||g||_{A^-1}) or 'cg' (truncated PCG with
@@ -535,7 +538,8 @@ class ARC(_RegularisedNewton):
     _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
                "subproblem_tol", "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters", "norm_scale")
 
-    PRACTICAL = dict(norm_scale="unit_mean")
+    PRACTICAL = dict(norm_scale="initial_mean")
+    _PICKLED_PRIVATE = _RegularisedNewton._PICKLED_PRIVATE + ("_norm_unit",)
 
     def __init__(self, params, sigma: float = 1.0, eta1: float = 0.1, eta2: float = 0.9, gamma: float = 2.0,
                  norm: str = "rmsprop", subproblem: str = "lanczos", beta: float = 0.8, eps: float = 1e-8,
@@ -551,6 +555,7 @@ class ARC(_RegularisedNewton):
         self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.sigma = float(sigma)
+        self._norm_unit: Optional[float] = None  # mean(a_0) of norm_scale='initial_mean', once known
 
     @classmethod
     def _check_group(cls, group: dict) -> None:
@@ -602,16 +607,19 @@ class ARC(_RegularisedNewton):
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
-        if g0["norm_scale"] == "unit_mean" and any(g["norm"] != "spherical" for g in self.param_groups):
-            # The cubic term is measured in A / mean(a) (see norm_scale); one sync for both
+        unit = self._norm_unit
+        if (g0["norm_scale"] == "initial_mean" and unit is None
+                and any(g["norm"] != "spherical" for g in self.param_groups)):
+            # the first step fixes the normaliser mean(a_0) (see norm_scale); one sync for both
             a_mean = torch.cat([x.reshape(-1) for x in work["a"]]).mean()
             rz0, gg, am = torch.cat([tot, a_mean.reshape(1).to(tot.dtype)]).tolist()
-            if am > 0 and math.isfinite(am):
-                torch._foreach_div_(work["a"], am)
-                torch._foreach_mul_(work["p"], am)  # p = -A^{-1} g and g^T A^{-1} g scale by mean(a)
-                rz0 *= am
+            unit = am if am > 0 and math.isfinite(am) else None
         else:
             rz0, gg = tot.tolist()
+        if g0["norm_scale"] == "initial_mean" and unit is not None:
+            torch._foreach_div_(work["a"], unit)
+            torch._foreach_mul_(work["p"], unit)  # p = -A^{-1} g and g^T A^{-1} g scale by the unit
+            rz0 *= unit
         matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
         zero_g = math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0
         try:
@@ -641,6 +649,8 @@ class ARC(_RegularisedNewton):
             self.counters["accepted"] += 1
             if rho >= g0["eta2"]:
                 self.sigma = max(self.sigma / g0["gamma"], g0["sigma_min"])
+        if g0["norm_scale"] == "initial_mean":
+            self._norm_unit = unit  # fixed once a step completes (a skipped step changes nothing)
         info.update(rho=rho, accepted=accepted, trial_loss=trial, sigma=self.sigma)
         self._finish(oracle, bp_per, info)
         return loss0
@@ -661,8 +671,11 @@ class ARC(_RegularisedNewton):
     def extra_state(self) -> dict:
         st = super().extra_state()
         st["sigma"] = self.sigma
+        st["norm_unit"] = self._norm_unit
         return st
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.sigma = float(state["sigma"])
+        unit = state["norm_unit"]
+        self._norm_unit = None if unit is None else float(unit)

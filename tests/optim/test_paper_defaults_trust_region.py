@@ -69,7 +69,7 @@ def test_practical_presets_change_only_the_named_settings():
         {k: v for k, v in TrustRegion([w]).param_groups[0].items()
          if k not in ("params", "eta_very_successful", "max_radius")}
     arc = ARC.practical([w]).param_groups[0]
-    assert arc["norm_scale"] == "unit_mean"
+    assert arc["norm_scale"] == "initial_mean"
     assert {k: v for k, v in arc.items() if k not in ("params", "norm_scale")} == \
         {k: v for k, v in ARC([w]).param_groups[0].items() if k not in ("params", "norm_scale")}
     assert TrustRegion.practical([w], max_radius=3.0).param_groups[0]["max_radius"] == 3.0  # overrides win

@@ -99,27 +99,33 @@ ARC_SIGMAS = [0.5, 0.5, 1.0, 2.0, 1.0, 1.0]
 ARC_ACCEPTED = [True, True, False, False, True, True]
 
 
-def test_sigma_sequence_follows_alg_2_1_with_the_cubic_term_in_raw_A():
+@pytest.mark.parametrize("norm_scale", ["raw", "initial_mean"])
+def test_sigma_sequence_follows_alg_2_1_with_one_norm_for_the_cubic_term(norm_scale):
+    """raw (default): the cubic term in A itself, the trust region's norm; initial_mean
+    (ARC.practical): in A / mean(a_0), the normaliser fixed at the first step."""
     beta, eps = 0.8, 1e-8
     w = W0.clone().requires_grad_(True)
-    opt = ARC([w], beta=beta, eps=eps)
+    opt = ARC([w], beta=beta, eps=eps, norm_scale=norm_scale)
     v = torch.zeros(3, dtype=torch.float64)
     sigma = [1.0]  # the sigma of the step being taken, from the hand-written list
+    unit = []      # mean(a_0)
 
     def cubic_decrease(w_t, s):
         g = H @ w_t + B
-        a = v + eps
+        a = (v + eps) / (unit[0] if norm_scale == "initial_mean" else 1.0)
         return -float(g @ s + 0.5 * s @ (H @ s) + sigma[0] / 3 * float(s @ (a * s)) ** 1.5)
 
     sigmas, accepted = [], []
     for t, rho in enumerate(ARC_RHOS):
         w_t = w.detach().clone()
         v.mul_(beta).add_((1 - beta) * (H @ w_t + B) ** 2)  # eq. 3, once per iteration (Alg. 1 line 5)
+        if not unit:
+            unit.append(float((v + eps).mean()))
         run_trace(opt, w, [rho], cubic_decrease)
         sigmas.append(opt.sigma)
         accepted.append(not torch.equal(w.detach(), w_t))
         sigma[0] = ARC_SIGMAS[t]
     assert sigmas == ARC_SIGMAS
     assert accepted == ARC_ACCEPTED
-    # mean(a) is far from 1 here, so the unit-mean convention would give other ratios
-    assert float((v + eps).mean()) > 100.0
+    # mean(a) is far from 1 and moves (so neither A itself nor A / mean(a_t) would give these ratios)
+    assert unit[0] > 100.0 and abs(float((v + eps).mean()) / unit[0] - 1) > 0.1
