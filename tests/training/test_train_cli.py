@@ -135,7 +135,7 @@ SECOND_ORDER = [n for n, s in cli_optimizers.OPTIMIZERS.items() if s.closure == 
 def test_registered_second_order_optimizer_trains(tmp_path, name):
     """Every registered loss-closure optimizer, with its paper defaults, through the CLI path."""
     # ARC's default cubic term is in the raw RMSProp A (as the trust region's): sigma_0 = 1 is far below
-    # that norm's scale and the first ~27 steps here are rejections while sigma grows, hence 6 epochs
+    # that norm's scale and the first 4 epochs (24 steps) here are rejections while sigma grows, hence 6
     epochs = "6" if name == "arc" else "2"
     res = training.run(_config(TINY + ["--optimizer", name, "--out", str(tmp_path), "--epochs", epochs, "--no-plot"]))
     rows = res["history"]
