@@ -9,6 +9,7 @@ MNIST and Fashion-MNIST; several seeds, mean and 95 % interval (Student t).
     python python/trust_region_fig3.py --full              # paper-like: whole training sets, 10 seeds
     python python/trust_region_fig3.py --target 0.95 --seeds 0-4 --only tr-ellipsoidal,tr-spherical
     python python/trust_region_fig3.py --out reports/trust_region_fig3   # the committed short run
+    python python/trust_region_fig3.py --practical --out reports/trust_region_fig3_practical   # with the presets
 
 Every run goes through the training program's own loop (``natasha_ext.training.train_one`` with the
 CLI optimizers ``trust-region``, ``arc``, ``sgd``, ``adam`` built by ``make_optimizer``): same
