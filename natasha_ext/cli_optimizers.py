@@ -45,7 +45,7 @@ from natasha_ext import data
 from natasha_ext.curvature.hvp import HVP_METHODS
 from natasha_ext.optim import ANG, ARC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
 from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
-from natasha_ext.optim.trust_region import CURVATURES, NORMS
+from natasha_ext.optim.trust_region import CURVATURES, NORM_SCALES, NORMS
 
 __all__ = ["Flag", "OptimizerSpec", "OPTIMIZERS", "get_spec", "flag_table", "flag_type", "class_default",
            "defaults_table", "check_hyperparameters"]
@@ -293,22 +293,30 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "trust-region": OptimizerSpec(
         TrustRegion, closure="loss",
         help="stochastic trust region (Alg. 1), Steihaug CG in the ellipsoidal RMSProp norm (eq. 3); "
-             "--norm spherical = A = I; radius 1e-4, eta 0.01, gamma 2, beta 0.8, CG 50 its / tol 0.1",
-        flags={**_TR, "radius": Flag("TR: initial radius Delta_0 (A-norm)"), "max_radius": Flag("TR: radius cap"),
+             "--norm spherical = A = I; radius 1e-4, eta 0.01, gamma 2, beta 0.8, CG 50 its / tol 0.1; radius x gamma "
+             "on every accepted step, / gamma on rejection, no cap (Alg. 1 line 8); TrustRegion.practical's "
+             "three tiers: --eta-very-successful 0.95 --max-radius 10",
+        flags={**_TR, "radius": Flag("TR: initial radius Delta_0 (A-norm)"),
+               "max_radius": Flag("TR: radius cap (inf: none, Alg. 1)"),
                "eta": Flag("TR: acceptance threshold on rho"),
-               "eta_very_successful": Flag("TR: rho above which the radius grows by gamma"),
+               "eta_very_successful": Flag("TR: rho above which an accepted step grows the radius (0: eta, "
+                                           "Alg. 1's two tiers)", none=0, type=float),
                "cg_max_iters": Flag("TR: Steihaug-CG iterations (curvature products) per step"),
                "cg_tol": Flag("TR: relative residual stopping CG")}),
     "arc": OptimizerSpec(
         ARC, closure="loss",
         help="adaptive cubic regularisation (Cartis et al. 2011) in the same adaptive norms, Lanczos + secular "
-             "equation (or --subproblem cg); sigma 1, eta1 0.1, eta2 0.9, gamma 2, 25 Krylov its / tol 0.1",
+             "equation (or --subproblem cg); sigma 1, eta1 0.1, eta2 0.9, gamma 2, 25 Krylov its / tol 0.1; cubic "
+             "term in the same A as the trust region (--norm-scale initial_mean: A / mean(a_0), "
+             "ARC.practical's)",
         flags={**_TR, "sigma": Flag("ARC: initial cubic regularisation sigma"),
                "eta1": Flag("ARC: acceptance threshold on rho"),
                "eta2": Flag("ARC: rho above which sigma shrinks by gamma"),
                "subproblem": Flag("ARC subproblem solver: lanczos or cg"),
                "subproblem_max_iters": Flag("ARC: Krylov dimension / CG iterations per step"),
-               "subproblem_tol": Flag("ARC: relative model-gradient tolerance")}),
+               "subproblem_tol": Flag("ARC: relative model-gradient tolerance"),
+               "norm_scale": Flag("ARC: cubic term in A (raw, as TR) or in A / mean(a_0), a_0 the first "
+                                  "step's ellipsoid (initial_mean)", choices=NORM_SCALES)}),
 }
 
 

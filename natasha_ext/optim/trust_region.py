@@ -8,7 +8,8 @@ Both minimise a second-order model of the minibatch loss around the current weig
     TR  (eq. 7):  min_s g^T s + 1/2 s^T B s            s.t. ||s||_A <= radius
     ARC:          min_s g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3
 
-with ||s||_A = sqrt(s^T A s) and A = diag(a) the ellipsoid:
+with ||s||_A = sqrt(s^T A s) and A = diag(a) the ellipsoid, the same A for both (the paper's
+footnote 5: the matrix-induced norms carry over to cubic regularisation unchanged):
 
 * ``norm='rmsprop'`` (eq. 3, diagonal): a = v + eps, v <- beta v + (1 - beta) g^2 (no bias
   correction, as in eq. 3);
@@ -65,6 +66,7 @@ from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
 
 NORMS = ("rmsprop", "adagrad", "spherical")
+NORM_SCALES = ("raw", "initial_mean")  # ARC's cubic term: in A (as TrustRegion) or A / mean(a at the first step)
 CURVATURES = ("hessian", "gauss_newton")
 
 
@@ -98,6 +100,13 @@ class _RegularisedNewton(NatashaOptimizer):
     _PER_GROUP = ("norm", "beta", "eps")
     ACCUMULATION_STATE = ("square_avg",)
     _PICKLED_PRIVATE = NatashaOptimizer._PICKLED_PRIVATE + ("_model",)  # model= survives deepcopy
+    PRACTICAL: Dict[str, object] = {}  # the settings of :meth:`practical` (the constructor's are the paper's)
+
+    @classmethod
+    def practical(cls, params, **overrides):
+        """An instance with the practical (non-paper) settings of :attr:`PRACTICAL`; ``overrides``
+        win. The constructor's defaults are the paper's algorithm (see the class docstring)."""
+        return cls(params, **{**cls.PRACTICAL, **overrides})
 
     def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
@@ -310,17 +319,25 @@ class _RegularisedNewton(NatashaOptimizer):
 class TrustRegion(_RegularisedNewton):
     r"""Stochastic ellipsoidal (or spherical) trust region, Algorithm 1 of the paper.
 
+    The defaults are Alg. 1: the radius update of line 8 has two tiers, Delta <- gamma Delta when
+    rho >= eta (the step is accepted) and Delta <- Delta / gamma otherwise (rejected), with no
+    upper bound. :meth:`practical` returns the three-tier form with a cap instead
+    (``eta_very_successful=0.95, max_radius=10``: grow only on very successful steps, keep the
+    radius on merely successful ones), the usual refinement of Conn, Gould & Toint, "Trust-region
+    methods", 2000 (Alg. 6.1.1); the paper states no numbers for eta, gamma or Delta_0 (Alg. 1,
+    line 1 asks only gamma > 1, 0 < eta < 1, Delta_0 > 0), so those keep the values below.
+
     Args:
         params: parameters or param groups.
         radius: initial radius Delta_0 (default 1e-4, in the A-norm).
-        max_radius: upper bound of the radius (default 10).
-        eta: acceptance threshold; a step with rho >= eta is accepted (default 0.01).
-        eta_very_successful: rho >= this enlarges the radius (default 0.95).
-        gamma: radius factor > 1 (default 2.0). Update (Alg. 1 with the usual very-successful
-            refinement): rho < eta: reject, radius /= gamma; eta <= rho < eta_very_successful:
-            accept, radius kept; rho >= eta_very_successful: accept, radius = min(gamma radius,
-            max_radius). ``eta_very_successful=eta`` is Alg. 1 verbatim (every success enlarges).
-            gamma=2 is the common choice (Conn, Gould & Toint, "Trust-region methods", 2000).
+        max_radius: upper bound of the radius (default inf: Alg. 1 has none). Growth also stops
+            short of overflowing to inf.
+        eta: acceptance threshold of Alg. 1; a step with rho >= eta is accepted (default 0.01).
+        eta_very_successful: None (default) is Alg. 1 line 8: every accepted step multiplies the
+            radius by gamma. A number in [eta, 1] gives the three-tier update: rho < eta: reject,
+            radius /= gamma; eta <= rho < eta_very_successful: accept, radius kept;
+            rho >= eta_very_successful: accept, radius = min(gamma radius, max_radius).
+        gamma: radius factor > 1 of Alg. 1 (default 2.0, the common choice of Conn et al. 2000).
         norm: 'rmsprop' (eq. 3), 'adagrad' (eq. 2) or 'spherical' (A = I). Per group.
         beta: RMSProp decay of eq. 3 (default 0.8). Per group.
         eps: epsilon of eqs. 2-3 (default 1e-8); keeps A uniformly equivalent (Lemma 2). Per group.
@@ -338,12 +355,22 @@ class TrustRegion(_RegularisedNewton):
         {shared_args}
         With a process group every rank takes the same accept/reject decision.
 
+    Gap to Theorem 1 (second-order rate): Assumption 2 asks every step for at least the model
+    decrease of the Cauchy point *and* of the eigenpoint s^E (eq. 28, along the leftmost
+    eigenvector of A^{-1/2} B A^{-1/2} when it is negative). Steihaug CG guarantees the Cauchy
+    decrease only; the eigenpoint is computed (``eigen_iters`` Lanczos steps) only when
+    ||g|| <= grad_tol, i.e. at the points where Alg. 1 line 4 zeroes the gradient. While
+    ||g|| > grad_tol a step may decrease the model less than s^E would, so the first-order part
+    of Theorem 1 holds (Cauchy decrease, uniformly equivalent norms, Lemma 2) but its
+    O(eps_H^-3) second-order part is not guaranteed by this implementation; CG does follow
+    negative curvature to the boundary when it meets it.
+
     Resolution floor: a rejection divides the radius by gamma but never below eps * ||x||_A
     (eps: machine epsilon of the coarsest parameter dtype, ||x||_A the weights in the ellipsoid's
     norm), the size below which a step cannot change the weights; each time the floor stops the
     shrinking ``counters['resolution_limit_hits']`` grows by one (a run that keeps hitting it has
     reached its dtype's resolution: stop, or switch to fp64). The radius grows again by gamma on
-    very successful steps; ``opt.radius = r`` resets it by hand (also saved in ``state_dict``).
+    accepted steps (very successful ones with ``eta_very_successful``); ``opt.radius = r`` resets it by hand (also saved in ``state_dict``).
     A non-finite loss at the trial point w + s is a non-finite event, not a rejection: weights
     and ellipsoid restored, ``counters['skipped_steps']`` + 1 (or NonFiniteError).
     Skipped steps are not counted in ``counters['steps']``.
@@ -354,8 +381,10 @@ class TrustRegion(_RegularisedNewton):
     _GLOBAL = ("radius", "max_radius", "eta", "eta_very_successful", "gamma", "cg_max_iters", "cg_tol",
                "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters")
 
-    def __init__(self, params, radius: float = 1e-4, max_radius: float = 10.0, eta: float = 0.01,
-                 eta_very_successful: float = 0.95, gamma: float = 2.0, norm: str = "rmsprop",
+    PRACTICAL = dict(eta_very_successful=0.95, max_radius=10.0)
+
+    def __init__(self, params, radius: float = 1e-4, max_radius: float = math.inf, eta: float = 0.01,
+                 eta_very_successful: Optional[float] = None, gamma: float = 2.0, norm: str = "rmsprop",
                  beta: float = 0.8, eps: float = 1e-8, cg_max_iters: int = 50, cg_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "auto", fd_eps: float = 1e-4, grad_tol: float = 0.0,
                  eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
@@ -371,11 +400,13 @@ class TrustRegion(_RegularisedNewton):
     def _check_group(cls, group: dict) -> None:
         super()._check_group(group)
         V.positive("radius", group["radius"])
-        V.positive("max_radius", group["max_radius"])
+        if not group["max_radius"] == math.inf:  # inf: no cap (Alg. 1)
+            V.positive("max_radius", group["max_radius"])
         if group["max_radius"] < group["radius"]:
             raise ValueError(f"invalid max_radius: {group['max_radius']!r} (must be >= radius={group['radius']!r})")
         V.in_range("eta", group["eta"], 0.0, 1.0, low_open=True)
-        V.in_range("eta_very_successful", group["eta_very_successful"], group["eta"], 1.0)
+        if group["eta_very_successful"] is not None:
+            V.in_range("eta_very_successful", group["eta_very_successful"], group["eta"], 1.0)
         V.greater_than("gamma", group["gamma"], 1.0)
         V.positive_int("cg_max_iters", group["cg_max_iters"])
         V.positive("cg_tol", group["cg_tol"])
@@ -421,11 +452,19 @@ class TrustRegion(_RegularisedNewton):
             self.counters["rejected"] += 1
         else:
             self.counters["accepted"] += 1
-            if rho >= g0["eta_very_successful"]:
-                self.radius = min(self.radius * g0["gamma"], g0["max_radius"])
+            self.radius = self._grown_radius(rho, g0)
         info.update(rho=rho, accepted=accepted, trial_loss=trial, radius=self.radius)
         self._finish(oracle, bp_per, info)
         return loss0
+
+    def _grown_radius(self, rho: float, g0) -> float:
+        """The radius after an accepted step: gamma * radius (Alg. 1 line 8), or with
+        ``eta_very_successful`` set only when rho reaches it; at most max_radius, never inf."""
+        threshold = g0["eta"] if g0["eta_very_successful"] is None else g0["eta_very_successful"]
+        if rho < threshold:
+            return self.radius
+        grown = min(self.radius * g0["gamma"], g0["max_radius"])
+        return grown if math.isfinite(grown) else self.radius
 
     def _shrunk_radius(self, params, a, g0) -> float:
         """radius / gamma, floored at the dtype's resolution eps * ||x||_A (see the class
@@ -449,8 +488,12 @@ class TrustRegion(_RegularisedNewton):
 
 @shared_args_doc
 class ARC(_RegularisedNewton):
-    r"""Adaptive cubic regularisation (Cartis, Gould & Toint 2011) in the adaptive norm:
+    r"""Adaptive cubic regularisation (Cartis, Gould & Toint, "Adaptive cubic regularisation methods
+    for unconstrained optimization. Part I", 2011, Algorithm 2.1) in the adaptive norm:
     m(s) = g^T s + 1/2 s^T B s + sigma/3 ||s||_A^3, rho = (L(w) - L(w+s)) / (L(w) - m(s)).
+    Alg. 2.1 asks sigma_0 > 0, 0 < eta1 <= eta2 < 1 and gamma_2 >= gamma_1 > 1 (sigma shrinks or
+    stays on very successful steps, stays or grows up to gamma_1 on successful ones, grows by
+    gamma_1..gamma_2 on rejections); the defaults below are one choice inside those ranges.
 
     Args:
         sigma: initial regularisation (default 1.0).
@@ -460,11 +503,20 @@ class ARC(_RegularisedNewton):
             rho < eta1: rejected (weights restored bit-exactly), sigma = gamma sigma.
         sigma_min: lower bound of sigma (default 1e-8).
         norm: 'rmsprop' | 'adagrad' | 'spherical' (as :class:`TrustRegion`); beta, eps likewise.
-            The cubic term is measured in A normalised to unit mean, A / mean(a): the cubic model is
-            not invariant to A's overall scale (sigma would have to absorb mean(a)^{3/2}, about
-            1e-6..1e-12 for RMSProp's squared gradients, so sigma_0 = 1 would start dozens of
-            rejected steps away from a useful value); the *shape* of the ellipsoid, which is what
-            distinguishes ellipsoidal from spherical, is unchanged (spherical: mean(a) = 1).
+        norm_scale: 'raw' (default) measures the cubic term in the A of eqs. 2-3 itself, the norm
+            :class:`TrustRegion`'s radius uses (the paper's footnote 5 carries its norms over to
+            cubic regularisation unchanged; Lemma 2's uniform equivalence is stated for this A).
+            sigma then plays the role of the Hessian's Lipschitz constant in that norm, so with
+            RMSProp's small a (squared gradients, ~1e-6..1e-12) sigma_0 = 1 starts far too small
+            and the first steps are rejected until sigma has grown by gamma enough times.
+            'initial_mean' (what :meth:`practical` uses) measures it in A / mean(a_0), a_0 the
+            ellipsoid of the first completed step, a constant from then on (saved in
+            ``state_dict``): sigma_0 = 1 is on a usable scale from the start and sigma keeps
+            referring to one norm, the trust region's up to a fixed factor. (Normalising by the
+            current mean(a) every step, as earlier versions did, would rescale the norm by
+            (mean a_t / mean a_{t+1})^{3/2} between steps without rho ever testing it, so the
+            sigma adapted by the accept/reject rule would chase a moving scale.) Spherical: A = I
+            in every mode.
         subproblem: 'lanczos' (Krylov subspace of A^{-1/2} B A^{-1/2} from A^{-1/2} g, the cubic
             model minimised on the tridiagonal by the secular equation; stops when the model
             gradient beta_k |y_k| <= subproblem_tol ||g||_{A^-1}) or 'cg' (truncated PCG with
@@ -485,21 +537,26 @@ class ARC(_RegularisedNewton):
     """
 
     _GLOBAL = ("sigma", "eta1", "eta2", "gamma", "sigma_min", "subproblem", "subproblem_max_iters",
-               "subproblem_tol", "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters")
+               "subproblem_tol", "curvature", "hvp", "fd_eps", "grad_tol", "eigen_iters", "norm_scale")
+
+    PRACTICAL = dict(norm_scale="initial_mean")
+    _PICKLED_PRIVATE = _RegularisedNewton._PICKLED_PRIVATE + ("_norm_unit",)
 
     def __init__(self, params, sigma: float = 1.0, eta1: float = 0.1, eta2: float = 0.9, gamma: float = 2.0,
                  norm: str = "rmsprop", subproblem: str = "lanczos", beta: float = 0.8, eps: float = 1e-8,
                  sigma_min: float = 1e-8, subproblem_max_iters: int = 25, subproblem_tol: float = 0.1,
                  curvature: str = "hessian", hvp: str = "auto", fd_eps: float = 1e-4, grad_tol: float = 0.0,
-                 eigen_iters: int = 10, *, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None, process_group=None):
+                 eigen_iters: int = 10, norm_scale: str = "raw", *, fused: Optional[bool] = None,
+                 seed: Optional[int] = None, raise_on_nonfinite: bool = False, model: Optional[torch.nn.Module] = None,
+                 process_group=None):
         defaults = dict(sigma=sigma, eta1=eta1, eta2=eta2, gamma=gamma, sigma_min=sigma_min, norm=norm,
                         subproblem=subproblem, beta=beta, eps=eps, subproblem_max_iters=subproblem_max_iters,
                         subproblem_tol=subproblem_tol, curvature=curvature, hvp=hvp, fd_eps=fd_eps,
-                        grad_tol=grad_tol, eigen_iters=eigen_iters)
+                        grad_tol=grad_tol, eigen_iters=eigen_iters, norm_scale=norm_scale)
         self._check_group(defaults)
         super().__init__(params, defaults, fused, seed, raise_on_nonfinite, model, process_group)
         self.sigma = float(sigma)
+        self._norm_unit: Optional[float] = None  # mean(a_0) of norm_scale='initial_mean', once known
 
     @classmethod
     def _check_group(cls, group: dict) -> None:
@@ -510,6 +567,7 @@ class ARC(_RegularisedNewton):
         V.greater_than("gamma", group["gamma"], 1.0)
         V.nonnegative("sigma_min", group["sigma_min"])
         V.choice("subproblem", group["subproblem"], ("lanczos", "cg"))
+        V.choice("norm_scale", group["norm_scale"], NORM_SCALES)
         V.positive_int("subproblem_max_iters", group["subproblem_max_iters"])
         V.positive("subproblem_tol", group["subproblem_tol"])
 
@@ -550,16 +608,19 @@ class ARC(_RegularisedNewton):
             return loss0
         backup = self._ellipsoid_backup(params)
         work, tot = self._init_subproblem(params, grads)
-        if any(g["norm"] != "spherical" for g in self.param_groups):
-            # The cubic term is measured in A / mean(a) (see the class docstring); one sync for both
+        unit = self._norm_unit
+        if (g0["norm_scale"] == "initial_mean" and unit is None
+                and any(g["norm"] != "spherical" for g in self.param_groups)):
+            # the first step fixes the normaliser mean(a_0) (see norm_scale); one sync for both
             a_mean = torch.cat([x.reshape(-1) for x in work["a"]]).mean()
             rz0, gg, am = torch.cat([tot, a_mean.reshape(1).to(tot.dtype)]).tolist()
-            if am > 0 and math.isfinite(am):
-                torch._foreach_div_(work["a"], am)
-                torch._foreach_mul_(work["p"], am)  # p = -A^{-1} g and g^T A^{-1} g scale by mean(a)
-                rz0 *= am
+            unit = am if am > 0 and math.isfinite(am) else None
         else:
             rz0, gg = tot.tolist()
+        if g0["norm_scale"] == "initial_mean" and unit is not None:
+            torch._foreach_div_(work["a"], unit)
+            torch._foreach_mul_(work["p"], unit)  # p = -A^{-1} g and g^T A^{-1} g scale by the unit
+            rz0 *= unit
         matvec = lambda vs: oracle([v.to(p.dtype) for v, p in zip(vs, params)])
         zero_g = math.sqrt(gg) <= g0["grad_tol"] or rz0 <= 0.0
         try:
@@ -589,6 +650,8 @@ class ARC(_RegularisedNewton):
             self.counters["accepted"] += 1
             if rho >= g0["eta2"]:
                 self.sigma = max(self.sigma / g0["gamma"], g0["sigma_min"])
+        if g0["norm_scale"] == "initial_mean":
+            self._norm_unit = unit  # fixed once a step completes (a skipped step changes nothing)
         info.update(rho=rho, accepted=accepted, trial_loss=trial, sigma=self.sigma)
         self._finish(oracle, bp_per, info)
         return loss0
@@ -609,8 +672,11 @@ class ARC(_RegularisedNewton):
     def extra_state(self) -> dict:
         st = super().extra_state()
         st["sigma"] = self.sigma
+        st["norm_unit"] = self._norm_unit
         return st
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.sigma = float(state["sigma"])
+        unit = state["norm_unit"]
+        self._norm_unit = None if unit is None else float(unit)

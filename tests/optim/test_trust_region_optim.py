@@ -258,7 +258,7 @@ def _net_problem():
 
 
 @pytest.mark.parametrize("cls,kw", [(TrustRegion, dict(radius=0.05)), (ARC, dict()),
-                                    (ARC, dict(subproblem="cg"))])
+                                    (ARC, dict(subproblem="cg")), (ARC, dict(norm_scale="initial_mean"))])
 def test_state_dict_round_trip_is_bit_identical(cls, kw):
     net, mk = _net_problem()
     opt = cls(net.parameters(), seed=5, **kw)

@@ -133,10 +133,11 @@ _KFAC_BAD = [("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0), ("momentum",
              ("inv_every", 0), ("inverse", "lu")]
 _TR_BAD = [("radius", 0.0), ("radius", -1.0), ("radius", float("nan")), ("eta", 0.0), ("eta", 1.0), ("gamma", 1.0),
            ("gamma", 0.5), ("max_radius", 1e-9), ("norm", "l7"), ("beta", 1.0), ("eps", 0.0), ("cg_max_iters", 0),
-           ("cg_tol", 0.0), ("curvature", "fisher"), ("hvp", "magic")]
+           ("cg_tol", 0.0), ("curvature", "fisher"), ("hvp", "magic"), ("eta_very_successful", 0.001),
+           ("max_radius", float("nan"))]
 
 _ARC_BAD = [("sigma", 0.0), ("sigma", -1.0), ("sigma", float("nan")), ("eta1", 0.0), ("eta1", 1.0), ("eta2", 1.5),
-            ("gamma", 1.0), ("subproblem", "qr"), ("norm", "l7"), ("subproblem_max_iters", 0)]
+            ("gamma", 1.0), ("subproblem", "qr"), ("norm", "l7"), ("subproblem_max_iters", 0), ("norm_scale", "l2")]
 
 ZOO: List[Case] = [
     Case("natasha15", "Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=6, subepochs=2, seed=11),
@@ -185,6 +186,9 @@ ZOO: List[Case] = [
          group_key="eps", group_value=1e-3, lr_key=None, outputs=True),
     Case("arc", "ARC", dict(sigma=3.0, eps=0.1, subproblem_max_iters=5, seed=51), group_key="eps", group_value=1e-6,
          lr_key=None, bad=_ARC_BAD),
+    Case("arc_initial_mean", "ARC",
+         dict(sigma=3.0, eps=0.1, subproblem_max_iters=5, norm_scale="initial_mean", seed=53),
+         group_key=None, lr_key=None, notes="ARC.practical's cubic term in A / mean(a_0)"),
     Case("arc_cg", "ARC", dict(sigma=1.0, subproblem="cg", subproblem_max_iters=5, norm="spherical", seed=52),
          group_key=None, lr_key=None),
 ]
