@@ -25,7 +25,8 @@ a bias column) and G = E[g g^T] (per-example pre-activation gradients), collecte
 
     U = (G + lam I)^-1 T (A + lam I)^-1  (= ((A + lam I) (x) (G + lam I))^-1 vec T).
 
-lam is given in one of two forms (one per param group, the other left None):
+lam is given in one of two forms (one per param group, the other None; ``factor_damping``, when
+given, replaces ``damping``):
 ``factor_damping`` is lam itself (the ANG paper's damping, the ANG/IFANG default);
 ``damping`` is Martens & Grosse's damping gamma of the whole Kronecker block, applied as factored
 Tikhonov damping (Martens & Grosse 2015, Sec. 6.3, pi = 1) with lam = sqrt(gamma) per factor, so
@@ -105,9 +106,13 @@ __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
 
 #: Tang et al. 2021, Sec. 3.1: "the initial learning rate of [K-FAC, ANG, IFANG] was set to 0.005"
 PAPER_LR = 0.005
-#: lam added to each factor (eq. 8) by default; the paper states no value (see README's table)
-ANG_FACTOR_DAMPING = 0.1
-IFANG_FACTOR_DAMPING = 0.1
+#: lam added to each factor (eq. 8) by default. The paper states no value: ANG's is the per-factor
+#: lam = sqrt(1e-3) of K-FAC's default damping, rounded; IFANG's rank-1 factors leave all but one
+#: direction damped by lam alone, so it needs more (on LeNet-5/Fashion-MNIST with the paper's
+#: plain step at lr 0.005, lam <= 0.1 diverged for IFANG, 0.2-0.3 trained; ANG trained for
+#: 0.003-0.1 and diverged at 1e-3).
+ANG_FACTOR_DAMPING = 0.03
+IFANG_FACTOR_DAMPING = 0.3
 
 
 def _reached_leaves(loss: torch.Tensor) -> set:
@@ -139,8 +144,8 @@ class _KroneckerFamily(NatashaOptimizer):
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
     ACCUMULATION_STATE = DenseKronecker.STATE + LowRankKronecker.STATE + ("momentum_buffer",)
 
-    #: (argument, value) of the damping used when neither ``damping`` nor ``factor_damping`` is given
-    DEFAULT_DAMPING = ("damping", 1e-3)
+    #: the factor_damping used when neither ``damping`` nor ``factor_damping`` is given (None: one must be)
+    DEFAULT_FACTOR_DAMPING: Optional[float] = None
     #: the practical K-FAC settings of :meth:`practical` (the constructor defaults are the paper's)
     PRACTICAL: dict = {}
 
@@ -202,14 +207,11 @@ class _KroneckerFamily(NatashaOptimizer):
 
     @classmethod
     def _resolve_damping(cls, damping, factor_damping):
-        """(damping, factor_damping) with the class's DEFAULT_DAMPING when neither is given."""
-        if damping is not None and factor_damping is not None:
-            raise ValueError(f"give damping ({damping!r}: gamma of the Kronecker block) or factor_damping "
-                             f"({factor_damping!r}: lam added to each factor), not both")
-        if damping is None and factor_damping is None:
-            key, value = cls.DEFAULT_DAMPING
-            return (value, None) if key == "damping" else (None, value)
-        return damping, factor_damping
+        """(damping, factor_damping): factor_damping, when given, replaces damping; the class's
+        DEFAULT_FACTOR_DAMPING when neither is given."""
+        if factor_damping is None and damping is None:
+            factor_damping = cls.DEFAULT_FACTOR_DAMPING
+        return (None, factor_damping) if factor_damping is not None else (damping, None)
 
     @classmethod
     def _check_common(cls, lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every) -> None:
@@ -511,16 +513,15 @@ class KFAC(_KroneckerFamily):
     Args:
         model_or_params: nn.Module, or params / param groups together with ``model=``.
         lr (0.01), momentum (0.9),
-        damping (None -> 1e-3 when factor_damping is not given either): gamma of the Kronecker
-        block, applied as factored Tikhonov damping (Martens & Grosse Sec. 6.3, pi = 1):
-        lam = sqrt(gamma) is added to each factor,
+        damping (1e-3): gamma of the Kronecker block, applied as factored Tikhonov damping
+        (Martens & Grosse Sec. 6.3, pi = 1): lam = sqrt(gamma) is added to each factor,
         stat_decay (0.95: Martens & Grosse's EMA decay, Sec. 5, min(1 - 1/k, 0.95) after its
         warm-up; here the first update starts the average), weight_decay (0),
         kl_clip (1e-3; None or 0 disables), cov_every (10: statistics every 10 steps; Martens &
         Grosse collect them every step), inv_every (100: inverses every 100 steps; Martens & Grosse
         recompute them every T3 = 20), inverse ('cholesky' | 'eigh').
-        factor_damping (None): lam added to each factor directly (Tang et al.'s eq. 8), instead of
-        ``damping``.
+        factor_damping (None): lam added to each factor directly (Tang et al.'s eq. 8); when given
+        it replaces ``damping``.
         batch_averaged (True): the loss is a mean over the batch (per-example gradients are
         grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
         {shared_args}
@@ -533,7 +534,7 @@ class KFAC(_KroneckerFamily):
     PRACTICAL = dict(lr=0.01, momentum=0.9, damping=1e-3, stat_decay=0.95, kl_clip=1e-3, cov_every=10,
                      inv_every=100)
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: Optional[float] = None,
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: Optional[float] = 1e-3,
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
                  factor_damping: Optional[float] = None,
@@ -626,7 +627,7 @@ class ANG(_AsymptoticBlend, KFAC):
     Tikhonov, KL clip 1e-3 of the step taken, momentum 0.9, lr 0.01).
 
     Args: those of :class:`KFAC` with the defaults lr (0.005), momentum (0), stat_decay (0),
-        kl_clip (None), cov_every (1), inv_every (1), factor_damping (None -> 0.1 when
+        kl_clip (None), cov_every (1), inv_every (1), factor_damping (None -> 0.03 when
         damping is not given either: the paper states no value; see README), and
         lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
         None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
@@ -642,7 +643,7 @@ class ANG(_AsymptoticBlend, KFAC):
     ``opt.last_coefficients`` holds the last [L, 2] (c1, c2) with d = c1 U + c2 T (device tensor).
     """
 
-    DEFAULT_DAMPING = ("factor_damping", ANG_FACTOR_DAMPING)
+    DEFAULT_FACTOR_DAMPING = ANG_FACTOR_DAMPING
     PRACTICAL = KFAC.PRACTICAL
 
     def __init__(self, model_or_params, lr: float = PAPER_LR, momentum: float = 0.0, damping: Optional[float] = None,
@@ -675,7 +676,7 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     alone, so with the KL clip the step can reach a norm of sqrt(kl_clip) / lam independent of lr.
 
     Args: model_or_params, lr (0.005), momentum (0), damping (None), weight_decay, kl_clip (None),
-        cov_every as :class:`KFAC`; factor_damping (None -> 0.1 when damping is not
+        cov_every as :class:`KFAC`; factor_damping (None -> 0.3 when damping is not
         given either); rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant,
         per_layer as :class:`ANG`;
         model, batch_averaged, grad_scaler as :class:`KFAC`.
@@ -686,7 +687,7 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     combines them, so N ranks equal one process for every s'.
     """
 
-    DEFAULT_DAMPING = ("factor_damping", IFANG_FACTOR_DAMPING)
+    DEFAULT_FACTOR_DAMPING = IFANG_FACTOR_DAMPING
     PRACTICAL = dict(lr=0.01, momentum=0.9, damping=1e-2, kl_clip=1e-3)
 
     def __init__(self, model_or_params, lr: float = PAPER_LR, momentum: float = 0.0, damping: Optional[float] = None,
