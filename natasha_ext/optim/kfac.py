@@ -66,8 +66,8 @@ of parameters / param groups together with ``model=`` (the module whose Linear/C
 hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
 bias must share a group). Modules that share a weight (weight tying) are one layer, named
 "first+second", whose factors come from the statistics of all their calls, as for a module called
-several times (they must share the bias too; otherwise construction fails naming both). Hyperparameters lr, momentum, damping, factor_damping,
-weight_decay are read per group at every step (LR schedulers work; the paper's milestone decay of
+several times (they must share the bias too; otherwise construction fails naming both).
+Hyperparameters lr, momentum, damping, factor_damping, weight_decay are read per group at every step (LR schedulers work; the paper's milestone decay of
 lr is ``torch.optim.lr_scheduler.MultiStepLR``).
 
 Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)::
@@ -104,7 +104,7 @@ from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
 
-#: Tang et al. 2021, Sec. 3.1: "the initial learning rate of [K-FAC, ANG, IFANG] was set to 0.005"
+#: Tang et al. 2021, Sec. 3.1: SGD starts at lr 0.01, "while that of other methods was set to 0.005"
 PAPER_LR = 0.005
 #: lam added to each factor (eq. 8) by default. The paper states no value: ANG's is the per-factor
 #: lam = sqrt(1e-3) of K-FAC's default damping, rounded; IFANG's rank-1 factors leave all but one
@@ -504,11 +504,11 @@ class _KroneckerFamily(NatashaOptimizer):
 class KFAC(_KroneckerFamily):
     """K-FAC with damped Kronecker inverses, KL clipping and momentum (see the module docstring).
 
-    Martens & Grosse (2015) adapt the damping (Levenberg-Marquardt rule, Sec. 6.5), the step size
-    and the momentum (the quadratic model, Sec. 7) at every step; this class takes them as fixed
-    hyperparameters, with the values of the usual fixed-hyperparameter K-FAC (the KL clip of Ba,
-    Grosse & Martens 2017). Where Martens & Grosse state a number it is noted; README's
-    'Defaults and the papers' table lists every default beside its source.
+    Martens & Grosse (2015) adapt the damping (a Levenberg-Marquardt rule, Sec. 6), the step size
+    and the momentum (from the exact-Fisher quadratic model, Sec. 7) as they go; this class takes
+    them as fixed hyperparameters with the values of the usual fixed-hyperparameter K-FAC (and
+    the KL clip of Ba, Grosse & Martens 2017). Where Martens & Grosse state a number it is noted;
+    README's 'Defaults and the papers' table lists every default beside its source.
 
     Args:
         model_or_params: nn.Module, or params / param groups together with ``model=``.
@@ -519,7 +519,7 @@ class KFAC(_KroneckerFamily):
         warm-up; here the first update starts the average), weight_decay (0),
         kl_clip (1e-3; None or 0 disables), cov_every (10: statistics every 10 steps; Martens &
         Grosse collect them every step), inv_every (100: inverses every 100 steps; Martens & Grosse
-        recompute them every T3 = 20), inverse ('cholesky' | 'eigh').
+        recompute them every T3 steps, Sec. 8, 20 in their experiments), inverse ('cholesky' | 'eigh').
         factor_damping (None): lam added to each factor directly (Tang et al.'s eq. 8); when given
         it replaces ``damping``.
         batch_averaged (True): the loss is a mean over the batch (per-example gradients are
@@ -702,7 +702,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
         damping, factor_damping = self._resolve_damping(damping, factor_damping)
         self._check_common(lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every)
         super().__init__(model_or_params, LowRankKronecker(rank), lr=lr, momentum=momentum, damping=damping,
-                         factor_damping=factor_damping, weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, model=model,
+                         factor_damping=factor_damping, weight_decay=weight_decay, kl_clip=kl_clip,
+                         cov_every=cov_every, model=model,
                          batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
                          raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
         self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)

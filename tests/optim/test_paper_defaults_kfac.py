@@ -73,7 +73,7 @@ def test_kfac_defaults_and_their_sources():
     assert opt._factor_damping(0) == 1e-3 ** 0.5
     # fixed-hyperparameter K-FAC practice (no number in Martens & Grosse, who adapt them):
     # lr 0.01, momentum 0.9, KL clip 1e-3 (Ba, Grosse & Martens 2017), statistics every 10 steps
-    # and inverses every 100 (Martens & Grosse: statistics every step, inverses every T3 = 20)
+    # and inverses every 100 (Martens & Grosse: statistics every step, inverses every T3 = 20 steps)
     assert (d["lr"], d["momentum"], d["kl_clip"], d["cov_every"], d["inv_every"]) == (0.01, 0.9, 1e-3, 10, 100)
 
 
