@@ -189,11 +189,16 @@ _NATASHA = {
 }
 
 _KFAC_DAMPING_WHY = ("with cov_every 10 / inv_every 100 the stale early inverses made 1e-3 diverge on "
-                     "LeNet-5/MNIST within 2 epochs (K-FAC and ANG); 0.03 trains both")
+                     "LeNet-5/MNIST within 2 epochs; 0.03 trains (ANG/IFANG recompute their factors every step, "
+                     "as the paper does, and keep the class's damping)")
+_DAMPING = Flag("damping gamma of the Kronecker block: sqrt(gamma) added to each factor (factored Tikhonov); "
+                "0: use --factor-damping / the class default", none=0)
+_FACTOR_DAMPING = Flag("lam added to each Kronecker factor (Tang et al. eq. 8); 0: the class default (ANG 0.03, "
+                       "IFANG 0.3) unless --damping is given", none=0)
 _KFAC = {
     "lr": _LR, "momentum": Flag("momentum"),
-    "damping": Flag("K-FAC damping gamma of (A (x) G + gamma I); sqrt(gamma) per factor (eq. 8)",
-                    default=3e-2, why=_KFAC_DAMPING_WHY),
+    "damping": Flag(_DAMPING.help, none=0, default=3e-2, why=_KFAC_DAMPING_WHY),
+    "factor_damping": _FACTOR_DAMPING,
     "stat_decay": Flag("K-FAC: EMA decay of the factors"), "weight_decay": Flag("L2 weight decay"),
     "kl_clip": Flag("K-FAC KL clipping (0 disables)", none=0),
     "cov_every": Flag("steps between statistics refreshes"),
@@ -281,15 +286,15 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         flags=_KFAC),
     "ang": OptimizerSpec(
         ANG, closure="loss", takes_model=True, resolve=_run_steps,
-        help="Asymptotic natural gradient (Tang et al., eq. 7): K-FAC slerped toward the Euclidean gradient",
-        flags={**_KFAC, **_ANG}),
+        help="Asymptotic natural gradient (Tang et al., eq. 7): K-FAC slerped toward the Euclidean gradient; "
+             "defaults = the paper's Alg. 2 (factors of each minibatch, lr 0.005, plain step)",
+        flags={**_KFAC, "damping": _DAMPING, **_ANG}),
     "ifang": OptimizerSpec(
         IFANG, closure="loss", takes_model=True, resolve=_run_steps,
-        help="Inverse-free ANG (eqs. 9-14): rank-s' group-mean factors applied by Sherman-Morrison-Woodbury",
+        help="Inverse-free ANG (eqs. 9-14): rank-s' group-mean factors applied by Sherman-Morrison-Woodbury; "
+             "defaults = the paper's Alg. 2 (rank 1, lr 0.005, plain step)",
         flags={**{k: v for k, v in _KFAC.items() if k not in ("stat_decay", "inv_every", "inverse")},
-               "damping": Flag("IFANG damping gamma (sqrt(gamma) per low-rank factor; see optim.IFANG)",
-                               default=1e-1, why="1e-2 diverged on LeNet-5/MNIST after 3 epochs"),
-               **_ANG, "rank": Flag("IFANG: number s' of row groups (rank of the factors)")}),
+               "damping": _DAMPING, **_ANG, "rank": Flag("IFANG: number s' of row groups (rank of the factors)")}),
     "trust-region": OptimizerSpec(
         TrustRegion, closure="loss",
         help="stochastic trust region (Alg. 1), Steihaug CG in the ellipsoidal RMSProp norm (eq. 3); "

@@ -15,8 +15,11 @@ a layer's gradient matrix T is preconditioned by them. Two strategies share one 
 The statistics are captured by :class:`natasha_ext.curvature.kfac_factors.FactorCollector`; a
 strategy keeps its factors in each layer's optimizer state (``states[i]``, the state dict of the
 layer's weight, key names in ``STATE``) so that they are checkpointed with it. ``lams[i]`` is the
-per-factor damping lam of layer i. The optimizer averages the tensors :meth:`update` returns
-across its process group.
+per-factor damping lam of layer i, added to each factor as in Tang et al.'s eqs. 8-13 (the
+optimizer derives it from its ``factor_damping`` or ``damping`` argument). The optimizer averages
+the tensors :meth:`update` returns across its process group. :meth:`quadratic_form` measures
+d^T F d of a step d in the damped Kronecker Fisher F = (A + lam I) (x) (G + lam I) of the current
+factors (the KL clip of the step taken).
 """
 from __future__ import annotations
 
@@ -65,6 +68,11 @@ def damped_inverses(mats: Sequence[torch.Tensor], lams: Sequence[float], method:
         evals, evecs = torch.linalg.eigh(0.5 * (m + m.t()))
         out[j] = (evecs / (evals.clamp_min(0) + lams[j])) @ evecs.t()
     return out
+
+
+def _damped_pair(gd: torch.Tensor, da: torch.Tensor, d: torch.Tensor, lam: float) -> torch.Tensor:
+    """<G d + lam d, d A + lam d> = d^T ((A + lam I) (x) (G + lam I)) d from G d and d A."""
+    return ((gd + lam * d) * (da + lam * d)).sum()
 
 
 class DenseKronecker:
@@ -131,6 +139,16 @@ class DenseKronecker:
         return ops.kfac_precondition(ts, [st["kfac_G_inv"] for st in states], [st["kfac_A_inv"] for st in states],
                                      fused=fused)
 
+    @staticmethod
+    def quadratic_form(ds: List[torch.Tensor], states: List[dict], lams: List[float]) -> torch.Tensor:
+        """[L]: d_i^T F_i d_i = <(G + lam I) d_i, d_i (A + lam I)> (F = (A + lam I) (x) (G + lam I),
+        vec(G d A) = (A (x) G) vec(d); A, G symmetric), in the factors' dtype."""
+        out = []
+        for d, st, lam in zip(ds, states, lams):
+            d = d.to(st["kfac_A"].dtype)
+            out.append(_damped_pair(st["kfac_G"] @ d, d @ st["kfac_A"], d, lam))
+        return torch.stack(out)
+
 
 class LowRankKronecker:
     """Rank-``rank`` factors from the current minibatch (no EMA, no inverse), applied by SMW:
@@ -166,3 +184,14 @@ class LowRankKronecker:
     def precondition(ts: List[torch.Tensor], states: List[dict], lams: List[float], fused: Optional[bool]):
         return ops.kfac_smw_apply(ts, [st["kfac_YA"] for st in states], [st["kfac_YG"] for st in states], lams,
                                   fused=fused)
+
+    @staticmethod
+    def quadratic_form(ds: List[torch.Tensor], states: List[dict], lams: List[float]) -> torch.Tensor:
+        """[L]: d_i^T F_i d_i with F = (lam I + YA^T YA) (x) (lam I + YG^T YG), from rank-s' products
+        only: YG^T (YG d) and (d YA^T) YA."""
+        out = []
+        for d, st, lam in zip(ds, states, lams):
+            ya, yg = st["kfac_YA"], st["kfac_YG"]
+            d = d.to(ya.dtype)
+            out.append(_damped_pair(yg.t() @ (yg @ d), (d @ ya.t()) @ ya, d, lam))
+        return torch.stack(out)

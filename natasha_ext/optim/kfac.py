@@ -5,7 +5,7 @@ a direction rule.
 ==========  =====================================================  ==================================
 class       curvature (Kronecker factors A (x) G of the Fisher)    direction
 ==========  =====================================================  ==================================
-KFAC        DenseKronecker: EMA factors, damped inverses            natural gradient U (KL-clipped)
+KFAC        DenseKronecker: EMA factors, damped inverses            natural gradient U
 ANG         DenseKronecker                                          spherical blend of U and T (eq. 7)
 IFANG       LowRankKronecker: minibatch YA, YG, Sherman-Morrison-   spherical blend of U and T (eq. 7)
             Woodbury
@@ -20,23 +20,30 @@ for convolution layers" (2016) for convolutions; Tang, Jiang, Song, Gong, Li, Yu
 Per supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient is the matrix T = [dW | db]
 (out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
 a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
-(:mod:`natasha_ext.curvature.kfac_factors`). ``damping`` is the Tikhonov damping gamma of the
-Kronecker block, (A (x) G + gamma I)^-1, applied as factored Tikhonov damping (Martens & Grosse
-2015, Sec. 6.3, pi = 1): the per-factor lam of Tang et al.'s eq. 8 is sqrt(gamma), so the
-preconditioned gradient is
+(:mod:`natasha_ext.curvature.kfac_factors`). Every member adds one damping lam to each factor
+(Tang et al.'s eqs. 8-13), so the preconditioned gradient is
 
-    U = (G + lam I)^-1 T (A + lam I)^-1,   lam = sqrt(damping)
-      (= ((A + lam I) (x) (G + lam I))^-1 vec T,  (A + lam I) (x) (G + lam I) = A (x) G + gamma I
-         + lam (A (x) I + I (x) G)).
+    U = (G + lam I)^-1 T (A + lam I)^-1  (= ((A + lam I) (x) (G + lam I))^-1 vec T).
 
-Adding gamma itself to each factor would damp the block by only gamma^2 in the directions the
-factors do not see (inputs that are always zero, the n - s' directions of IFANG's rank-s'
-factors), so a KL-clipped step could reach sqrt(kl_clip) / gamma^2 there; with sqrt(gamma) per
-factor the bound is sqrt(kl_clip / gamma), as in the usual eigenvalue-damped K-FAC.
+lam is given in one of two forms (one per param group, the other None; ``factor_damping``, when
+given, replaces ``damping``):
+``factor_damping`` is lam itself (the ANG paper's damping, the ANG/IFANG default);
+``damping`` is Martens & Grosse's damping gamma of the whole Kronecker block, applied as factored
+Tikhonov damping (Martens & Grosse 2015, Sec. 6.3, pi = 1) with lam = sqrt(gamma) per factor, so
+that (A + lam I) (x) (G + lam I) = A (x) G + gamma I + lam (A (x) I + I (x) G) (the KFAC default;
+the block is *not* A (x) G + gamma I, which K-FAC never inverts). With lam per factor a
+direction the factors do not see (inputs that are always zero, the n - s' directions of
+IFANG's rank-s' factors) is damped by lam^2 = gamma.
 
-Every member: KL clipping nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, T_l>)) (computed from
-t^T G^-1 t, the natural-gradient step), then heavy-ball momentum
-buf <- momentum buf + nu d;  p <- p - lr buf.
+Step (Tang et al.'s Algorithm 2, line 9, for ANG/IFANG's defaults): p <- p - lr d. Two opt-in
+K-FAC practices (on by default for KFAC only, see :meth:`practical` for ANG/IFANG):
+``kl_clip``: d <- nu d with nu = min(1, sqrt(kl_clip / sum_l lr_l^2 d_l^T F_l d_l)), the KL
+estimate of the step actually taken (Ba, Grosse & Martens, "Distributed second-order optimization
+using Kronecker-factored approximations", 2017): for KFAC d = U, so d^T F d = t^T F^-1 t =
+<U, T> exactly (F: the damped Kronecker block whose inverse gave U); for ANG/IFANG's blend
+d = c1 U + c2 T it is measured as <(G + lam I) d, d (A + lam I)> with the current factors
+(:meth:`DenseKronecker.quadratic_form`; the same F as U's when the inverses are refreshed every
+step, the ANG default). ``momentum``: heavy-ball buf <- momentum buf + d; p <- p - lr buf.
 ANG's and IFANG's direction is the spherical interpolation of Tang et al.'s eq. 7,
 
     d = ||t||_G ( sin((1-lam)W)/sin W * U/||t||_G + sin(lam W)/sin W * T/||t|| ),
@@ -59,12 +66,13 @@ of parameters / param groups together with ``model=`` (the module whose Linear/C
 hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
 bias must share a group). Modules that share a weight (weight tying) are one layer, named
 "first+second", whose factors come from the statistics of all their calls, as for a module called
-several times (they must share the bias too; otherwise construction fails naming both). Hyperparameters lr, momentum, damping, weight_decay are read per group
-at every step (LR schedulers work).
+several times (they must share the bias too; otherwise construction fails naming both).
+Hyperparameters lr, momentum, damping, factor_damping, weight_decay are read per group at every step (LR schedulers work; the paper's milestone decay of
+lr is ``torch.optim.lr_scheduler.MultiStepLR``).
 
 Usage (the usual K-FAC workflow: the forward and backward passes feed the hooks)::
 
-    opt = KFAC(model, lr=0.01)
+    opt = KFAC(model, lr=0.01)         # or ANG(model), ANG.practical(model), IFANG(model)
     loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
 
 ``step(closure)`` also works: ``closure()`` returns the loss without calling backward and the
@@ -98,6 +106,16 @@ from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["KFAC", "ANG", "IFANG", "lambda_schedule", "LAMBDA_SCHEDULES"]
 
+#: Tang et al. 2021, Sec. 3.1: SGD starts at lr 0.01, "while that of other methods was set to 0.005"
+PAPER_LR = 0.005
+#: lam added to each factor (eq. 8) by default. The paper states no value: ANG's is the per-factor
+#: lam = sqrt(1e-3) of K-FAC's default damping, rounded; IFANG's rank-1 factors leave all but one
+#: direction damped by lam alone, so it needs more (on LeNet-5/Fashion-MNIST with the paper's
+#: plain step at lr 0.005, lam <= 0.1 diverged for IFANG, 0.2-0.3 trained; ANG trained for
+#: 0.003-0.1 and diverged at 1e-3).
+ANG_FACTOR_DAMPING = 0.03
+IFANG_FACTOR_DAMPING = 0.3
+
 
 def _reached_leaves(loss: torch.Tensor) -> set:
     """The leaf tensors ``loss``'s autograd graph reaches (walks grad_fn -> AccumulateGrad)."""
@@ -128,8 +146,14 @@ class _KroneckerFamily(NatashaOptimizer):
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
     ACCUMULATION_STATE = DenseKronecker.STATE + LowRankKronecker.STATE + ("momentum_buffer",)
 
-    def __init__(self, model_or_params, curvature, *, lr: float, momentum: float, damping: float,
-                 weight_decay: float, kl_clip: Optional[float], cov_every: int, model: Optional[nn.Module],
+    #: the factor_damping used when neither ``damping`` nor ``factor_damping`` is given (None: one must be)
+    DEFAULT_FACTOR_DAMPING: Optional[float] = None
+    #: the practical K-FAC settings of :meth:`practical` (the constructor defaults are the paper's)
+    PRACTICAL: dict = {}
+
+    def __init__(self, model_or_params, curvature, *, lr: float, momentum: float, damping: Optional[float],
+                 factor_damping: Optional[float], weight_decay: float, kl_clip: Optional[float], cov_every: int,
+                 model: Optional[nn.Module],
                  batch_averaged: bool, grad_scaler, fused: Optional[bool], seed: Optional[int],
                  raise_on_nonfinite: bool, process_group):
         if isinstance(model_or_params, nn.Module):
@@ -144,7 +168,8 @@ class _KroneckerFamily(NatashaOptimizer):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             params = model_or_params
-        defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_damping=factor_damping,
+                        weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
         self.curvature = curvature
         self.kl_clip = None if not kl_clip else float(kl_clip)
@@ -159,18 +184,60 @@ class _KroneckerFamily(NatashaOptimizer):
             self.set_process_group(process_group)
 
     @classmethod
+    def practical(cls, model_or_params, **overrides):
+        """An instance with the practical K-FAC settings ``PRACTICAL`` (EMA factors refreshed
+        every 10 steps, inverses every 100, factored-Tikhonov damping, KL clip, momentum 0.9),
+        ``overrides`` applied on top; the constructor's defaults are the paper's algorithm."""
+        kwargs = dict(cls.PRACTICAL)
+        if overrides.get("factor_damping") is not None:
+            kwargs.pop("damping", None)  # the explicit per-factor lam replaces the preset's gamma
+        kwargs.update(overrides)
+        return cls(model_or_params, **kwargs)
+
+    @classmethod
     def _check_group(cls, group: dict) -> None:
         V.nonnegative("lr", group["lr"])
         V.in_range("momentum", group["momentum"], 0.0, 1.0)
-        V.positive("damping", group["damping"])
+        for key in ("damping", "factor_damping"):
+            if group.get(key) is not None:
+                V.positive(key, group[key])
+        if (group.get("damping") is None) == (group.get("factor_damping") is None):
+            raise ValueError(f"exactly one of damping (gamma of the Kronecker block, sqrt(gamma) per factor) and "
+                             f"factor_damping (lam added to each factor) must be set, got damping="
+                             f"{group.get('damping')!r}, factor_damping={group.get('factor_damping')!r}")
         V.nonnegative("weight_decay", group["weight_decay"])
 
     @classmethod
-    def _check_common(cls, lr, momentum, damping, weight_decay, kl_clip, cov_every) -> None:
-        cls._check_group(dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay))
+    def _resolve_damping(cls, damping, factor_damping):
+        """(damping, factor_damping): factor_damping, when given, replaces damping; the class's
+        DEFAULT_FACTOR_DAMPING when neither is given."""
+        if factor_damping is None and damping is None:
+            factor_damping = cls.DEFAULT_FACTOR_DAMPING
+        return (None, factor_damping) if factor_damping is not None else (damping, None)
+
+    @classmethod
+    def _check_common(cls, lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every) -> None:
+        cls._check_group(dict(lr=lr, momentum=momentum, damping=damping, factor_damping=factor_damping,
+                              weight_decay=weight_decay))
         if kl_clip is not None:
             V.nonnegative("kl_clip", kl_clip)
         V.positive_int("cov_every", cov_every)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # a group naming one damping form uses that form (not the other one from the defaults)
+        if isinstance(param_group, dict) and "defaults" in self.__dict__:
+            for key, other in (("damping", "factor_damping"), ("factor_damping", "damping")):
+                if param_group.get(key) is not None and other not in param_group:
+                    param_group = {**param_group, other: None}
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # checkpoints from before factor_damping existed hold damping only
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and any(isinstance(g, dict) and "factor_damping" not in g for g in groups):
+            state_dict = dict(state_dict, param_groups=[dict(g, factor_damping=None) if isinstance(g, dict) and
+                                                        "factor_damping" not in g else g for g in groups])
+        super().load_state_dict(state_dict)
 
     def _state_shape(self, p: torch.Tensor, key: str):
         layer = {id(l.weight): l for l in getattr(self, "_layers", ())}.get(id(p)) if key.startswith("kfac_") else None
@@ -272,8 +339,12 @@ class _KroneckerFamily(NatashaOptimizer):
             t.copy_(avg)
 
     def _factor_damping(self, i: int) -> float:
-        """The per-factor lam = sqrt(damping) of layer i's param group (factored Tikhonov)."""
-        return math.sqrt(float(self.param_groups[self._layer_group[i]]["damping"]))
+        """The lam added to each factor of layer i: its group's factor_damping, else sqrt(damping)
+        (factored Tikhonov)."""
+        group = self.param_groups[self._layer_group[i]]
+        if group.get("factor_damping") is not None:
+            return float(group["factor_damping"])
+        return math.sqrt(float(group["damping"]))
 
     def _prepare(self, ready: List[int]) -> List[int]:
         """Update the statistics and inverses as scheduled; return the layers that can be
@@ -295,24 +366,29 @@ class _KroneckerFamily(NatashaOptimizer):
         return self.curvature.precondition(ts, [self.state[self._layers[i].weight] for i in idx],
                                            [self._factor_damping(i) for i in idx], self.fused)
 
-    def _direction(self, nat, ts, red, scale) -> None:
-        """The natural gradient: d = nu U (KL clip)."""
-        if scale is not None:
-            torch._foreach_mul_(nat, scale.to(nat[0].dtype))
+    def _direction(self, nat, ts, red) -> None:
+        """The step direction d, in place of U in ``nat``: K-FAC's is U itself."""
 
-    def _kl_scale(self, idx: List[int], red: torch.Tensor) -> Optional[torch.Tensor]:
-        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 t_l^T G_l^-1 t_l)) as a 0-dim tensor (1 when the
-        sum is not positive); None when clipping is off."""
-        if self.kl_clip is None:
-            return None
+    def _step_curvature(self, idx: List[int], nat: List[torch.Tensor], red: torch.Tensor) -> torch.Tensor:
+        """[L] d_l^T F_l d_l of the directions in ``nat``: for d = U it is <U, T> = t^T F^-1 t
+        (reductions column 0), with F exactly the damped block whose inverse gave U."""
+        return red[:, 0]
+
+    def _kl_scale(self, idx: List[int], quad: torch.Tensor) -> torch.Tensor:
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 d_l^T F_l d_l)) as a 0-dim tensor (1 when the
+        sum is not positive) from ``quad`` = [L] d_l^T F_l d_l."""
         lrs = [float(self.param_groups[self._layer_group[i]]["lr"]) for i in idx]
         if all(lr == lrs[0] for lr in lrs):  # one lr (the usual case): no host-to-device copy
-            vg = red[:, 0].sum() * lrs[0] ** 2
+            vg = quad.sum() * lrs[0] ** 2
         else:
-            lr2 = torch.tensor([lr ** 2 for lr in lrs], dtype=red.dtype).to(red.device, non_blocking=True)
-            vg = (red[:, 0] * lr2).sum()
-        nu = torch.sqrt(self.kl_clip / vg.clamp_min(torch.finfo(red.dtype).tiny)).clamp(max=1.0)
+            lr2 = torch.tensor([lr ** 2 for lr in lrs], dtype=quad.dtype).to(quad.device, non_blocking=True)
+            vg = (quad * lr2).sum()
+        nu = torch.sqrt(self.kl_clip / vg.clamp_min(torch.finfo(quad.dtype).tiny)).clamp(max=1.0)
         return torch.where(torch.isfinite(vg) & (vg > 0), nu, torch.ones_like(nu))
+
+    def _clip(self, idx: List[int], nat: List[torch.Tensor], scale: torch.Tensor) -> None:
+        """d <- nu d (the KL clip)."""
+        torch._foreach_mul_(nat, scale.to(nat[0].dtype))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -372,8 +448,9 @@ class _KroneckerFamily(NatashaOptimizer):
                     t = t + wd * layer.grad_matrix(layer.weight, layer.bias, dt)
                 ts.append(t)
             nat, red = self._precondition(pre, ts)
-            scale = self._kl_scale(pre, red)
-            self._direction(nat, ts, red, scale)
+            self._direction(nat, ts, red)
+            if self.kl_clip is not None:  # the clip of the step taken
+                self._clip(pre, nat, self._kl_scale(pre, self._step_curvature(pre, nat, red)))
             for i, u in zip(pre, nat):
                 layer = self._layers[i]
                 w, b = layer.split(u)
@@ -430,12 +507,24 @@ class _KroneckerFamily(NatashaOptimizer):
 class KFAC(_KroneckerFamily):
     """K-FAC with damped Kronecker inverses, KL clipping and momentum (see the module docstring).
 
-    Args (defaults: Martens & Grosse's usual values):
+    Martens & Grosse (2015) adapt the damping (a Levenberg-Marquardt rule, Sec. 6), the step size
+    and the momentum (from the exact-Fisher quadratic model, Sec. 7) as they go; this class takes
+    them as fixed hyperparameters with the values of the usual fixed-hyperparameter K-FAC (and
+    the KL clip of Ba, Grosse & Martens 2017). Where Martens & Grosse state a number it is noted;
+    README's 'Defaults and the papers' table lists every default beside its source.
+
+    Args:
         model_or_params: nn.Module, or params / param groups together with ``model=``.
-        lr (0.01), momentum (0.9), damping (1e-3: gamma of (A (x) G + gamma I); sqrt(gamma) is added
-        to each factor, Tang et al. eq. 8),
-        stat_decay (0.95, EMA of the factors), weight_decay (0), kl_clip (1e-3; None or 0 disables),
-        cov_every (10), inv_every (100), inverse ('cholesky' | 'eigh').
+        lr (0.01), momentum (0.9),
+        damping (1e-3): gamma of the Kronecker block, applied as factored Tikhonov damping
+        (Martens & Grosse Sec. 6.3, pi = 1): lam = sqrt(gamma) is added to each factor,
+        stat_decay (0.95: Martens & Grosse's EMA decay, Sec. 5, min(1 - 1/k, 0.95) after its
+        warm-up; here the first update starts the average), weight_decay (0),
+        kl_clip (1e-3; None or 0 disables), cov_every (10: statistics every 10 steps; Martens &
+        Grosse collect them every step), inv_every (100: inverses every 100 steps; Martens & Grosse
+        recompute them every T3 steps, Sec. 8, 20 in their experiments), inverse ('cholesky' | 'eigh').
+        factor_damping (None): lam added to each factor directly (Tang et al.'s eq. 8); when given
+        it replaces ``damping``.
         batch_averaged (True): the loss is a mean over the batch (per-example gradients are
         grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
         {shared_args}
@@ -445,18 +534,24 @@ class KFAC(_KroneckerFamily):
     dtype), after the EMA, so every rank holds the factors of the global batch (equal shards).
     """
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
+    PRACTICAL = dict(lr=0.01, momentum=0.9, damping=1e-3, stat_decay=0.95, kl_clip=1e-3, cov_every=10,
+                     inv_every=100)
+
+    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: Optional[float] = 1e-3,
                  stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
                  cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
+                 factor_damping: Optional[float] = None,
                  model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
                  fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
                  process_group=None):
-        self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
+        damping, factor_damping = self._resolve_damping(damping, factor_damping)
+        self._check_common(lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every)
         V.in_range("stat_decay", stat_decay, 0.0, 1.0)
         V.positive_int("inv_every", inv_every)
         V.choice("inverse", inverse, INVERSES)
         super().__init__(model_or_params, DenseKronecker(stat_decay, inv_every, inverse), lr=lr, momentum=momentum,
-                         damping=damping, weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every,
+                         damping=damping, factor_damping=factor_damping, weight_decay=weight_decay,
+                         kl_clip=kl_clip, cov_every=cov_every,
                          model=model, batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused,
                          seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
 
@@ -507,9 +602,18 @@ class _AsymptoticBlend:
             raise ValueError(f"lam_schedule returned {lam!r} at step {int(self.counters['steps'])}; must be in [0, 1]")
         return lam
 
-    def _direction(self, nat, ts, red, scale) -> None:
-        self.last_coefficients = ops.ang_combine_(nat, ts, red, scale, self.current_lambda(), self.per_layer,
+    def _direction(self, nat, ts, red) -> None:
+        self.last_coefficients = ops.ang_combine_(nat, ts, red, None, self.current_lambda(), self.per_layer,
                                                   fused=self.fused)
+
+    def _step_curvature(self, idx, nat, red) -> torch.Tensor:
+        # d = c1 U + c2 T is not U: its d^T F d is measured, not read off t^T F^-1 t
+        states = [self.state[self._layers[i].weight] for i in idx]
+        return self.curvature.quadratic_form(nat, states, [self._factor_damping(i) for i in idx])
+
+    def _clip(self, idx, nat, scale) -> None:
+        super()._clip(idx, nat, scale)
+        self.last_coefficients = self.last_coefficients * scale.to(self.last_coefficients.dtype)
 
 
 @shared_args_doc
@@ -517,7 +621,17 @@ class ANG(_AsymptoticBlend, KFAC):
     """Asymptotic natural gradient: K-FAC's natural gradient blended with the Euclidean gradient
     by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
 
-    Args: those of :class:`KFAC`, and
+    The defaults are Tang et al.'s Algorithm 2: the factors of the current minibatch (eqs. 9-10:
+    stat_decay 0, cov_every 1) inverted at every step (inv_every 1) with lam added to each factor
+    (eq. 8, ``factor_damping``), a plain step p <- p - lr d (line 9: momentum 0, no KL clip) at
+    the paper's lr 0.005 (Sec. 3.1; its milestone decay is a torch LR scheduler on top).
+    ``ANG.practical(model, **overrides)`` gives the K-FAC practice instead (:attr:`PRACTICAL`:
+    EMA 0.95 refreshed every 10 steps, inverses every 100, damping gamma 1e-3 as factored
+    Tikhonov, KL clip 1e-3 of the step taken, momentum 0.9, lr 0.01).
+
+    Args: those of :class:`KFAC` with the defaults lr (0.005), momentum (0), stat_decay (0),
+        kl_clip (None), cov_every (1), inv_every (1), factor_damping (None -> 0.03 when
+        damping is not given either: the paper states no value; see README), and
         lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
         None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
         lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
@@ -532,9 +646,12 @@ class ANG(_AsymptoticBlend, KFAC):
     ``opt.last_coefficients`` holds the last [L, 2] (c1, c2) with d = c1 U + c2 T (device tensor).
     """
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
-                 stat_decay: float = 0.95, weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3,
-                 cov_every: int = 10, inv_every: int = 100, inverse: str = "cholesky", *,
+    DEFAULT_FACTOR_DAMPING = ANG_FACTOR_DAMPING
+    PRACTICAL = KFAC.PRACTICAL
+
+    def __init__(self, model_or_params, lr: float = PAPER_LR, momentum: float = 0.0, damping: Optional[float] = None,
+                 stat_decay: float = 0.0, weight_decay: float = 0.0, kl_clip: Optional[float] = None,
+                 cov_every: int = 1, inv_every: int = 1, inverse: str = "cholesky", *,
                  lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
                  lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, **kwargs):
         self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
@@ -550,18 +667,21 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     Morrison-Woodbury (Tang et al. 2021, eqs. 9-14, Algorithms 1-2). The M rows of a layer's A and
     DS are grouped into s' = ``rank`` group means (contiguous example blocks), YA = means/sqrt(s'),
     YG = sqrt(L/s') * means of per-example DS (L conv positions), and
-        U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1,   lam = sqrt(damping)
-    with (lam I + Y^T Y)^-1 = lam^-1 [I - Y^T (lam I + Y Y^T)^-1 Y]: a scalar for s' = 1, a small
-    s' x s' Cholesky otherwise. The statistics come from the current minibatch (eqs. 9-10), so
-    ``cov_every`` defaults to 1 (a larger value reuses the last YA, YG); there is no EMA and no
-    inverse refresh, so KFAC's ``stat_decay``, ``inv_every`` and ``inverse`` are not arguments.
-    ``damping`` defaults to 1e-2 (lam = 0.1 per factor), not K-FAC's 1e-3: rank-s' factors see
-    only s' directions and the other n - s' are damped by lam alone, so the KL-clipped step can
-    reach a norm of sqrt(kl_clip / damping) independent of lr.
+        U = (lam I + YG^T YG)^-1 T (lam I + YA^T YA)^-1   (eq. 14, lam added to each factor)
+    with (lam I + Y^T Y)^-1 = lam^-1 [I - Y^T (lam I + Y Y^T)^-1 Y] (eqs. 11-13): a scalar for
+    s' = 1 (the paper's IFANG), a small s' x s' Cholesky otherwise. The statistics come from the
+    current minibatch (eqs. 9-10), so ``cov_every`` defaults to 1 (a larger value reuses the last
+    YA, YG); there is no EMA and no inverse refresh, so KFAC's ``stat_decay``, ``inv_every`` and
+    ``inverse`` are not arguments. The defaults are Algorithm 2's plain step at the paper's lr
+    (as :class:`ANG`); ``IFANG.practical(model, **overrides)`` adds the K-FAC practice
+    (:attr:`PRACTICAL`: damping gamma 1e-2, i.e. lam = 0.1 per factor, KL clip 1e-3, momentum
+    0.9, lr 0.01). Rank-s' factors see only s' directions; the other n - s' are damped by lam
+    alone, so with the KL clip the step can reach a norm of sqrt(kl_clip) / lam independent of lr.
 
-    Args: model_or_params, lr, momentum, damping, weight_decay, kl_clip, cov_every as
-        :class:`KFAC`; rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer
-        as :class:`ANG`;
+    Args: model_or_params, lr (0.005), momentum (0), damping (None), weight_decay, kl_clip (None),
+        cov_every as :class:`KFAC`; factor_damping (None -> 0.3 when damping is not
+        given either); rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant,
+        per_layer as :class:`ANG`;
         model, batch_averaged, grad_scaler as :class:`KFAC`.
         {shared_args}
 
@@ -570,17 +690,23 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
     combines them, so N ranks equal one process for every s'.
     """
 
-    def __init__(self, model_or_params, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-2,
-                 weight_decay: float = 0.0, kl_clip: Optional[float] = 1e-3, cov_every: int = 1, *,
+    DEFAULT_FACTOR_DAMPING = IFANG_FACTOR_DAMPING
+    PRACTICAL = dict(lr=0.01, momentum=0.9, damping=1e-2, kl_clip=1e-3)
+
+    def __init__(self, model_or_params, lr: float = PAPER_LR, momentum: float = 0.0, damping: Optional[float] = None,
+                 weight_decay: float = 0.0, kl_clip: Optional[float] = None, cov_every: int = 1, *,
+                 factor_damping: Optional[float] = None,
                  rank: int = 1, lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
                  lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
                  grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):
         V.positive_int("rank", rank)
         self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
-        self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
+        damping, factor_damping = self._resolve_damping(damping, factor_damping)
+        self._check_common(lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every)
         super().__init__(model_or_params, LowRankKronecker(rank), lr=lr, momentum=momentum, damping=damping,
-                         weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, model=model,
+                         factor_damping=factor_damping, weight_decay=weight_decay, kl_clip=kl_clip,
+                         cov_every=cov_every, model=model,
                          batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
                          raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
         self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)

@@ -42,9 +42,11 @@ OPTIMIZER_CASES: List[OptimizerCase] = [
     OptimizerCase("HybridSGDAdaHessian", dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=23),
                   before_step=_switch_before_last),
     OptimizerCase("KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True),
-    OptimizerCase("ANG", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, total_steps=6, seed=33),
+    OptimizerCase("ANG", dict(lr=0.05, damping=0.1, stat_decay=0.95, cov_every=1, inv_every=2, momentum=0.9,
+                              kl_clip=1e-3, total_steps=6, seed=33),
                   takes_model=True),
-    OptimizerCase("IFANG", dict(lr=0.05, damping=0.1, rank=2, total_steps=6, seed=34), takes_model=True),
+    OptimizerCase("IFANG", dict(lr=0.05, damping=0.1, rank=2, momentum=0.9, kl_clip=1e-3, total_steps=6, seed=34),
+                  takes_model=True),
     OptimizerCase("TrustRegion", dict(radius=0.05, cg_max_iters=5, seed=41)),
     OptimizerCase("ARC", dict(sigma=3.0, eps=0.1, subproblem_max_iters=5, seed=51)),
 ]

@@ -210,7 +210,7 @@ def test_amp_factors_stay_fp32():
 def test_bf16_parameters_keep_fp32_state():
     torch.manual_seed(0)
     m = _net().to(torch.bfloat16)
-    opt = IFANG(m, total_steps=5)
+    opt = IFANG(m, total_steps=5, momentum=0.9)  # momentum is opt-in (the paper's step has none)
     x, y = _data(0)
     F.cross_entropy(m(x.bfloat16()), y).backward()
     opt.step()

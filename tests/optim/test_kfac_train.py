@@ -8,8 +8,14 @@ quoted per factor, lam = sqrt(damping) (the optimizers' ``damping`` is the block
   SGD      lr in {0.02, 0.05, 0.1, 0.2}      -> 0.1696, 0.1024, 0.0687, 2.3039  (lr 0.1 used)
   K-FAC    lam 1e-3 diverges with momentum 0.9 (kl_clip 1e-3: 25-305 for lr 0.002-0.01);
            lam {1e-2, 3e-2, 1e-1} at lr 0.05 -> 0.0226, 0.0336, 0.0155  (1e-1, damping=1e-2 used)
-  IFANG    rank 1: best 0.0711 (lam 0.3, lr 0.05) -- on par with SGD, not better;
-           rank 4, lam 0.3 (damping=0.09), lr 0.05 -> 0.0421 (used); rank 8 -> 0.0697
+  IFANG    (issue 16: the KL clip now bounds the blended step actually taken; the earlier grid,
+           rank 4, lam 0.3, kl_clip 1e-3, linear blend over the 80 steps -> 0.0421, relied on the
+           clip of the natural-gradient step and gives 0.80 now.) lr 0.05, rank 4, the class's
+           horizon-free blend (lam_schedule 'saturating'; 'linear' over 80 steps ends on the
+           clipped Euclidean direction: 0.43-0.56 below), (damping, kl_clip):
+           (0.09, 1e-3) 0.80 | (0.09, 3e-3) 0.129 | (0.25, 2e-3) 0.062 | (0.25, 3e-3) 0.073 |
+           (0.5, 3e-3) 0.072 | (0.5, 5e-3) 0.0336 (used) | linear blend (0.5, 5e-3) 0.56,
+           (1.0, 5e-3) 0.43; rank 8 (0.25, 3e-3) 0.079
 The test asserts that K-FAC and IFANG (rank 4) end with a lower full-slice training loss than SGD.
 Without the MNIST files (natasha_ext.data raises DatasetNotFoundError) it is skipped.
 """
@@ -58,7 +64,7 @@ def test_kfac_and_ifang_beat_sgd_on_mnist_slice():
     try:
         sgd = _run(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
         kfac = _run(lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2, cov_every=1, inv_every=10))
-        ifang = _run(lambda m: IFANG(m, lr=0.05, momentum=0.9, damping=0.09, rank=4, total_steps=STEPS))
+        ifang = _run(lambda m: IFANG(m, lr=0.05, momentum=0.9, damping=0.5, kl_clip=5e-3, rank=4))
     finally:
         torch.set_num_threads(threads)
     print(f"train loss after {STEPS} steps: SGD {sgd:.4f}  K-FAC {kfac:.4f}  IFANG(rank 4) {ifang:.4f}")
