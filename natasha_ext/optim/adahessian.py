@@ -328,8 +328,8 @@ class HybridSGDAdaHessian(AdaHessian):
     SGD phase, ``sgd_momentum_form``:
       * ``'torch'`` (default): ``buf <- momentum buf + g`` (``buf = g`` at the first step),
         ``x <- x - sgd_lr buf``: torch.optim.SGD's form, the one that produced Attias et al.'s
-        Table I (their code builds ``torch.optim.SGD(lr=0.005, momentum=0.9)``; a 10-step
-        run of both forms beside Table I is in reports/adahessian_sgd_form).
+        Table I (their code builds ``torch.optim.SGD(lr=0.005, momentum=0.9)``; short runs of
+        both forms beside Table I: reports/adahessian_sgd_form).
       * ``'paper'``: eq. 2 as printed, ``m <- momentum m + (1 - momentum) g`` (m = 0 before the
         first step), ``x <- x - sgd_lr m``: at the same sgd_lr a (1 - momentum) = 10x smaller
         effective step.
