@@ -44,6 +44,7 @@ from torch import nn
 from natasha_ext import data
 from natasha_ext.curvature.hvp import HVP_METHODS
 from natasha_ext.optim import ANG, ARC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
+from natasha_ext.optim.adahessian import SGD_MOMENTUM_FORMS
 from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
 from natasha_ext.optim.trust_region import CURVATURES, NORM_SCALES, NORMS
 
@@ -172,13 +173,17 @@ _BETAS = {"beta1": Flag("first-moment decay", arg="betas", index=0),
 _HVP = {"hvp": Flag("Hessian-vector products", choices=HVP_METHODS),
         "fd_eps": Flag("finite-difference HVP step q")}
 _PAPER = "the AdaHessian/Hybrid paper's grid-searched value (ResNet-18, 1200 MNIST images, batch 100)"
+_PAPER_RUN = ("; the CLI's default run is that paper's Table I setting (ResNet-18, MNIST 1200/200/200, "
+              "15 epochs)")
 
 _ADAHESSIAN = {
     **_BETAS, "eps": Flag("denominator epsilon"), "weight_decay": Flag("decoupled weight decay"),
     "hessian_power": Flag("AdaHessian: Hessian power k"),
     "update_each": Flag("AdaHessian: steps between Hessian-diagonal refreshes"),
     "n_samples": Flag("AdaHessian: Hutchinson probes per refresh"),
-    "block_size": Flag("AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)", none=0), **_HVP,
+    "block_size": Flag("AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)", none=0),
+    "abs_before_average": Flag("AdaHessian: D^(s) = mean |D| (Yao et al.'s released code) instead of eq. 9's "
+                               "mean of the signed D"), **_HVP,
 }
 
 _NATASHA = {
@@ -244,7 +249,9 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         torch.optim.SGD,
         help="SGD with heavy-ball momentum (torch.optim.SGD); lr 0.005, momentum 0.9 (AdaHessian/Hybrid paper)",
         flags={"lr": Flag("learning rate", default=0.005, why=_PAPER),
-               "momentum": Flag("momentum", default=0.9, why=_PAPER + "; torch's SGD has no momentum by default"),
+               "momentum": Flag("momentum", default=0.9,
+                                why=_PAPER + "; torch's SGD has no momentum by default (its buf = mu buf + g is "
+                                             "the form the paper's Table I ran, see HybridSGDAdaHessian)"),
                "nesterov": Flag("Nesterov momentum"), "weight_decay": Flag("L2 weight decay")}),
     "adam": OptimizerSpec(
         torch.optim.Adam, help="Adam (torch.optim.Adam); lr 0.001, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
@@ -254,14 +261,19 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         help="AdaHessian (Yao et al. 2021): Hutchinson diagonal (fused kernel), conv-kernel spatial averaging, "
              "Hessian power; lr 0.1, betas (0.9, 0.999) (AdaHessian/Hybrid paper)",
         flags={"lr": Flag("learning rate", default=0.1,
-                          why=_PAPER + "; the class keeps Yao et al.'s 0.15"), **_ADAHESSIAN}),
+                          why=_PAPER + _PAPER_RUN + "; the class keeps Yao et al.'s 0.15"), **_ADAHESSIAN}),
     "hybrid": OptimizerSpec(
         HybridSGDAdaHessian, closure="loss", epoch_end=_hybrid_epoch_end,
         help="Hybrid (AdaHessian/Hybrid paper): SGD-momentum (lr 0.005, momentum 0.9) until the validation loss "
-             "falls below tl = 1.0, then AdaHessian (lr 0.001, betas (0.9, 0.999))",
+             "falls below tl = 1.0, then AdaHessian (lr 0.001, betas (0.9, 0.999)); without a validation set "
+             "the switch tests the epoch's training loss",
         flags={"lr": _LR, **_ADAHESSIAN,
-               "switch_threshold": Flag("Hybrid: validation loss tl below which AdaHessian takes over"),
-               "sgd_lr": Flag("Hybrid: learning rate of the SGD-momentum phase"), "momentum": Flag("momentum")}),
+               "switch_threshold": Flag("Hybrid: validation loss tl below which AdaHessian takes over (the "
+                                        "training loss when the run has no validation set)"),
+               "sgd_lr": Flag("Hybrid: learning rate of the SGD-momentum phase"), "momentum": Flag("momentum"),
+               "sgd_momentum_form": Flag("Hybrid: SGD-phase momentum, torch (buf = mu buf + g, what produced the "
+                                         "paper's Table I) or paper (eq. 2, mu m + (1 - mu) g)",
+                                         choices=SGD_MOMENTUM_FORMS)}),
     "natasha15": OptimizerSpec(
         Natasha15, closure="loss",
         help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging; alpha 0.01, B 27, p 9, sigma 0.5 "

@@ -1,5 +1,7 @@
 """Hutchinson's estimator of the Hessian diagonal and AdaHessian's spatial average
-(Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in non-convex optimization training a deep convolutional neural network" (EPFL, undated), eqs. 8-9).
+(Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in non-convex
+optimization training a deep convolutional neural network" (EPFL, undated), eqs. 8-9; the same
+equations as Yao et al., "ADAHESSIAN: an adaptive second order optimizer for machine learning", 2020).
 
     diag(H) = E_z[z * (H z)],   z Rademacher (+-1 with probability 1/2 each)
 
@@ -47,12 +49,11 @@ def hutchinson_diagonal(hvp: Callable[[List[torch.Tensor]], List[torch.Tensor]],
     return diag
 
 
-def spatial_average(d: torch.Tensor, block_size: Optional[int] = None, abs_first: bool = True) -> torch.Tensor:
-    """AdaHessian's D^(s) for one tensor (Attias et al., eq. 9): the mean of |D| over each conv kernel
-    (all dims after the first two, for 3-D, 4-D, 5-D ... weights) or over blocks of
-    ``block_size`` consecutive elements of 1-D/2-D tensors. ``abs_first=False`` takes |mean D|
-    instead of mean |D|. Same shape as ``d``."""
+def spatial_average(d: torch.Tensor, block_size: Optional[int] = None, abs_first: bool = False) -> torch.Tensor:
+    """AdaHessian's D^(s) for one tensor (Attias et al., eq. 9; Yao et al., Algorithm 1): the mean of
+    D over each conv kernel (all dims after the first two, for 3-D, 4-D, 5-D ... weights) or over
+    blocks of ``block_size`` consecutive elements of 1-D/2-D tensors, signed as in eq. 9.
+    ``abs_first=True`` takes the mean of |D| instead (Yao et al.'s released code). Same shape as ``d``."""
     g = spatial_group_size(d.shape, block_size)
     flat = d.reshape(-1)
-    out = _group_mean(flat.abs(), g) if abs_first else _group_mean(flat, g).abs()
-    return out.view(d.shape)
+    return _group_mean(flat.abs() if abs_first else flat, g).view(d.shape)

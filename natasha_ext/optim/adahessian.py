@@ -1,20 +1,24 @@
 """AdaHessian (Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney, "ADAHESSIAN: an adaptive second
-order optimizer for machine learning", 2020) and the hybrid SGD-momentum -> AdaHessian optimizer
-of Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method in
-non-convex optimization training a deep convolutional neural network" (EPFL, undated; "Attias et
-al." below, whose equation numbers are used).
+order optimizer for machine learning", 2020, Algorithm 1) and the hybrid SGD-momentum -> AdaHessian
+optimizer of Attias, Cadei & Novakovic, "Discussion on the viability of a modern second order method
+in non-convex optimization training a deep convolutional neural network" (EPFL, undated; "Attias et
+al." below, whose equation numbers are used; both papers write the same eqs. 8-10).
 
 AdaHessian preconditions Adam's bias-corrected first moment with a running root-mean-square of
 the spatially averaged Hessian diagonal:
 
     D      = z * (H z),  z ~ Rademacher                      (eq. 8, Hutchinson; n probes averaged)
-    D^(s)  = mean of |D| over each conv kernel / block of b   (eq. 9)
+    D^(s)  = mean of D over each conv kernel / block of b     (eq. 9, the signed D)
     m_t    = beta1 m + (1 - beta1) g,       m^ = m_t / (1 - beta1^t)            (eq. 3)
     v_h    = beta2 v + (1 - beta2) D^(s)^2, v^ = v_h / (1 - beta2^h)            (eq. 10)
     x     <- x - lr (m^ / (v^^(k/2) + eps) + weight_decay x)   (Hessian power k, decoupled decay)
 
-Defaults: AdaHessian lr=0.15 (the original implementation's), betas=(0.9, 0.999); Hybrid as
-Attias et al.: tl=1.0, SGD lr 0.005 with momentum 0.9, then AdaHessian lr 0.001.
+Where each default comes from: AdaHessian's are Yao et al.'s (lr 0.15, their CIFAR-10 ResNet
+setting; betas (0.9, 0.999); Hessian power 1; eps 1e-4 from their released code, Algorithm 1 has
+none); HybridSGDAdaHessian's are Attias et al.'s Section III-B / Table I numbers (tl 1.0; SGD lr
+0.005, momentum 0.9 in torch.optim.SGD's form, which is what produced Table I; AdaHessian lr 0.001).
+``practical()`` gives the released implementations' mean |D| (Yao et al.'s code and the
+torch_optimizer package Attias et al. ran); see README, "Defaults and the papers".
 """
 from __future__ import annotations
 
@@ -53,11 +57,15 @@ class _GraphHVP:
 class AdaHessian(NatashaOptimizer):
     r"""AdaHessian with a fused update kernel and Hutchinson probes from the optimizer's Philox stream.
 
+    Defaults are Yao et al.'s (Algorithm 1; lr 0.15 of their CIFAR-10 ResNet runs; eps from their
+    released code). ``AdaHessian.practical(params, **overrides)`` is the same with the released
+    code's mean |D| (``abs_before_average=True``).
+
     Args:
         params: parameters or param groups.
-        lr: learning rate (default 0.15).
+        lr: learning rate (default 0.15, Yao et al.; Attias et al.'s Table I used 0.1).
         betas: (beta1, beta2) of the gradient and Hessian-diagonal moments (default (0.9, 0.999)).
-        eps: added to the preconditioner (default 1e-4).
+        eps: added to the preconditioner (default 1e-4, Yao et al.'s code).
         weight_decay: decoupled weight decay (AdamW-style, default 0).
         hessian_power: k in v^(k/2), in (0, 1] (default 1).
         update_each: recompute the Hessian diagonal every ``update_each`` steps; in between the
@@ -69,8 +77,11 @@ class AdaHessian(NatashaOptimizer):
         hvp: 'exact' (double backward) or 'finite_difference' (one extra gradient per probe;
             closure mode only); 'auto' (default): exact, or finite differences for a closure
             that calls backward itself (see :mod:`natasha_ext.curvature.hvp`).
-        abs_before_average: True (the original implementation): D^(s) = mean |D|;
-            False: D^(s) = |mean D|, the spatial mean of the unbiased Hutchinson estimate.
+        abs_before_average: False (default, the papers' eq. 9): D^(s) = the mean of the signed
+            D over each block, an unbiased estimate of the block's mean Hessian diagonal (eq. 10
+            squares it). True: mean |D|, what Yao et al.'s released code (and the torch_optimizer
+            package that Attias et al. ran) computes; it never lets a block's D^(s) cancel to ~0
+            (a step of lr / eps), at the price of a bias upward. :meth:`practical` sets it.
         {shared_args}
         With a process group, closure mode averages the gradients and Hessian-vector products and
         the probes' seed is shared (same as ``distributed.attach(opt, group)``).
@@ -91,7 +102,7 @@ class AdaHessian(NatashaOptimizer):
 
     def __init__(self, params, lr: float = 0.15, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
-                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = True,
+                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = False,
                  fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
                  raise_on_nonfinite: bool = False, process_group=None, _extra_defaults: Optional[dict] = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
@@ -109,6 +120,12 @@ class AdaHessian(NatashaOptimizer):
         self.update_each, self.n_samples, self.hvp = update_each, n_samples, hvp
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
+
+    @classmethod
+    def practical(cls, params, **overrides):
+        """The class with the released implementations' D^(s) = mean |D| (``abs_before_average=True``,
+        Yao et al.'s code and torch_optimizer's), every other default as is; ``overrides`` win."""
+        return cls(params, **{"abs_before_average": True, **overrides})
 
     @classmethod
     def _check_group(cls, group: dict) -> None:
@@ -295,21 +312,36 @@ class AdaHessian(NatashaOptimizer):
         return True
 
 
+SGD_MOMENTUM_FORMS = ("torch", "paper")
+
+
 @shared_args_doc
 class HybridSGDAdaHessian(AdaHessian):
     r"""SGD with momentum until the validation loss falls below ``switch_threshold``, then AdaHessian.
 
-    Attias et al.'s HYBRID: first-order steps while far from an optimum (cheap, and the Hessian is
-    poorly conditioned there), second-order steps once the validation loss the user reports via
-    :meth:`report_validation_loss` drops strictly below tl (``switch_threshold``, default 1.0).
+    Attias et al.'s HYBRID (Section II, end; Section III-B): first-order steps while far from an
+    optimum (cheap, and the Hessian is poorly conditioned there), second-order steps once the
+    validation loss the user reports via :meth:`report_validation_loss` (once per epoch) drops
+    strictly below tl (``switch_threshold``). The training CLI reports the epoch's validation loss,
+    and the epoch's *training* loss when the run has no validation set (a different test: the
+    training loss falls below tl sooner).
 
-    SGD phase: ``buf <- momentum buf + g`` (torch.optim.SGD's form; ``buf = g`` at the first step),
-    ``x <- x - sgd_lr buf``. AdaHessian phase: fresh moments, :class:`AdaHessian` with ``lr``,
-    ``betas`` ... (Attias et al.: sgd_lr 0.005, momentum 0.9; lr 0.001, betas (0.9, 0.999)).
+    SGD phase, ``sgd_momentum_form``:
+      * ``'torch'`` (default): ``buf <- momentum buf + g`` (``buf = g`` at the first step),
+        ``x <- x - sgd_lr buf``: torch.optim.SGD's form, the one that produced Attias et al.'s
+        Table I (their code builds ``torch.optim.SGD(lr=0.005, momentum=0.9)``; short runs of
+        both forms beside Table I: reports/adahessian_sgd_form).
+      * ``'paper'``: eq. 2 as printed, ``m <- momentum m + (1 - momentum) g`` (m = 0 before the
+        first step), ``x <- x - sgd_lr m``: at the same sgd_lr a (1 - momentum) = 10x smaller
+        effective step.
+    AdaHessian phase: fresh moments, :class:`AdaHessian` with ``lr``, ``betas`` ... Defaults are
+    Attias et al.'s Table I hyperparameters (tl 1.0; sgd_lr 0.005, momentum 0.9; lr 0.001, betas
+    (0.9, 0.999)); eps and the Hessian power are those of their AdaHessian (1e-4, 1), D^(s) is
+    eq. 9's (see :class:`AdaHessian`, and :meth:`AdaHessian.practical` for mean |D|).
     ``switch_step`` / ``switch_epoch`` record when the switch happened (None before); both and
     the phase survive ``state_dict`` round trips.
 
-    Args: switch_threshold, sgd_lr, momentum, and those of :class:`AdaHessian`:
+    Args: switch_threshold, sgd_lr, momentum, sgd_momentum_form, and those of :class:`AdaHessian`:
         {shared_args}
     """
 
@@ -318,17 +350,19 @@ class HybridSGDAdaHessian(AdaHessian):
     def __init__(self, params, switch_threshold: float = 1.0, sgd_lr: float = 0.005, momentum: float = 0.9,
                  lr: float = 0.001, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
-                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = True,
-                 fd_eps: float = 1e-4, seed: Optional[int] = None, fused: Optional[bool] = None,
-                 raise_on_nonfinite: bool = False, process_group=None):
+                 block_size: Optional[int] = None, hvp: str = "auto", abs_before_average: bool = False,
+                 sgd_momentum_form: str = "torch", fd_eps: float = 1e-4, seed: Optional[int] = None,
+                 fused: Optional[bool] = None, raise_on_nonfinite: bool = False, process_group=None):
         V._num("switch_threshold", switch_threshold)
         V.positive("sgd_lr", sgd_lr)
+        V.choice("sgd_momentum_form", sgd_momentum_form, SGD_MOMENTUM_FORMS)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
                          block_size=block_size, hvp=hvp, abs_before_average=abs_before_average, fd_eps=fd_eps,
                          seed=seed, fused=fused, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group,
                          _extra_defaults=dict(sgd_lr=sgd_lr, momentum=momentum))
         self.switch_threshold = float(switch_threshold)
+        self.sgd_momentum_form = sgd_momentum_form
         self.phase = "sgd"
         self.switch_step: Optional[int] = None
         self.switch_epoch: Optional[int] = None
@@ -397,13 +431,7 @@ class HybridSGDAdaHessian(AdaHessian):
                     gs = [g if id(p) in skip_decay else g.add(p, alpha=group["weight_decay"]) for p, g in zip(ps, gs)]
                 bufs = []
                 for p, g in zip(ps, gs):
-                    st = self.state[p]
-                    sdt = accumulation_dtype(p)  # fp32 buffer for fp16/bf16 params
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = g.detach().to(sdt, copy=True)
-                    else:
-                        st["momentum_buffer"].mul_(group["momentum"]).add_(g.to(sdt))
-                    bufs.append(st["momentum_buffer"])
+                    bufs.append(self._momentum_update(self.state[p], g.to(accumulation_dtype(p)), group["momentum"]))
                 lr = -float(group["sgd_lr"])
                 if all(p.dtype == b.dtype for p, b in zip(ps, bufs)):
                     torch._foreach_add_(ps, bufs, alpha=lr)
@@ -413,6 +441,19 @@ class HybridSGDAdaHessian(AdaHessian):
         self.counters["steps"] += 1
         self.counters["sgd_steps"] += 1
         return loss
+
+    def _momentum_update(self, st: dict, g: torch.Tensor, mu: float) -> torch.Tensor:
+        """The SGD phase's momentum buffer after gradient ``g`` (in the buffer's dtype: fp32 for
+        fp16/bf16 params), in the chosen ``sgd_momentum_form``."""
+        buf = st.get("momentum_buffer")
+        if self.sgd_momentum_form == "paper":  # eq. 2: m <- mu m + (1 - mu) g, m = 0 before step 1
+            if buf is None:
+                buf = st["momentum_buffer"] = torch.zeros_like(g)
+            return buf.mul_(mu).add_(g, alpha=1.0 - mu)
+        if buf is None:  # torch.optim.SGD: buf = g at the first step, then mu buf + g
+            st["momentum_buffer"] = g.detach().clone()
+            return st["momentum_buffer"]
+        return buf.mul_(mu).add_(g)
 
     def extra_state(self) -> dict:
         sd = super().extra_state()

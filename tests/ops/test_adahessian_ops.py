@@ -17,16 +17,16 @@ requires_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="adahessian kerne
 @pytest.mark.parametrize("shape", [(7,), (5, 6), (4, 3, 5), (4, 3, 3, 3), (2, 3, 2, 3, 4), (2, 2, 2, 1, 3, 2)])
 def test_spatial_average_shapes(shape):
     d = torch.randn(shape, dtype=torch.float64)
-    got = spatial_average(d)
+    got = spatial_average(d, abs_first=True)
     if len(shape) <= 2:
         want = d.abs()
     else:  # mean of |D| over every kernel dim, the same value for the whole kernel
         want = d.abs().mean(dim=tuple(range(2, len(shape))), keepdim=True).expand(shape)
     torch.testing.assert_close(got, want)
-    # |mean D| variant
-    got2 = spatial_average(d, abs_first=False)
+    # the default: eq. 9's mean of the signed D
+    got2 = spatial_average(d)
     want2 = d if len(shape) <= 2 else d.mean(dim=tuple(range(2, len(shape))), keepdim=True).expand(shape)
-    torch.testing.assert_close(got2, want2.abs())
+    torch.testing.assert_close(got2, want2)
 
 
 @pytest.mark.parametrize("shape,b", [((10,), 3), ((4, 5), 4), ((6,), 6), ((5,), 8)])
@@ -36,7 +36,7 @@ def test_block_average_eq9(shape, b):
     want = torch.empty_like(flat)
     for i in range(0, flat.numel(), b):  # eq. 9; the last block averages the elements it has
         want[i:i + b] = flat[i:i + b].mean()
-    torch.testing.assert_close(spatial_average(d, block_size=b), want.view(shape))
+    torch.testing.assert_close(spatial_average(d, block_size=b, abs_first=True), want.view(shape))
     # conv kernels ignore block_size
     w = torch.randn(2, 2, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(spatial_average(w, block_size=b), spatial_average(w))
