@@ -39,7 +39,7 @@ ADAHESSIAN = [
      f"{YAO}, Algorithm 1 / eq. 9: conv kernels averaged, other tensors b = 1"),
     ("n_samples", lambda o: o.n_samples, 1, f"{YAO}, Algorithm 1: one Rademacher probe per step (eq. 8)"),
     ("update_each", lambda o: o.update_each, 1, f"{YAO}, Algorithm 1: D every iteration"),
-    ("hvp", lambda o: o.hvp, "exact", f"{YAO}, Algorithm 1: exact Hessian-vector products"),
+    ("hvp", lambda o: o.hvp, "auto", f"{YAO}, Algorithm 1: exact Hessian-vector products ('auto' is exact for a closure that returns the loss)"),
 ]
 
 HYBRID = [
