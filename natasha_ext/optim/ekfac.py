@@ -33,7 +33,10 @@ class EKFAC(_KroneckerFamily):
     momentum, buf <- momentum buf + nu U; p <- p - lr buf. The eigenbasis U_A, U_G is recomputed
     from the factors' EMAs every ``inv_every`` steps, which resets s* to sigma_G (x) sigma_A
     (K-FAC's eigenvalues: with that s* and no damping EKFAC is K-FAC); between refreshes the
-    per-example second moments correct it. Parameters of layers that cannot be preconditioned take
+    per-example second moments correct it. Where a factor is rank-deficient (fewer examples than
+    layer inputs since the last refresh) the basis of its null space is whatever eigh returns, and
+    s* of later batches in those directions depends on that choice (George et al.'s s* is defined
+    relative to the basis); ``inv_every=1`` keeps every batch in the factors' range. Parameters of layers that cannot be preconditioned take
     SGD-momentum, as in :class:`KFAC` (``opt.fallback_names``). The projections are four GEMMs
     and the rescaling one elementwise division per layer, in plain torch: no fused kernel; the
     factor EMAs use the ``fused`` K-FAC op as in :class:`KFAC`.
