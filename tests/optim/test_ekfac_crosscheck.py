@@ -76,13 +76,19 @@ def natasha_direction(model, x, t, loss_name):
 
 
 def curvlinops_ekfac(model, x, t, loss_name):
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = curvlinops.EKFACLinearOperator(model, LOSSES[loss_name].curvlinops_loss, params, [(x, t)],
-                                        fisher_type="empirical", kfac_approx="expand",
-                                        separate_weight_and_bias=False, check_deterministic=False)
-    op.compute_kronecker_factors()
-    op.compute_eigenvalue_correction()
+    """curvlinops' EKFAC of the empirical Fisher, weight and bias in one block (computed now)."""
+    op = curvlinops.EKFACLinearOperator(model, LOSSES[loss_name].curvlinops_loss, list(model.parameters()),
+                                        [(x, t)], fisher_type="empirical", separate_weight_and_bias=False,
+                                        check_deterministic=False)  # kfac_approx: "expand", the default
+    op.compute_eigenvalue_correction()  # the factors and their eigenvectors first
     return op
+
+
+def both(problem, model_name, loss_name):
+    """(model, x, t, curvlinops' operator, natasha_ext's {layer: (U_A, U_G, s*)}, curvlinops' scale)."""
+    model, x, t = problem(model_name, loss_name)
+    return model, x, t, curvlinops_ekfac(model, x, t, loss_name), natasha_ekfac(model, x, t, loss_name), \
+        LOSSES[loss_name].curvlinops_ratio
 
 
 def _blocks(model, vecs):
@@ -98,10 +104,7 @@ def _blocks(model, vecs):
 @requires_curvlinops
 @pytest.mark.parametrize("model_name,loss_name", CASES)
 def test_corrected_eigenvalues_match_curvlinops(model_name, loss_name, problem):
-    model, x, t = problem(model_name, loss_name)
-    op = curvlinops_ekfac(model, x, t, loss_name)
-    ours = natasha_ekfac(model, x, t, loss_name)
-    ratio = LOSSES[loss_name].curvlinops_ratio
+    model, x, t, op, ours, ratio = both(problem, model_name, loss_name)
     sd = op.state_dict()
     for name, (ua, ug, s) in ours.items():
         ref = sd["corrected_eigenvalues"][name]
@@ -114,10 +117,7 @@ def test_corrected_eigenvalues_match_curvlinops(model_name, loss_name, problem):
 @requires_curvlinops
 @pytest.mark.parametrize("model_name,loss_name", CASES)
 def test_ekfac_operator_matches_curvlinops(model_name, loss_name, problem):
-    model, x, t = problem(model_name, loss_name)
-    op = curvlinops_ekfac(model, x, t, loss_name)
-    ours = natasha_ekfac(model, x, t, loss_name)
-    ratio = LOSSES[loss_name].curvlinops_ratio
+    model, x, t, op, ours, ratio = both(problem, model_name, loss_name)
     g = torch.Generator().manual_seed(1)
     vecs = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()]
     ref = _blocks(model, op @ vecs)
