@@ -31,15 +31,17 @@ class EKFAC(_KroneckerFamily):
 
     then K-FAC's KL clipping nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, T_l>)) and heavy-ball
     momentum, buf <- momentum buf + nu U; p <- p - lr buf. The eigenbasis U_A, U_G is recomputed
-    from the factors' EMAs every ``inv_every`` steps, which resets s* to sigma_G (x) sigma_A
-    (K-FAC's eigenvalues: with that s* and no damping EKFAC is K-FAC); between refreshes the
-    per-example second moments correct it. Where a factor is rank-deficient (fewer examples than
-    layer inputs since the last refresh) the basis of its null space is whatever eigh returns, and
-    s* of later batches in those directions depends on that choice (George et al.'s s* is defined
-    relative to the basis); ``inv_every=1`` keeps every batch in the factors' range. Parameters of layers that cannot be preconditioned take
+    from the factors' EMAs every ``inv_every`` steps (before that step's statistics), which resets
+    s* to sigma_G (x) sigma_A (K-FAC's eigenvalues: with that s* and no damping EKFAC is K-FAC);
+    the per-example second moments then correct it. A layer's first step with statistics builds
+    its first basis and, with s* = sigma_G (x) sigma_A, is K-FAC with Tikhonov damping. In the null
+    space of a rank-deficient factor (directions no example has shown yet), whose eigenvectors
+    eigh picks arbitrarily, s* is averaged over the space, so the step does not depend on that
+    choice. Parameters of layers that cannot be preconditioned take
     SGD-momentum, as in :class:`KFAC` (``opt.fallback_names``). The projections are four GEMMs
     and the rescaling one elementwise division per layer, in plain torch: no fused kernel; the
-    factor EMAs use the ``fused`` K-FAC op as in :class:`KFAC`.
+    factor EMAs use the ``fused`` K-FAC op as in :class:`KFAC`. ``opt.counters['inverse_updates']``
+    counts the eigenbasis refreshes, ``'factor_updates'`` the statistics steps (factors and s*).
 
     Args:
         model_or_params: nn.Module, or params / param groups together with ``model=``.
@@ -52,8 +54,8 @@ class EKFAC(_KroneckerFamily):
         {shared_args}
 
     Distributed (``process_group``): the factors and s* are averaged over the ranks after their
-    EMA (one bucketed all-reduce each per statistics step), so every rank holds the statistics of
-    the global batch and the same eigenbasis.
+    EMA in one bucketed all-reduce per statistics step, so every rank holds the statistics of the
+    global batch and computes the same eigenbasis.
     """
 
     ACCUMULATION_STATE = EigenKronecker.STATE + ("momentum_buffer",)
@@ -76,13 +78,11 @@ class EKFAC(_KroneckerFamily):
         return float(self.param_groups[self._layer_group[i]]["damping"])
 
     def _prepare(self, ready: List[int]) -> List[int]:
-        """K-FAC's factor update and (eigenbasis) refresh, then s* from this step's examples in
-        the current basis, averaged across ranks."""
-        have = super()._prepare(ready)
-        if ready and self._due(self.cov_every):
-            self._average_across_ranks(self.curvature.update_scale(self._layers, self._layer_states(),
-                                                                   self._collector, ready))
-        return have
+        """The scheduled eigenbasis refresh first (from the factors so far), then K-FAC's update of
+        the statistics (factors and s*, one all-reduce) and a basis for layers new to them."""
+        if self.curvature.scheduled_refresh(self._layer_states(), int(self.counters["steps"])):
+            self.counters["inverse_updates"] += 1
+        return super()._prepare(ready)
 
     def _state_shape(self, p, key: str):
         layer = {id(l.weight): l for l in getattr(self, "_layers", ())}.get(id(p)) if key.startswith("ekfac_") else None

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from natasha_ext.curvature.eigen_kronecker import EigenKronecker, eigen_precondition, eigenbasis
+from natasha_ext.curvature.eigen_kronecker import (EigenKronecker, eigen_precondition, eigenbasis, pool_null_spaces,
+                                                   projected_second_moment)
 from natasha_ext.curvature.kronecker import DenseKronecker
 from natasha_ext.optim import EKFAC
 
@@ -37,10 +38,12 @@ def _grad_matrix(m, grads):
     return torch.cat([w, grads[1].reshape(-1, 1)], 1) if m.bias is not None else w
 
 
-def _stepped(model, x, y, **kw):
-    """An EKFAC after one step on (x, y) with lr 0 (the parameters stay where they are)."""
-    opt = EKFAC(model, lr=0.0, momentum=0.0, kl_clip=None, **kw)
-    opt.step(lambda: F.cross_entropy(model(x), y))
+def _stepped(model, x, y, reduction="mean", **kw):
+    """An EKFAC after two steps on (x, y) with lr 0 (the parameters stay where they are): the
+    first builds the eigenbasis, the second folds the batch's per-example estimate into s*."""
+    opt = EKFAC(model, lr=0.0, momentum=0.0, kl_clip=None, batch_averaged=reduction == "mean", **kw)
+    for _ in range(2):
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction=reduction))
     return opt
 
 
@@ -90,9 +93,7 @@ def test_scale_is_the_second_moment_of_per_example_gradients(batch_averaged):
     """s* = mean_n (U_G^T dW_n U_A)^2 with dW_n from autograd on example n alone (conv layers: the
     sum over positions; the last Linear: one position)."""
     model, (x, y) = _cnn(), _data()
-    reduction = "mean" if batch_averaged else "sum"
-    opt = EKFAC(model, lr=0.0, momentum=0.0, kl_clip=None, stat_decay=0.0, batch_averaged=batch_averaged)
-    opt.step(lambda: F.cross_entropy(model(x), y, reduction=reduction))
+    opt = _stepped(model, x, y, reduction="mean" if batch_averaged else "sum", stat_decay=0.0)
     layers = _layers(model)
     per_example = [[] for _ in layers]
     for n in range(x.shape[0]):
@@ -156,3 +157,51 @@ def test_training_loss_decreases_over_20_steps(dtype):
         opt.step(lambda: F.cross_entropy(model(xs[i % 4]), ys[i % 4]))
     assert opt.counters["inverse_updates"] == 4 and opt.counters["skipped_steps"] == 0
     assert full_loss() < 0.5 * start
+
+
+def test_scheduled_refresh_uses_the_factors_before_the_step_and_then_folds_the_batch():
+    """inv_every=2, cov_every=1: step 2's basis is the eigenbasis of the factors left by step 1
+    (so that step 2's s* can join its factors in one all-reduce), and s* is then
+    stat_decay sigma_G (x) sigma_A + (1 - stat_decay) s*_batch, not K-FAC's eigenvalues alone."""
+    model, (x, y) = _cnn(), _data()
+    opt = EKFAC(model, lr=0.05, inv_every=2, stat_decay=0.5)
+    w = _layers(model)[0].weight
+    for _ in range(2):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    a1, g1 = opt.state[w]["kfac_A"].clone(), opt.state[w]["kfac_G"].clone()
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    (sa, ua), (sg, ug) = eigenbasis([a1, g1])
+    assert torch.equal(opt.state[w]["ekfac_UA"], ua) and torch.equal(opt.state[w]["ekfac_UG"], ug)
+    assert not torch.equal(opt.state[w]["kfac_A"], a1)
+    assert not torch.allclose(opt.state[w]["ekfac_scale"], torch.outer(sg, sa), rtol=1e-6, atol=0)
+    assert opt.counters["inverse_updates"] == 2
+
+
+def test_the_step_does_not_depend_on_the_null_space_basis_eigh_returns():
+    """A from 3 examples in 7 dims (a 4-dim null space, plus G's from 2 examples in 4 dims): any
+    orthonormal basis of the null spaces is an eigenbasis. With s* pooled there, a new batch (which
+    has null-space components) gives the same direction in a rotated basis; per direction it would
+    not (the check has teeth)."""
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    a_rows, g_rows = rnd(3, 7), rnd(2, 4)
+    (sa, ua), (sg, ug) = eigenbasis([a_rows.t() @ a_rows, g_rows.t() @ g_rows])
+    assert int((sa == 0).sum()) == 4 and int((sg == 0).sum()) == 2
+
+    def rotated(u, s):
+        k = int((s == 0).sum())
+        q = torch.linalg.qr(rnd(k, k))[0]
+        return torch.cat([u[:, :k] @ q, u[:, k:]], 1)
+
+    ua2, ug2 = rotated(ua, sa), rotated(ug, sg)
+    calls = [(rnd(5, 1, 7), rnd(5, 1, 4)), (rnd(2, 3, 7), rnd(2, 3, 4))]  # one Linear call, one with 3 positions
+    t = rnd(4, 7)
+
+    def direction(ua, ug, pool):
+        s = projected_second_moment(calls, ua, ug, True)
+        if pool:
+            pool_null_spaces(s, sg, sa)
+        return eigen_precondition([t], [ug], [ua], [s], [1e-2])[0][0]
+
+    torch.testing.assert_close(direction(ua2, ug2, True), direction(ua, ug, True), **TOL)
+    assert not torch.allclose(direction(ua2, ug2, False), direction(ua, ug, False), rtol=1e-3, atol=0)

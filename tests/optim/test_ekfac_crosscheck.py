@@ -3,10 +3,11 @@ K-FAC, empirical Fisher, KFC "expand", weight and bias in one block), in fp64 on
 losses of the K-FAC cross-check (an MLP, a CNN with two Conv2d layers) and a Linear layer shared
 over a sequence axis (the L > 1 per-example path outside convolutions).
 
-natasha_ext's statistics are read from one EKFAC step with ``stat_decay=0`` (s* is then the
-current batch's per-example estimate) and ``lr=0`` (the parameters stay where curvlinops sees them);
-the direction from a second optimizer with lr = 1, no momentum, no KL clip: the parameter change is
--(F_EKFAC + gamma I)^-1 grad. curvlinops scales its Fisher by ``curvlinops_ratio`` relative to
+natasha_ext's statistics are read after two EKFAC steps on the batch with ``lr=0`` (the
+parameters stay where curvlinops sees them) and ``stat_decay=0``: the first builds the eigenbasis
+of the batch's factors, the second (no refresh due) replaces s* by the batch's per-example
+estimate in that basis. The direction is the parameter change of that second step with lr = 1,
+no momentum, no KL clip: -(F_EKFAC + gamma I)^-1 grad. curvlinops scales its Fisher by ``curvlinops_ratio`` relative to
 natasha_ext's (the factor the K-FAC cross-check documents for G; s* carries the same one).
 
 Checked: (1) s* equals curvlinops' corrected eigenvalues entry by entry (both bases come from eigh
@@ -49,25 +50,29 @@ def problem(monkeypatch):
     return make
 
 
-def natasha_ekfac(model, x, t, loss_name):
-    """{layer name: (U_A, U_G, s*)} after one EKFAC step (parameters unchanged)."""
+def two_steps(model, x, t, loss_name, lr=0.0):
+    """An EKFAC after two steps on (x, t): lr 0, then ``lr`` (no momentum, no KL clip)."""
     loss = LOSSES[loss_name]
-    opt = EKFAC(model, lr=0.0, momentum=0.0, stat_decay=0.0, kl_clip=None, batch_averaged=loss.batch_averaged)
-    opt.step(lambda: loss.fn(model(x), t))
-    out = {name: tuple(opt.state[m.weight][k].clone() for k in ("ekfac_UA", "ekfac_UG", "ekfac_scale"))
-           for name, m in _layers(model)}
+    opt = EKFAC(model, lr=0.0, momentum=0.0, damping=DAMPING, stat_decay=0.0, kl_clip=None,
+                batch_averaged=loss.batch_averaged)
+    for step_lr in (0.0, lr):
+        opt.param_groups[0]["lr"] = step_lr
+        opt.step(lambda: loss.fn(model(x), t))
     opt.remove_hooks()
-    return out
+    return opt
+
+
+def natasha_ekfac(model, x, t, loss_name):
+    """{layer name: (U_A, U_G, s*)} (parameters unchanged)."""
+    opt = two_steps(model, x, t, loss_name)
+    return {name: tuple(opt.state[m.weight][k] for k in ("ekfac_UA", "ekfac_UG", "ekfac_scale"))
+            for name, m in _layers(model)}
 
 
 def natasha_direction(model, x, t, loss_name):
-    """The parameter change of one EKFAC step with lr 1, no momentum, no KL clip (model restored)."""
-    loss = LOSSES[loss_name]
+    """The parameter change of the second step with lr 1 (model restored)."""
     before = [p.detach().clone() for p in model.parameters()]
-    opt = EKFAC(model, lr=1.0, momentum=0.0, damping=DAMPING, stat_decay=0.0, kl_clip=None,
-                batch_averaged=loss.batch_averaged)
-    opt.step(lambda: loss.fn(model(x), t))
-    opt.remove_hooks()
+    two_steps(model, x, t, loss_name, lr=1.0)
     step = [p.detach() - b for p, b in zip(model.parameters(), before)]
     with torch.no_grad():
         for p, b in zip(model.parameters(), before):

@@ -2,7 +2,6 @@
 non-contiguous parameters (a transposed-view weight, a channels_last conv): the step completes,
 state lives in each parameter's accumulation dtype, and a layout changes no value (issue 19 item 3)."""
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -81,18 +80,10 @@ def _non_contiguous(m: _ConvNet) -> _ConvNet:
     return m
 
 
-# EKFAC's diagonal s* lives in the factors' eigenbasis: the 28-input layer sees 8 examples per step,
-# so its A has a null space whose basis round-off picks (differently per layout), and the next
-# batch's s* in that basis differs. Compared with the basis refreshed every step (each batch then
-# lies in A's range, where the eigenbasis is determined).
-DETERMINED_BASIS = {"ekfac": dict(inv_every=1)}
-
-
 @case_params()
 def test_non_contiguous_parameters_take_the_same_steps(case):
     # fp64: finite-difference HVPs and trust-region decisions would amplify the fp32 round-off
     # of a different summation order into visible differences
-    case = dataclasses.replace(case, kwargs={**case.kwargs, **DETERMINED_BASIS.get(case.name, {})})
     torch.manual_seed(0)
     ref = _ConvNet().double()
     other = _non_contiguous(ref)
