@@ -43,7 +43,7 @@ from torch import nn
 
 from natasha_ext import data
 from natasha_ext.curvature.hvp import HVP_METHODS
-from natasha_ext.optim import ANG, ARC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
+from natasha_ext.optim import ANG, ARC, EKFAC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
 from natasha_ext.optim.adahessian import SGD_MOMENTUM_FORMS
 from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
 from natasha_ext.optim.trust_region import CURVATURES, NORM_SCALES, NORMS
@@ -296,6 +296,13 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         KFAC, closure="loss", takes_model=True,
         help="K-FAC (Martens & Grosse 2015): EMA Kronecker factors, damped inverses, KL clip, momentum",
         flags=_KFAC),
+    "ekfac": OptimizerSpec(
+        EKFAC, closure="loss", takes_model=True,
+        help="EKFAC (George et al. 2018): K-FAC's eigenbasis refreshed every inv_every steps, eigenvalues "
+             "corrected from per-example gradients every step, Tikhonov damping, KL clip, momentum",
+        flags={**{k: v for k, v in _KFAC.items() if k not in ("damping", "inverse")},
+               "damping": Flag("EKFAC damping gamma added to the corrected eigenvalues s*"),
+               "inv_every": Flag("EKFAC: steps between eigenbasis refreshes")}),
     "ang": OptimizerSpec(
         ANG, closure="loss", takes_model=True, resolve=_run_steps,
         help="Asymptotic natural gradient (Tang et al., eq. 7): K-FAC slerped toward the Euclidean gradient; "

@@ -277,6 +277,17 @@ class FactorCollector:
         scale = float(batch) if self.batch_averaged else 1.0 / batch
         return rows, scale
 
+    def example_rows(self, i: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per captured call of layer i, its (a, g) rows as [B, L, dim] (example, position):
+        the rows of :meth:`a_rows` / :meth:`g_rows` grouped by example, so that the per-example
+        gradient of the call is sum_l g[b, l] a[b, l]^T (times g_rows' per-example factor)."""
+        out = []
+        for m, x, g in self._complete(i):
+            a, gr = self._a_rows_one(self.layers[i], m, x), self._g_rows_one(self.layers[i], g)
+            b = self._batch(g)
+            out.append((a.reshape(b, -1, a.shape[1]), gr.reshape(b, -1, gr.shape[1])))
+        return out
+
     # ------------------------------------------------------------------ low-rank statistics
     def _group_weights(self, n: int, dtype, device) -> torch.Tensor:
         """[s', n] weights W such that W @ rows gives this rank's share of the s' group means of

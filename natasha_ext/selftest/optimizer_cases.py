@@ -42,6 +42,7 @@ OPTIMIZER_CASES: List[OptimizerCase] = [
     OptimizerCase("HybridSGDAdaHessian", dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=23),
                   before_step=_switch_before_last),
     OptimizerCase("KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True),
+    OptimizerCase("EKFAC", dict(lr=0.05, damping=0.1, inv_every=2, seed=36), takes_model=True),
     OptimizerCase("ANG", dict(lr=0.05, damping=0.1, stat_decay=0.95, cov_every=1, inv_every=2, momentum=0.9,
                               kl_clip=1e-3, total_steps=6, seed=33),
                   takes_model=True),

@@ -24,6 +24,7 @@ BAD_GROUP_VALUES = {
     "Natasha15": [("lr", NAN), ("sigma", NAN), ("lr", -1.0)],
     "Natasha2": [("lr", NAN), ("sigma", -1.0), ("delta", NAN)],
     "KFAC": [("lr", NAN), ("damping", -1e-3), ("momentum", NAN), ("weight_decay", NAN)],
+    "EKFAC": [("lr", NAN), ("damping", 0.0), ("momentum", 1.0)],
     "ANG": [("lr", NAN), ("damping", 0.0)],
     "IFANG": [("lr", NAN), ("damping", -1.0)],
     "TrustRegion": [("eps", -1.0), ("beta", NAN)],

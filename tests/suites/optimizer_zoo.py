@@ -172,6 +172,9 @@ ZOO: List[Case] = [
          notes="inverses refreshed at steps 0 and 2: N = 3 resumes after a refresh"),
     Case("kfac_eigh", "KFAC", dict(lr=0.02, damping=0.3, cov_every=2, inv_every=3, inverse="eigh",
                                    kl_clip=None, weight_decay=1e-3, seed=32), takes_model=True, resume_steps=4),
+    Case("ekfac", "EKFAC", dict(lr=0.05, damping=0.1, inv_every=2, seed=36), takes_model=True,
+         bad=[b for b in _KFAC_BAD if b[0] != "inverse"],
+         notes="eigenbasis refreshed at steps 0 and 2, s* updated every step: N = 3 resumes after a refresh"),
     # ang / ifang: the K-FAC practice (EMA, momentum, KL clip of the step taken); ang_paper: the defaults
     Case("ang", "ANG", dict(lr=0.05, damping=0.1, stat_decay=0.95, cov_every=1, inv_every=2, momentum=0.9,
                             kl_clip=1e-3, total_steps=8, seed=33), takes_model=True,

@@ -147,7 +147,7 @@ def test_disabled_scaler_is_a_plain_step():
 
 
 # ---------------------------------------------------------------------------- torch.compile
-COMPILE_CASES = ["adahessian", "natasha15", "natasha2", "trust_region", "kfac"]
+COMPILE_CASES = ["adahessian", "natasha15", "natasha2", "trust_region", "kfac", "ekfac"]
 
 
 @pytest.mark.parametrize("name", COMPILE_CASES)
