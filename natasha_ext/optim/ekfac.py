@@ -65,11 +65,12 @@ class EKFAC(_KroneckerFamily):
                  cov_every: int = 1, inv_every: int = 100, *, model: Optional[nn.Module] = None,
                  batch_averaged: bool = True, grad_scaler=None, fused: Optional[bool] = None,
                  seed: Optional[int] = None, raise_on_nonfinite: bool = False, process_group=None):
-        self._check_common(lr, momentum, damping, weight_decay, kl_clip, cov_every)
+        self._check_common(lr, momentum, damping, None, weight_decay, kl_clip, cov_every)
         V.in_range("stat_decay", stat_decay, 0.0, 1.0)
         V.positive_int("inv_every", inv_every)
         super().__init__(model_or_params, EigenKronecker(stat_decay, inv_every), lr=lr, momentum=momentum,
-                         damping=damping, weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every,
+                         damping=damping, factor_damping=None, weight_decay=weight_decay, kl_clip=kl_clip,
+                         cov_every=cov_every,
                          model=model, batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused,
                          seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
 

@@ -105,11 +105,12 @@ import torch.nn as nn
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NonFiniteError
 from natasha_ext.optim.kfac import ANG, IFANG, KFAC
+from natasha_ext.optim.ekfac import EKFAC
 
 __all__ = ["KFACPreconditioner", "METHODS"]
 
 #: method -> the optimizer whose directions it computes
-METHODS = {"kfac": KFAC, "ang": ANG, "ifang": IFANG}
+METHODS = {"kfac": KFAC, "ang": ANG, "ifang": IFANG, "ekfac": EKFAC}
 # the optimizers' arguments that belong to the torch optimizer's step, not to the preconditioner
 _STEP_ARGS = ("lr", "momentum", "weight_decay", "model", "model_or_params")
 _LOW_RANK = ("kfac_YA", "kfac_YG")
@@ -204,8 +205,8 @@ class KFACPreconditioner:
     Args:
         model (nn.Module): the model (or its ``DistributedDataParallel`` wrapper) whose forward
             and backward passes feed the hooks; its trainable supported layers are preconditioned.
-        method ('kfac' | 'ang' | 'ifang'): the direction, that of :class:`KFAC`, :class:`ANG`
-            or :class:`IFANG`.
+        method ('kfac' | 'ang' | 'ifang' | 'ekfac'): the direction, that of :class:`KFAC`, :class:`ANG`,
+            :class:`IFANG` or :class:`EKFAC`.
         kl_clip (float, optional): KL clipping (None or 0: off, the default); needs ``lr``.
         lr: what KL clipping reads: the torch optimizer (the lr of the param group holding the
             preconditioned weights, read at every step), a callable returning the lr, or a float.
