@@ -225,8 +225,11 @@ class FactorCollector:
     ``fisher`` ('empirical' | 'mc' | 'type2'), ``likelihood``, ``mc_samples``: see
     :mod:`natasha_ext.curvature.fisher`; 'mc' / 'type2' need ``model`` (whose output, a tensor, is
     the likelihood's parameter) and draw from a generator seeded with ``seed_fn()`` ->
-    (seed, step) at each model forward (seed + 1000003 * step + the forward's index since the last
-    :meth:`clear`), so that a run resumed from the optimizer's step counter draws the same targets.
+    (seed, step) at each model forward (seed + 1000003 * step + the number of forwards since the
+    last :meth:`clear` that a training backward reached), so that a run resumed from the
+    optimizer's step counter draws the same targets and a validation forward changes nothing.
+    The extra backward passes start from the output of ``model``'s own forward: layers called
+    outside it get no 'mc' / 'type2' statistics (the optimizer warns, naming them).
     """
 
     def __init__(self, layers: List[KFACLayer], mode: str = "full", rank: int = 1,
@@ -256,7 +259,7 @@ class FactorCollector:
         # contributes nothing
         self._calls: Dict[int, List[list]] = {}
         self._pass = 0             # model forwards seen (tags the calls made inside each)
-        self._draws = 0            # Fisher passes since the last clear()
+        self._counted = set()      # the model passes a training backward reached since clear()
         self._fisher_pass = None   # the model pass whose Fisher backward is running
         self._handles = []
         for i, layer in enumerate(layers):
@@ -299,6 +302,7 @@ class FactorCollector:
                 call[2] = col._backward(i, grad)
             elif call[3]:
                 call[2] = True  # the training backward reached it: its Fisher grads count
+                col._counted.add(call[4])
 
         output.register_hook(grad_hook)
 
@@ -336,8 +340,8 @@ class FactorCollector:
             return
         base, step = self._seed_fn()
         gen = torch.Generator(device=output.device)
-        gen.manual_seed((int(base) + 1000003 * int(step) + self._draws) % 2 ** 63)
-        self._draws += 1
+        # passes without a training backward (validation) leave the later draws unchanged
+        gen.manual_seed((int(base) + 1000003 * int(step) + len(self._counted)) % 2 ** 63)
         vectors, self._fisher_weight = fisher_lib.output_gradients(output, self.fisher, self.likelihood,
                                                                    self.mc_samples, gen)
         weights = list({id(self.layers[i].weight): self.layers[i].weight for i in hooked}.values())
@@ -533,7 +537,7 @@ class FactorCollector:
 
     def clear(self) -> None:
         self._calls.clear()
-        self._draws = 0
+        self._counted.clear()
 
     def remove(self) -> None:
         for h in self._handles:

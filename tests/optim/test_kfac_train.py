@@ -57,8 +57,8 @@ def test_kfac_and_ifang_beat_sgd_on_mnist_slice():
     torch.set_num_threads(1)  # bit-stable numbers on any machine
     try:
         sgd = _run(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
-        kfac = _run(lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2, cov_every=1, inv_every=10))
-        ifang = _run(lambda m: IFANG(m, lr=0.05, momentum=0.9, damping=0.09, rank=4, total_steps=STEPS))
+        kfac = _run(lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2, cov_every=1, inv_every=10, fisher="empirical"))
+        ifang = _run(lambda m: IFANG(m, lr=0.05, momentum=0.9, damping=0.09, rank=4, total_steps=STEPS, fisher="empirical"))
     finally:
         torch.set_num_threads(threads)
     print(f"train loss after {STEPS} steps: SGD {sgd:.4f}  K-FAC {kfac:.4f}  IFANG(rank 4) {ifang:.4f}")
