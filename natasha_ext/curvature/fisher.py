@@ -20,8 +20,7 @@ model's output):
   MC: v = softmax(f) - onehot(y); H = diag(p) - p p^T, S[:, c] = sqrt(p_c) (e_c - p).
 * ``'gaussian'``: l = sum_c (f_c - y_c)^2, i.e. y ~ N(f, I/2) (``F.mse_loss(reduction='sum')`` per
   example); MC: v = 2 (f - y); H = 2 I, S = sqrt(2) I. For ``F.mse_loss`` with its default mean over
-  C outputs the factors are C times the Fisher of that loss, the convention of curvlinops
-  (Dangel et al.) for MSELoss.
+  C outputs the factors are C times the Fisher (GGN) of that loss, a constant factor.
 
 The draws use a ``torch.Generator`` and the same calls, in the same order, as curvlinops'
 ``KFACLinearOperator.draw_label`` (``softmax(f, 1).multinomial(1)``; ``sqrt(1/2) * randn(f.shape)``),
