@@ -555,7 +555,8 @@ class ANG(_AsymptoticBlend, KFAC):
     """Asymptotic natural gradient: K-FAC's natural gradient blended with the Euclidean gradient
     by eq. 7's slerp, lam following ``lam_schedule`` from 0 toward 1 over ``total_steps``.
 
-    Args: those of :class:`KFAC`, and
+    Args: those of :class:`KFAC` (fisher='mc' by default: Martens & Grosse's sampled-target Fisher;
+        'type2', 'empirical'), and
         lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
         None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
         lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
