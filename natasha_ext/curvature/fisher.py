@@ -67,6 +67,8 @@ def output_gradients(output: torch.Tensor, fisher: str, likelihood: str, mc_samp
         classes = f.shape[1]
         moved = f.movedim(1, -1)
         p = moved.reshape(-1, classes).to(accumulation_dtype(f)).softmax(1)
+        # non-finite logits (a step the optimizer will skip): draw from a uniform row, not raise
+        p = torch.nan_to_num(p, nan=1.0 / classes, posinf=1.0 / classes, neginf=0.0)
         eye = torch.eye(classes, dtype=p.dtype, device=p.device)
         if fisher == "mc":
             rows = [p - eye[p.multinomial(1, generator=generator).squeeze(-1)] for _ in range(mc_samples)]

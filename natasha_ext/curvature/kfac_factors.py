@@ -262,9 +262,12 @@ class FactorCollector:
         self._counted = set()      # the model passes a training backward reached since clear()
         self._fisher_pass = None   # the model pass whose Fisher backward is running
         self._handles = []
+        # 'mc' / 'type2' tag each call with its model pass: their hooks run eagerly under
+        # torch.compile (a traced hook would read a stale pass number)
+        forward = "_forward" if fisher == "empirical" else "_forward_eager"
         for i, layer in enumerate(layers):
             for module in layer.modules:
-                self._handles.append(module.register_forward_hook(_Hook(self, "_forward", i)))
+                self._handles.append(module.register_forward_hook(_Hook(self, forward, i)))
         if fisher != "empirical":
             self._handles.append(model.register_forward_pre_hook(_Hook(self, "_model_start")))
             self._handles.append(model.register_forward_hook(_Hook(self, "_model_output")))
@@ -306,6 +309,8 @@ class FactorCollector:
 
         output.register_hook(grad_hook)
 
+    _forward_eager = torch.compiler.disable(_forward)
+
     def _backward(self, i: int, grad: torch.Tensor):
         g = grad.detach().to(self._stat_dtype(i))
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -320,12 +325,16 @@ class FactorCollector:
         g = grad.detach().to(self._stat_dtype(i))
         return self._lowrank_g(self.layers[i], g) if self._lowrank(i) else g
 
+    @torch.compiler.disable
     def _model_start(self, _, module, args):
         self._pass += 1
 
+    @torch.compiler.disable  # eager, seeded draws also inside a compiled training step
     def _model_output(self, _, module, args, output):
         """'mc' / 'type2': backpropagate the likelihood's vectors from the model output through the
-        hooked layers of this forward pass (their grad hooks store the gradients)."""
+        hooked layers of this forward pass (their grad hooks store the gradients). Runs outside
+        autocast (the statistics are fp32/fp64 math); each rank of a process group draws from its
+        own stream (seed * world + rank)."""
         if not self.collecting or not torch.is_grad_enabled():
             return
         current = self._pass
@@ -339,18 +348,20 @@ class FactorCollector:
         if not output.requires_grad:
             return
         base, step = self._seed_fn()
+        rank, world = self.shard
         gen = torch.Generator(device=output.device)
         # passes without a training backward (validation) leave the later draws unchanged
-        gen.manual_seed((int(base) + 1000003 * int(step) + len(self._counted)) % 2 ** 63)
-        vectors, self._fisher_weight = fisher_lib.output_gradients(output, self.fisher, self.likelihood,
-                                                                   self.mc_samples, gen)
+        gen.manual_seed(((int(base) + 1000003 * int(step) + len(self._counted)) * world + rank) % 2 ** 63)
         weights = list({id(self.layers[i].weight): self.layers[i].weight for i in hooked}.values())
-        self._fisher_pass = current
-        try:
-            for v in vectors:
-                torch.autograd.grad(output, weights, grad_outputs=v, retain_graph=True, allow_unused=True)
-        finally:
-            self._fisher_pass = None
+        with torch.autocast(output.device.type, enabled=False):
+            vectors, self._fisher_weight = fisher_lib.output_gradients(output, self.fisher, self.likelihood,
+                                                                       self.mc_samples, gen)
+            self._fisher_pass = current
+            try:
+                for v in vectors:
+                    torch.autograd.grad(output, weights, grad_outputs=v, retain_graph=True, allow_unused=True)
+            finally:
+                self._fisher_pass = None
 
     def _complete(self, i: int) -> List[list]:
         """The calls of layer i whose backward has run (in forward order)."""
