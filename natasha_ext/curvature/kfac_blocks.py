@@ -93,8 +93,10 @@ class LayerwiseCurvature:
             else:
                 new = [collector.elementwise_fisher(i)]
             for key, value in zip(_KEYS[structure], new):
-                if key in st:  # the EMA; a layer's first update starts it
+                if key in st and decay:  # the EMA; a layer's first update starts it
                     st[key].mul_(decay).add_(value, alpha=1.0 - decay)
+                elif key in st:  # decay 0 (IFANG: the minibatch's factors): nothing old propagates
+                    st[key].copy_(value)
                 else:
                     st[key] = value.contiguous()
                 out.append(st[key])

@@ -92,12 +92,13 @@ def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int], skip: tuple = 
     statistics of all their calls, as for a module called several times; they must share the bias
     too (or all have none)."""
     by_weight: Dict[int, Tuple[List[str], List[nn.Module], Optional[torch.Tensor], str]] = {}
-    fallback = []
+    fallback, skipped_weights = [], set()
     for name, mod in model.named_modules():
         label = name or "<root>"
         own = [p for p in mod.parameters(recurse=False) if p in owned]
         if own and skip and is_skipped(name, mod, skip):
             fallback.append(f"{label} (skipped: skip_layers)")
+            skipped_weights.update(id(p) for p in own)
             continue
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor) or w not in owned:
@@ -119,11 +120,16 @@ def find_layers(model: nn.Module, owned: Dict[torch.Tensor, int], skip: tuple = 
             continue  # the same module reached under another name
         if mods and (bias is not b or type(mods[0]) is not type(mod)):
             raise ValueError(f"modules {names[0]!r} and {name!r} share their weight but not their bias (or their "
-                             "type); K-FAC needs tied layers to share weight and bias")
+                             "type); K-FAC needs tied layers to share weight and bias (or pass both to skip_layers: "
+                             "the shared weight then takes the SGD-momentum update)")
         names.append(label)
         mods.append(mod)
-    layers = [KFACLayer("+".join(names), mods, bias=b is not None, structure=s)
-              for names, mods, b, s in by_weight.values()]
+    layers = []
+    for wid, (names, mods, b, s) in by_weight.items():
+        if wid in skipped_weights:  # tied to a skipped module: its statistics would miss that use
+            fallback += [f"{n} (weight shared with a module in skip_layers)" for n in names]
+        else:
+            layers.append(KFACLayer("+".join(names), mods, bias=b is not None, structure=s))
     return layers, fallback
 
 

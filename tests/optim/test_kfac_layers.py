@@ -184,3 +184,24 @@ def test_likelihood_must_fit_the_model_output():
     opt = KFAC(pair, cov_every=1, fisher="empirical")  # the empirical Fisher needs no model output
     opt.step(lambda: pair(x)[0].square().mean())
     assert opt.counters["factor_updates"] == 1
+
+
+def test_weight_tied_to_a_skipped_module_is_not_preconditioned():
+    """An Embedding tied to the Linear head (different module types: refused, naming both); with
+    one of them skipped the shared weight is left to SGD, not preconditioned from half its uses."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mid(self.emb(x))))
+
+    with pytest.raises(ValueError, match="'emb' and 'head' share their weight.*skip_layers"):
+        KFAC(Tied())
+    opt = KFAC(Tied(), skip_layers=["head"])
+    assert set(opt.preconditioned) == {"mid"}
+    assert opt.fallback == {"head": "skipped: skip_layers", "emb": "weight shared with a module in skip_layers"}
