@@ -72,7 +72,8 @@ class EKFAC(_KroneckerFamily):
                          damping=damping, factor_damping=None, weight_decay=weight_decay, kl_clip=kl_clip,
                          cov_every=cov_every,
                          model=model, batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused,
-                         seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
+                         seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group,
+                         fisher="empirical")  # s* is built from the per-example training gradients
 
     def _factor_damping(self, i: int) -> float:
         """EKFAC damps the eigenvalues: gamma itself (layer i's group), added to s*."""

@@ -17,11 +17,15 @@ for convolution layers" (2016) for convolutions; Tang, Jiang, Song, Gong, Li, Yu
 "AsymptoticNG: a regularized natural gradient optimization algorithm with look-ahead strategy"
 (2021), eqs. 1-14 and Algorithms 1-2, for ANG and IFANG.
 
-Per supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient is the matrix T = [dW | db]
+Per supported layer (``nn.Linear``, ``nn.Conv1d/2d/3d``; grouped convs, ``nn.Embedding`` and the
+affine parameters of norm layers by :mod:`natasha_ext.curvature.kfac_blocks`; the table is in
+:mod:`natasha_ext.curvature.kfac_layers`) the gradient is the matrix T = [dW | db]
 (out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
 a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
-(:mod:`natasha_ext.curvature.kfac_factors`). Every member adds one damping lam to each factor
-(Tang et al.'s eqs. 8-13), so the preconditioned gradient is
+(:mod:`natasha_ext.curvature.kfac_factors`). Which Fisher: ``fisher='mc'`` (default, Martens &
+Grosse 2015: targets sampled from the model), ``'type2'`` (exact GGN factor) or ``'empirical'``
+(observed targets); see :mod:`natasha_ext.curvature.fisher`. Every member adds one damping lam to
+each factor (Tang et al.'s eqs. 8-13), so the preconditioned gradient is
 
     U = (G + lam I)^-1 T (A + lam I)^-1  (= ((A + lam I) (x) (G + lam I))^-1 vec T).
 
@@ -56,13 +60,14 @@ by ``lam_schedule`` (:mod:`natasha_ext.optim.lambda_schedules`); eq. 7's fallbac
 gradient when t^T G^-1 t <= 0. IFANG's low-rank factors make Algorithm 1's "M >= n" branch (a
 dense inverse when the layer is narrower than s') unnecessary: the SMW form is exact for every n.
 
-Parameters of layers that cannot be preconditioned (norms, embeddings, grouped convs, and any
-parameter of a module without hooks) take the SGD-momentum update with the same lr, momentum
-and weight decay; they are listed in ``repr(opt)`` and ``opt.fallback_names``. Weight decay is
+Parameters of modules that cannot be preconditioned (other module types, sparse embeddings,
+``skip_layers``) take the SGD-momentum update with the same lr, momentum and weight decay; they
+are listed in ``repr(opt)``, ``opt.fallback`` and ``opt.fallback_names`` (unskipped ones in a
+warning at construction). Weight decay is
 added to the gradient before preconditioning (the natural gradient of the L2-regularised loss).
 
 ``model_or_params``: an ``nn.Module`` (all its trainable parameters, one group), or an iterable
-of parameters / param groups together with ``model=`` (the module whose Linear/Conv2d layers are
+of parameters / param groups together with ``model=`` (the module whose supported layers are
 hooked: every layer whose weight is among the parameters is preconditioned; a layer's weight and
 bias must share a group). Modules that share a weight (weight tying) are one layer, named
 "first+second", whose factors come from the statistics of all their calls, as for a module called
@@ -97,7 +102,10 @@ import torch.nn as nn
 
 from natasha_ext import ops
 from natasha_ext.curvature.hvp import called_backward, evaluate_closure, gradients
+from natasha_ext.curvature.fisher import check_fisher_args
+from natasha_ext.curvature.kfac_blocks import LayerwiseCurvature
 from natasha_ext.curvature.kfac_factors import FactorCollector, find_layers
+from natasha_ext.curvature.kfac_layers import check_skip_layers
 from natasha_ext.curvature.kronecker import INVERSES, DenseKronecker, LowRankKronecker
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
@@ -144,7 +152,7 @@ class _KroneckerFamily(NatashaOptimizer):
     turns U into the step direction."""
 
     COUNTERS = ("steps", "gradients", "hvps", "skipped_steps", "factor_updates", "inverse_updates")
-    ACCUMULATION_STATE = DenseKronecker.STATE + LowRankKronecker.STATE + ("momentum_buffer",)
+    ACCUMULATION_STATE = DenseKronecker.STATE + LowRankKronecker.STATE + LayerwiseCurvature.STATE + ("momentum_buffer",)
 
     #: the factor_damping used when neither ``damping`` nor ``factor_damping`` is given (None: one must be)
     DEFAULT_FACTOR_DAMPING: Optional[float] = None
@@ -155,7 +163,10 @@ class _KroneckerFamily(NatashaOptimizer):
                  factor_damping: Optional[float], weight_decay: float, kl_clip: Optional[float], cov_every: int,
                  model: Optional[nn.Module],
                  batch_averaged: bool, grad_scaler, fused: Optional[bool], seed: Optional[int],
-                 raise_on_nonfinite: bool, process_group):
+                 raise_on_nonfinite: bool, process_group, fisher: str = "mc", likelihood: str = "categorical",
+                 mc_samples: int = 1, skip_layers=None):
+        check_fisher_args(fisher, likelihood, mc_samples)
+        skip_layers = check_skip_layers(skip_layers)
         if isinstance(model_or_params, nn.Module):
             if model is not None and model is not model_or_params:
                 raise ValueError("model= given together with a different nn.Module as model_or_params")
@@ -171,7 +182,9 @@ class _KroneckerFamily(NatashaOptimizer):
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_damping=factor_damping,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite)
-        self.curvature = curvature
+        self.curvature = LayerwiseCurvature(curvature)
+        self.fisher, self.likelihood, self.mc_samples = fisher, likelihood, int(mc_samples)
+        self.skip_layers = skip_layers
         self.kl_clip = None if not kl_clip else float(kl_clip)
         self.cov_every = int(cov_every)
         self.batch_averaged = bool(batch_averaged)
@@ -180,6 +193,10 @@ class _KroneckerFamily(NatashaOptimizer):
         self.layer_names: List[str] = []
         self.fallback_names: List[str] = []
         self.attach(model)
+        unsupported = [n for n in self.fallback_names if not n.endswith("(skipped: skip_layers)")]
+        if unsupported:
+            warnings.warn(f"{type(self).__name__}: not K-FAC preconditioned (SGD-momentum update): {unsupported}; see "
+                          "opt.fallback, or pass skip_layers= to choose this explicitly", UserWarning, stacklevel=3)
         if process_group is not None:
             self.set_process_group(process_group)
 
@@ -253,9 +270,10 @@ class _KroneckerFamily(NatashaOptimizer):
         updates (after a deepcopy/unpickle, or to move to another copy of the model)."""
         self.remove_hooks()
         owned = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        layers, fallback = find_layers(model, owned)
+        layers, fallback = find_layers(model, owned, getattr(self, "skip_layers", ()))
         if not layers:
-            raise ValueError(f"{type(self).__name__}: the model has no nn.Linear / nn.Conv2d layer (groups=1) whose "
+            raise ValueError(f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d, Embedding, "
+                             "norm) whose "
                              f"weight is among the optimizer's parameters; nothing to precondition "
                              f"(unsupported: {fallback or 'no layers with parameters'})")
         dtypes = sorted({str(accumulation_dtype(l.weight)) for l in layers})
@@ -265,8 +283,14 @@ class _KroneckerFamily(NatashaOptimizer):
         self._layers = layers
         self._layer_group = [owned[l.weight] for l in layers]
         self.layer_names, self.fallback_names = [l.name or "<root>" for l in layers], fallback
+        #: {layer name: its block} and {module name: why it takes the SGD-momentum update}, to print
+        self.preconditioned = {l.name or "<root>": l.describe() for l in layers}
+        self.fallback = dict(f[:-1].split(" (", 1) for f in fallback)
+        ref = weakref.ref(self)
         col = FactorCollector(layers, mode=self.curvature.collector_mode, rank=self.curvature.rank,
-                              batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None))
+                              batch_averaged=self.batch_averaged, grad_scaler=getattr(self, "_grad_scaler", None),
+                              fisher=self.fisher, likelihood=self.likelihood, mc_samples=self.mc_samples, model=model,
+                              seed_fn=lambda: (ref().rng.seed, int(ref().counters["steps"])))
         col.collecting = self._due(self.cov_every)
         col.shard = self._shard()
         self._box = [col]
@@ -527,6 +551,21 @@ class KFAC(_KroneckerFamily):
         it replaces ``damping``.
         batch_averaged (True): the loss is a mean over the batch (per-example gradients are
         grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
+        fisher ('mc'): the Fisher the factors G (and the norm layers' elementwise Fisher) describe:
+        'mc' (default; Martens & Grosse 2015, Sec. 5: ``mc_samples`` targets drawn from the model's
+        predictive distribution, the ANG paper not stating its choice), 'type2' (the exact
+        generalized Gauss-Newton factor, one backward per output column of the loss Hessian's
+        square root) or 'empirical' (the training loss's gradients at the observed targets);
+        :mod:`natasha_ext.curvature.fisher`. 'mc' and 'type2' run their extra backward passes from
+        the model's output at the end of each statistics-collecting forward pass (``.grad`` is
+        untouched); the model's forward must return that output as one tensor.
+        likelihood ('categorical'): the output's distribution for 'mc' / 'type2': 'categorical'
+        (logits on dim 1, as F.cross_entropy takes them) or 'gaussian' (per example
+        sum (f - y)^2, as F.mse_loss(reduction='sum')). mc_samples (1): targets per example ('mc').
+        skip_layers (None): modules to leave to the SGD-momentum update: names (exact or regular
+        expressions, full match), compiled patterns, or nn.Module types. ``opt.preconditioned``
+        ({name: block}) and ``opt.fallback`` ({name: why}) report the split; a module that cannot
+        be preconditioned and is not skipped is named in a warning at construction.
         {shared_args}
 
     Distributed (``process_group``): the gradients are averaged by the shared engines; the factor
@@ -543,7 +582,8 @@ class KFAC(_KroneckerFamily):
                  factor_damping: Optional[float] = None,
                  model: Optional[nn.Module] = None, batch_averaged: bool = True, grad_scaler=None,
                  fused: Optional[bool] = None, seed: Optional[int] = None, raise_on_nonfinite: bool = False,
-                 process_group=None):
+                 process_group=None, fisher: str = "mc", likelihood: str = "categorical", mc_samples: int = 1,
+                 skip_layers=None):
         damping, factor_damping = self._resolve_damping(damping, factor_damping)
         self._check_common(lr, momentum, damping, factor_damping, weight_decay, kl_clip, cov_every)
         V.in_range("stat_decay", stat_decay, 0.0, 1.0)
@@ -553,7 +593,8 @@ class KFAC(_KroneckerFamily):
                          damping=damping, factor_damping=factor_damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, cov_every=cov_every,
                          model=model, batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused,
-                         seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
+                         seed=seed, raise_on_nonfinite=raise_on_nonfinite, process_group=process_group,
+                         fisher=fisher, likelihood=likelihood, mc_samples=mc_samples, skip_layers=skip_layers)
 
     # the dense strategy's settings, readable and settable on the optimizer as before
     stat_decay = property(lambda self: self.curvature.stat_decay,
@@ -631,7 +672,8 @@ class ANG(_AsymptoticBlend, KFAC):
 
     Args: those of :class:`KFAC` with the defaults lr (0.005), momentum (0), stat_decay (0),
         kl_clip (None), cov_every (1), inv_every (1), factor_damping (None -> 0.03 when
-        damping is not given either: the paper states no value; see README), and
+        damping is not given either: the paper states no value; see README); fisher ('mc' by default: Martens &
+        Grosse's sampled-target Fisher; 'type2', 'empirical') as :class:`KFAC`, and
         lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
         None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
         lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
@@ -682,7 +724,10 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
         cov_every as :class:`KFAC`; factor_damping (None -> 0.3 when damping is not
         given either); rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant,
         per_layer as :class:`ANG`;
-        model, batch_averaged, grad_scaler as :class:`KFAC`.
+        model, batch_averaged, grad_scaler, fisher ('mc', Martens & Grosse's choice; 'type2',
+        'empirical'), likelihood, mc_samples, skip_layers as :class:`KFAC` (with 'mc' / 'type2' each
+        backpropagated vector gives its own s' rows of YG; grouped convs, embeddings and norm layers
+        use their current minibatch's factors, inverted directly).
         {shared_args}
 
     With a process group the s' groups are blocks of the global batch (rank r's shard is the
@@ -699,7 +744,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
                  rank: int = 1, lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
                  lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
                  grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False, process_group=None):
+                 raise_on_nonfinite: bool = False, process_group=None, fisher: str = "mc",
+                 likelihood: str = "categorical", mc_samples: int = 1, skip_layers=None):
         V.positive_int("rank", rank)
         self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         damping, factor_damping = self._resolve_damping(damping, factor_damping)
@@ -708,7 +754,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
                          factor_damping=factor_damping, weight_decay=weight_decay, kl_clip=kl_clip,
                          cov_every=cov_every, model=model,
                          batch_averaged=batch_averaged, grad_scaler=grad_scaler, fused=fused, seed=seed,
-                         raise_on_nonfinite=raise_on_nonfinite, process_group=process_group)
+                         raise_on_nonfinite=raise_on_nonfinite, process_group=process_group, fisher=fisher,
+                         likelihood=likelihood, mc_samples=mc_samples, skip_layers=skip_layers)
         self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
     @property

@@ -36,7 +36,7 @@ def test_factor_ema_known_answer(fused):
     layer = nn.Linear(2, 2).double()
     lam, lr = 0.1, 0.5
     opt = KFAC(nn.Sequential(layer), lr=lr, momentum=0.0, damping=lam ** 2, stat_decay=DECAY, kl_clip=None,
-               cov_every=1, inv_every=1, fused=fused)
+               cov_every=1, inv_every=1, fused=fused, fisher="empirical")
     st = opt.state[layer.weight]
     _backward(layer, 0)
     opt.step()

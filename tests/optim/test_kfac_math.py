@@ -54,7 +54,7 @@ def test_kfac_step_is_dense_damped_kronecker_inverse_of_hooked_factors():
     torch.manual_seed(1)
     m = _mlp()
     lam, lr = 0.1, 0.5
-    opt = KFAC(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, cov_every=1, inv_every=1)  # sqrt per factor
+    opt = KFAC(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, cov_every=1, inv_every=1, fisher="empirical")  # sqrt per factor
     x, y = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
     acts, gouts = {}, {}
     hs = _spy(m, acts, gouts)
@@ -86,7 +86,7 @@ def test_single_sample_kronecker_factors_equal_dense_empirical_fisher():
     """One example per batch: vec(g a^T) vec(g a^T)^T = (g g^T) (x) (a a^T) exactly."""
     torch.manual_seed(2)
     m = nn.Sequential(nn.Linear(4, 3)).double()
-    opt = KFAC(m, lr=0.0, damping=1e-3, cov_every=1)
+    opt = KFAC(m, lr=0.0, damping=1e-3, cov_every=1, fisher="empirical")
     x, y = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
     out = m(x)  # one forward: one sample
     loss = 0.5 * (out - y).square().sum() + (out ** 3).sum()
@@ -102,7 +102,7 @@ def test_conv_factors_follow_their_definition():
     torch.manual_seed(3)
     conv = nn.Conv2d(2, 3, 3, padding=1, stride=2).double()
     m = nn.Sequential(conv)
-    opt = KFAC(m, lr=0.0, cov_every=1)
+    opt = KFAC(m, lr=0.0, cov_every=1, fisher="empirical")
     x = torch.randn(4, 2, 7, 7, dtype=torch.float64)
     gout = {}
     def hook(mod, inputs, out):
@@ -187,7 +187,7 @@ def test_ifang_direction_equals_dense_ang_with_low_rank_factors():
     torch.manual_seed(4)
     m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     lam, lr, blend = 0.05, 0.1, 0.3
-    opt = IFANG(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, rank=2, lam_schedule=lambda s: blend)
+    opt = IFANG(m, lr=lr, momentum=0.0, damping=lam ** 2, kl_clip=None, rank=2, lam_schedule=lambda s: blend, fisher="empirical")
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
     acts, gouts = {}, {}
     hs = _spy(m, acts, gouts)

@@ -128,6 +128,9 @@ _ADA_BAD = _COMMON_BAD + [("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("eps
                           ("hvp", "magic"), ("weight_decay", -0.1), ("fd_eps", 0.0)]
 _NAT_BAD = [("lr", -1.0), ("lr", float("nan")), ("sigma", -0.5), ("epoch_size", 0), ("subepochs", 0),
             ("epoch_size", 5)]
+# the zoo's problem is MSE regression; deterministic Fisher types, so that N ranks equal one process
+# ('mc' draws per rank; it is tested in tests/optim/test_kfac_fisher.py)
+_KFAC_TYPE2 = dict(fisher="type2", likelihood="gaussian")
 _KFAC_BAD = [("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0), ("momentum", -0.1), ("damping", 0.0),
              ("damping", -1e-3), ("stat_decay", 1.0), ("weight_decay", -1.0), ("kl_clip", -1.0), ("cov_every", 0),
              ("inv_every", 0), ("inverse", "lu")]
@@ -168,23 +171,24 @@ ZOO: List[Case] = [
          dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, sgd_momentum_form="paper", seed=24),
          before_step=_switch_at(4), group_key="sgd_lr",
          notes="SGD phase (eq. 2's form) at the checkpoint, switch after it"),
-    Case("kfac", "KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True, bad=_KFAC_BAD,
+    Case("kfac", "KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31, **_KFAC_TYPE2), takes_model=True, bad=_KFAC_BAD,
          notes="inverses refreshed at steps 0 and 2: N = 3 resumes after a refresh"),
     Case("kfac_eigh", "KFAC", dict(lr=0.02, damping=0.3, cov_every=2, inv_every=3, inverse="eigh",
-                                   kl_clip=None, weight_decay=1e-3, seed=32), takes_model=True, resume_steps=4),
+                                   kl_clip=None, weight_decay=1e-3, seed=32, fisher="empirical"), takes_model=True, resume_steps=4),
     Case("ekfac", "EKFAC", dict(lr=0.05, damping=0.1, inv_every=2, seed=36), takes_model=True,
          bad=[b for b in _KFAC_BAD if b[0] != "inverse"],
          notes="eigenbasis refreshed at steps 0 and 2, s* updated every step: N = 3 resumes after a refresh"),
     # ang / ifang: the K-FAC practice (EMA, momentum, KL clip of the step taken); ang_paper: the defaults
     Case("ang", "ANG", dict(lr=0.05, damping=0.1, stat_decay=0.95, cov_every=1, inv_every=2, momentum=0.9,
-                            kl_clip=1e-3, total_steps=8, seed=33), takes_model=True,
+                            kl_clip=1e-3, total_steps=8, seed=33, **_KFAC_TYPE2), takes_model=True,
          bad=[("lam_schedule", "sqrt"), ("total_steps", 0), ("damping", 0.0)]),
-    Case("ang_paper", "ANG", dict(lr=0.02, total_steps=8, seed=36), takes_model=True,
+    Case("ang_paper", "ANG", dict(lr=0.02, total_steps=8, seed=36, **_KFAC_TYPE2), takes_model=True,
          bad=[("factor_damping", 0.0), ("momentum", 1.0)], notes="Tang et al.'s Alg. 2: factors of each minibatch"),
-    Case("ifang", "IFANG", dict(lr=0.05, damping=0.1, rank=1, momentum=0.9, kl_clip=1e-3, total_steps=8, seed=34),
+    Case("ifang", "IFANG", dict(lr=0.05, damping=0.1, rank=1, momentum=0.9, kl_clip=1e-3, total_steps=8, seed=34, **_KFAC_TYPE2),
          takes_model=True, bad=[("rank", 0), ("damping", -1.0), ("lr", float("nan"))]),
     Case("ifang_rank2", "IFANG", dict(lr=0.05, damping=0.1, rank=2, momentum=0.9, kl_clip=1e-3, total_steps=6,
-                                      lam_schedule="exp", seed=35), takes_model=True),
+                                      lam_schedule="exp", seed=35,
+                                      fisher="empirical"), takes_model=True),
     Case("trust_region", "TrustRegion", dict(radius=0.05, cg_max_iters=5, seed=41), group_key="eps",
          group_value=1e-6, lr_key=None, bad=_TR_BAD,
          notes="radius grows/shrinks with rho across the checkpoint"),
