@@ -159,3 +159,30 @@ class LayerwiseCurvature:
             t64, u64 = t.to(acc), u.to(acc)
             red[j] = torch.stack([(t64 * u64).sum(), u64.square().sum(), t64.square().sum()])
         return us, red
+
+    def quadratic_form(self, ds: List[torch.Tensor], states: List[dict], lams: List[float]) -> torch.Tensor:
+        """[L]: d_i^T F_i d_i with each layer's damped block (the KL clip of the step taken), in
+        the order of ``ds``: the inner strategy's for Kronecker layers, the forms above otherwise."""
+        own = {j for j, st in enumerate(states) if self._structure(st) is not None}
+        kron = [j for j in range(len(ds)) if j not in own]
+        out: List[Optional[torch.Tensor]] = [None] * len(ds)
+        if kron:
+            k_q = self.inner.quadratic_form([ds[j] for j in kron], [states[j] for j in kron], [lams[j] for j in kron])
+            for r, j in enumerate(kron):
+                out[j] = k_q[r]
+        for j in sorted(own):
+            st, lam, structure = states[j], lams[j], self._structure(states[j])
+            if structure == "grouped":
+                a, g = st["kfac_group_A"], st["kfac_group_G"]
+                d = ds[j].to(a.dtype).reshape(a.shape[0], -1, ds[j].shape[1])
+                out[j] = ((torch.bmm(g, d) + lam * d) * (torch.bmm(d, a) + lam * d)).sum()
+            elif structure == "diag_a":
+                a, g = st["kfac_token_A"], st["kfac_token_G"]
+                d = ds[j].to(g.dtype)
+                out[j] = (d * ((a + lam)[:, None] * (d @ g + lam * d))).sum()
+            else:
+                f = st["kfac_diag_F"]
+                d = ds[j].to(f.dtype)
+                out[j] = (d.square() * (f + lam * lam)).sum()
+        acc = torch.promote_types(*{q.dtype for q in out}) if len({q.dtype for q in out}) > 1 else out[0].dtype
+        return torch.stack([q.to(acc) for q in out])

@@ -435,7 +435,8 @@ class FactorCollector:
         the rows of :meth:`a_rows` / :meth:`g_rows` grouped by example, so that the per-example
         gradient of the call is sum_l g[b, l] a[b, l]^T (times g_rows' per-example factor)."""
         out = []
-        for m, x, g in self._complete(i):
+        for call in self._complete(i):
+            m, x, g = call[0], call[1], call[2]
             a, gr = self._a_rows_one(self.layers[i], m, x), self._g_rows_one(self.layers[i], g)
             b = self._batch(g)
             out.append((a.reshape(b, -1, a.shape[1]), gr.reshape(b, -1, gr.shape[1])))
@@ -552,7 +553,8 @@ class FactorCollector:
         positions = parts[0][2]
         per_example = float(batch) if self.batch_averaged else 1.0  # grad_output -> per-example grad
         yg = gm * (per_example * math.sqrt(positions / gm.shape[0]))
-        return ya, yg
+        dt = accumulation_dtype(self.layers[i].weight)  # under autocast the output grads are bf16/fp16
+        return ya.to(dt), yg.to(dt)
 
     # ------------------------------------------------------------------ bookkeeping
     def ready(self, i: int) -> bool:

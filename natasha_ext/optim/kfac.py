@@ -22,9 +22,10 @@ affine parameters of norm layers by :mod:`natasha_ext.curvature.kfac_blocks`; th
 :mod:`natasha_ext.curvature.kfac_layers`) the gradient is the matrix T = [dW | db]
 (out x in[+1]). The Fisher block is approximated by A (x) G with A = E[a a^T] (layer inputs with
 a bias column) and G = E[g g^T] (per-example pre-activation gradients), collected by hooks
-(:mod:`natasha_ext.curvature.kfac_factors`). Which Fisher: ``fisher='mc'`` (default, Martens &
+(:mod:`natasha_ext.curvature.kfac_factors`). Which Fisher: ``fisher='mc'`` (KFAC's default, Martens &
 Grosse 2015: targets sampled from the model), ``'type2'`` (exact GGN factor) or ``'empirical'``
-(observed targets); see :mod:`natasha_ext.curvature.fisher`. Every member adds one damping lam to
+(observed targets; ANG's and IFANG's default, Tang et al.'s eqs. 9-10); see
+:mod:`natasha_ext.curvature.fisher`. Every member adds one damping lam to
 each factor (Tang et al.'s eqs. 8-13), so the preconditioned gradient is
 
     U = (G + lam I)^-1 T (A + lam I)^-1  (= ((A + lam I) (x) (G + lam I))^-1 vec T).
@@ -553,7 +554,7 @@ class KFAC(_KroneckerFamily):
         grad_output * B). grad_scaler: a GradScaler under AMP (its scale is divided out of G).
         fisher ('mc'): the Fisher the factors G (and the norm layers' elementwise Fisher) describe:
         'mc' (default; Martens & Grosse 2015, Sec. 5: ``mc_samples`` targets drawn from the model's
-        predictive distribution, the ANG paper not stating its choice), 'type2' (the exact
+        predictive distribution), 'type2' (the exact
         generalized Gauss-Newton factor, one backward per output column of the loss Hessian's
         square root) or 'empirical' (the training loss's gradients at the observed targets);
         :mod:`natasha_ext.curvature.fisher`. 'mc' and 'type2' run their extra backward passes from
@@ -672,8 +673,10 @@ class ANG(_AsymptoticBlend, KFAC):
 
     Args: those of :class:`KFAC` with the defaults lr (0.005), momentum (0), stat_decay (0),
         kl_clip (None), cov_every (1), inv_every (1), factor_damping (None -> 0.03 when
-        damping is not given either: the paper states no value; see README); fisher ('mc' by default: Martens &
-        Grosse's sampled-target Fisher; 'type2', 'empirical') as :class:`KFAC`, and
+        damping is not given either: the paper states no value; see README); fisher
+        ('empirical' by default: the paper estimates the factors by "the empirical statistics over a mini-batch of training data",
+        eqs. 9-10, DS the training loss's pre-activation derivatives; 'mc', 'type2') as
+        :class:`KFAC`, and
         lam_schedule (None | 'linear' | 'exp' | 'cosine' | 'saturating' | callable(step) -> lam;
         None: 'linear' over total_steps when given, else 'saturating', which needs no horizon:
         lam = 1 - exp(-step / lam_time_constant), the concave shape of the paper's best
@@ -695,11 +698,12 @@ class ANG(_AsymptoticBlend, KFAC):
                  stat_decay: float = 0.0, weight_decay: float = 0.0, kl_clip: Optional[float] = None,
                  cov_every: int = 1, inv_every: int = 1, inverse: str = "cholesky", *,
                  lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
-                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, **kwargs):
+                 lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, fisher: str = "empirical",
+                 **kwargs):
         self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)
         super().__init__(model_or_params, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
                          weight_decay=weight_decay, kl_clip=kl_clip, cov_every=cov_every, inv_every=inv_every,
-                         inverse=inverse, **kwargs)
+                         inverse=inverse, fisher=fisher, **kwargs)
         self._init_blend(lam_schedule, total_steps, lam_rate, lam_time_constant, per_layer)
 
 
@@ -724,8 +728,8 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
         cov_every as :class:`KFAC`; factor_damping (None -> 0.3 when damping is not
         given either); rank (1): s'; lam_schedule, total_steps, lam_rate, lam_time_constant,
         per_layer as :class:`ANG`;
-        model, batch_averaged, grad_scaler, fisher ('mc', Martens & Grosse's choice; 'type2',
-        'empirical'), likelihood, mc_samples, skip_layers as :class:`KFAC` (with 'mc' / 'type2' each
+        model, batch_averaged, grad_scaler, fisher ('empirical', as :class:`ANG`: eqs. 9-10; 'mc',
+        'type2'), likelihood, mc_samples, skip_layers as :class:`KFAC` (with 'mc' / 'type2' each
         backpropagated vector gives its own s' rows of YG; grouped convs, embeddings and norm layers
         use their current minibatch's factors, inverted directly).
         {shared_args}
@@ -744,7 +748,7 @@ class IFANG(_AsymptoticBlend, _KroneckerFamily):
                  rank: int = 1, lam_schedule=None, total_steps: Optional[int] = None, lam_rate: float = 5.0,
                  lam_time_constant: int = DEFAULT_TIME_CONSTANT, per_layer: bool = False, model: Optional[nn.Module] = None, batch_averaged: bool = True,
                  grad_scaler=None, fused: Optional[bool] = None, seed: Optional[int] = None,
-                 raise_on_nonfinite: bool = False, process_group=None, fisher: str = "mc",
+                 raise_on_nonfinite: bool = False, process_group=None, fisher: str = "empirical",
                  likelihood: str = "categorical", mc_samples: int = 1, skip_layers=None):
         V.positive_int("rank", rank)
         self._lam_fn = self._blend_fn(lam_schedule, total_steps, lam_rate, lam_time_constant)

@@ -93,7 +93,7 @@ def both(problem, model_name, loss_name):
     """(model, x, t, curvlinops' operator, natasha_ext's {layer: (U_A, U_G, s*)}, curvlinops' scale)."""
     model, x, t = problem(model_name, loss_name)
     return model, x, t, curvlinops_ekfac(model, x, t, loss_name), natasha_ekfac(model, x, t, loss_name), \
-        LOSSES[loss_name].curvlinops_ratio
+        LOSSES[loss_name].curvlinops_ratio["empirical"]
 
 
 def _blocks(model, vecs):
@@ -139,7 +139,7 @@ def test_preconditioned_direction_matches_curvlinops_inverse(model_name, loss_na
     loss = LOSSES[loss_name]
     grads = torch.autograd.grad(loss.fn(model(x), t), list(model.parameters()))
     op = curvlinops_ekfac(model, x, t, loss_name)
-    ratio = loss.curvlinops_ratio
+    ratio = loss.curvlinops_ratio["empirical"]
     # (F + gamma I)^-1 g = ratio (ratio F + ratio gamma I)^-1 g, curvlinops holding ratio F
     inv = curvlinops.KFACInverseLinearOperator(op, damping=ratio * DAMPING, use_exact_damping=True)
     ref = [ratio * r for r in inv @ [g.detach() for g in grads]]

@@ -1,4 +1,4 @@
-"""The sampled Fisher (fisher='mc', the default) where the shared suites run deterministic Fisher
+"""The sampled Fisher (fisher='mc', KFAC's default) where the shared suites run deterministic Fisher
 types (their N-ranks-equal-one-process check needs them): under bf16 autocast the statistics stay
 fp32, non-finite logits skip the step instead of failing in the sampler, and a compiled training
 step draws the same targets as the eager one."""
@@ -21,8 +21,10 @@ def _batch(i=0):
 
 
 MAKERS = {
-    "kfac": lambda m: KFAC(m, lr=0.05, cov_every=1, inv_every=1, seed=3),
-    "ifang": lambda m: IFANG(m, lr=0.05, rank=2, total_steps=5, seed=3),
+    "kfac": lambda m: KFAC(m, lr=0.05, cov_every=1, inv_every=1, seed=3, fisher="mc"),
+    "ifang": lambda m: IFANG(m, lr=0.05, rank=2, total_steps=5, seed=3, fisher="mc"),
+    # IFANG's default Fisher: its YG rows came out in the autocast dtype (bf16) before the fix
+    "ifang_empirical": lambda m: IFANG(m, lr=0.05, rank=2, total_steps=5, seed=3),
 }
 
 

@@ -70,9 +70,10 @@ def _train(opt, model, x, y, steps=20):
 
 @pytest.mark.parametrize("make_opt", [
     pytest.param(lambda m: KFAC(m, lr=0.1, damping=1e-2, cov_every=1, inv_every=5, seed=0), id="kfac-mc"),
-    pytest.param(lambda m: ANG(m, lr=0.1, damping=1e-2, cov_every=1, inv_every=5, total_steps=40, fisher="type2"),
+    pytest.param(lambda m: ANG.practical(m, lr=0.1, damping=1e-2, cov_every=1, inv_every=5, total_steps=40,
+                                         fisher="type2"),
                  id="ang-type2"),
-    pytest.param(lambda m: IFANG(m, lr=0.1, damping=1e-2, rank=2, total_steps=40, fisher="empirical"),
+    pytest.param(lambda m: IFANG.practical(m, lr=0.1, damping=1e-2, rank=2, total_steps=40, fisher="empirical"),
                  id="ifang-empirical"),
 ])
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -205,3 +206,31 @@ def test_weight_tied_to_a_skipped_module_is_not_preconditioned():
     opt = KFAC(Tied(), skip_layers=["head"])
     assert set(opt.preconditioned) == {"mid"}
     assert opt.fallback == {"head": "skipped: skip_layers", "emb": "weight shared with a module in skip_layers"}
+
+
+@pytest.mark.parametrize("factor_damping", [None, 0.05], ids=["gamma", "lam"])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_step_curvature_of_the_natural_gradient_is_t_dot_u(layer, factor_damping):
+    """The KL clip measures d^T F d of the step taken (LayerwiseCurvature.quadratic_form); for
+    U = F^-1 T that is <T, U>, for every layer structure and both damping forms."""
+    make, in_shape, name = LAYERS[layer]
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = _data(in_shape)
+    x = x.double() if x.is_floating_point() else x
+    damping = dict(damping=0.01) if factor_damping is None else dict(factor_damping=factor_damping)
+    opt = ANG.practical(model, cov_every=1, inv_every=1, total_steps=4, fisher="type2", **damping)
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    idx = [i for i, lay in enumerate(opt._layers) if lay.name == name]
+    assert idx, name
+    g = torch.Generator().manual_seed(1)
+    ts = []
+    for i in idx:
+        lay = opt._layers[i]
+        ts.append(lay.grad_matrix(torch.randn(lay.weight.shape, generator=g, dtype=torch.float64),
+                                  None if lay.bias is None else torch.randn(lay.bias.shape, generator=g,
+                                                                            dtype=torch.float64), torch.float64))
+    us, red = opt._precondition(idx, ts)
+    states = opt._layer_states()
+    q = opt.curvature.quadratic_form(us, [states[i] for i in idx], [opt._factor_damping(i) for i in idx])
+    torch.testing.assert_close(q, red[:, 0].to(q.dtype), rtol=1e-9, atol=1e-12)

@@ -234,7 +234,7 @@ def test_ang_lambda_zero_equals_kfac_and_one_is_euclidean_direction():
         before = torch.cat([p.detach().flatten() for p in m.parameters()])
         opt.step()
         return g, (before - torch.cat([p.detach().flatten() for p in m.parameters()])) / 0.1
-    _, d_kfac = run(KFAC)
+    _, d_kfac = run(KFAC, fisher="empirical")  # ANG's default Fisher (Tang et al.'s eqs. 9-10)
     _, d0 = run(ANG, lam_schedule=lambda s: 0.0)
     g, d1 = run(ANG, lam_schedule=lambda s: 1.0)
     torch.testing.assert_close(d0, d_kfac, rtol=1e-12, atol=1e-12)
