@@ -90,3 +90,14 @@ def test_practical_preset_is_the_k_fac_practice():
     # overrides win, and an explicit per-factor lam replaces the preset's gamma
     o = ANG.practical(model, lr=0.1, factor_damping=0.2).param_groups[0]
     assert (o["lr"], o["damping"], o["factor_damping"]) == (0.1, None, 0.2)
+
+
+def test_which_fisher_each_class_estimates():
+    # Tang et al. Sec. 2.3 (eqs. 9-10): "we estimate the Kronecker factors by the empirical
+    # statistics over a mini-batch of training data", DS the training loss's pre-activation
+    # derivatives: ANG/IFANG default to the empirical Fisher. Martens & Grosse Sec. 5: targets
+    # sampled from the model's predictive distribution: KFAC defaults to the MC Fisher.
+    for cls in (ANG, IFANG):
+        assert _built(cls)[0].fisher == "empirical", cls.__name__
+    assert _built(KFAC)[0].fisher == "mc"
+    assert _defaults(KFAC)["mc_samples"] == 1
