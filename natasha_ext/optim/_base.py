@@ -78,6 +78,20 @@ class NatashaOptimizer(torch.optim.Optimizer):
     ACCUMULATION_STATE: tuple = ()
     #: private attributes that deepcopy/pickle carry (the others are hooks and caches)
     _PICKLED_PRIVATE: tuple = ("_fused",)
+    #: the practical (non-paper) settings of :meth:`practical`; the constructor's defaults are the
+    #: paper's algorithm and numbers (README, "Defaults and the papers")
+    PRACTICAL: Dict[str, object] = {}
+
+    @classmethod
+    def practical(cls, params, **overrides):
+        """An instance with the practical settings of :attr:`PRACTICAL`, ``overrides`` on top (the
+        one preset style of every family: ``Cls(params)`` is the paper, ``Cls.practical(params)``
+        the named practice)."""
+        return cls(params, **cls._practical_kwargs(overrides))
+
+    @classmethod
+    def _practical_kwargs(cls, overrides: dict) -> dict:
+        return {**cls.PRACTICAL, **overrides}
 
     def __init__(self, params, defaults: dict, *, fused: Optional[bool] = None, seed: Optional[int] = None,
                  raise_on_nonfinite: bool = False, process_group=None):

@@ -121,11 +121,9 @@ class AdaHessian(NatashaOptimizer):
         self.abs_before_average, self.fd_eps = bool(abs_before_average), fd_eps
         self._unused: set = set()  # ids of the params this step's loss does not reach
 
-    @classmethod
-    def practical(cls, params, **overrides):
-        """The class with the released implementations' D^(s) = mean |D| (``abs_before_average=True``,
-        Yao et al.'s code and torch_optimizer's), every other default as is; ``overrides`` win."""
-        return cls(params, **{"abs_before_average": True, **overrides})
+    #: :meth:`practical`: the released implementations' D^(s) = mean |D| (Yao et al.'s code and
+    #: torch_optimizer's), every other default as is
+    PRACTICAL = dict(abs_before_average=True)
 
     @classmethod
     def _check_group(cls, group: dict) -> None:

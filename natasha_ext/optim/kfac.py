@@ -157,8 +157,6 @@ class _KroneckerFamily(NatashaOptimizer):
 
     #: the factor_damping used when neither ``damping`` nor ``factor_damping`` is given (None: one must be)
     DEFAULT_FACTOR_DAMPING: Optional[float] = None
-    #: the practical K-FAC settings of :meth:`practical` (the constructor defaults are the paper's)
-    PRACTICAL: dict = {}
 
     def __init__(self, model_or_params, curvature, *, lr: float, momentum: float, damping: Optional[float],
                  factor_damping: Optional[float], weight_decay: float, kl_clip: Optional[float], cov_every: int,
@@ -202,15 +200,14 @@ class _KroneckerFamily(NatashaOptimizer):
             self.set_process_group(process_group)
 
     @classmethod
-    def practical(cls, model_or_params, **overrides):
-        """An instance with the practical K-FAC settings ``PRACTICAL`` (EMA factors refreshed
-        every 10 steps, inverses every 100, factored-Tikhonov damping, KL clip, momentum 0.9),
-        ``overrides`` applied on top; the constructor's defaults are the paper's algorithm."""
+    def _practical_kwargs(cls, overrides: dict) -> dict:
+        """:attr:`PRACTICAL` (EMA factors refreshed every 10 steps, inverses every 100,
+        factored-Tikhonov damping, KL clip, momentum 0.9) under ``overrides``; an explicit
+        per-factor ``factor_damping`` replaces the preset's gamma."""
         kwargs = dict(cls.PRACTICAL)
         if overrides.get("factor_damping") is not None:
-            kwargs.pop("damping", None)  # the explicit per-factor lam replaces the preset's gamma
-        kwargs.update(overrides)
-        return cls(model_or_params, **kwargs)
+            kwargs.pop("damping", None)
+        return {**kwargs, **overrides}
 
     @classmethod
     def _check_group(cls, group: dict) -> None:

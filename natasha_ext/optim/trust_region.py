@@ -100,14 +100,6 @@ class _RegularisedNewton(NatashaOptimizer):
     _PER_GROUP = ("norm", "beta", "eps")
     ACCUMULATION_STATE = ("square_avg",)
     _PICKLED_PRIVATE = NatashaOptimizer._PICKLED_PRIVATE + ("_model",)  # model= survives deepcopy
-    PRACTICAL: Dict[str, object] = {}  # the settings of :meth:`practical` (the constructor's are the paper's)
-
-    @classmethod
-    def practical(cls, params, **overrides):
-        """An instance with the practical (non-paper) settings of :attr:`PRACTICAL`; ``overrides``
-        win. The constructor's defaults are the paper's algorithm (see the class docstring)."""
-        return cls(params, **{**cls.PRACTICAL, **overrides})
-
     def __init__(self, params, defaults, fused, seed, raise_on_nonfinite, model=None, process_group=None):
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
