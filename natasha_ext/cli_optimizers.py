@@ -45,6 +45,7 @@ from natasha_ext import data
 from natasha_ext.curvature.hvp import HVP_METHODS
 from natasha_ext.optim import ANG, ARC, EKFAC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
 from natasha_ext.optim.adahessian import SGD_MOMENTUM_FORMS
+from natasha_ext.curvature.fisher import FISHER_TYPES, LIKELIHOODS
 from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
 from natasha_ext.optim.trust_region import CURVATURES, NORM_SCALES, NORMS
 
@@ -209,6 +210,10 @@ _KFAC = {
     "cov_every": Flag("steps between statistics refreshes"),
     "inv_every": Flag("K-FAC: steps between inverse refreshes"),
     "inverse": Flag("K-FAC damped inverse: cholesky or eigh"),
+    "fisher": Flag("K-FAC family: the Fisher of the factors (mc: sampled targets; type2: exact GGN; empirical: "
+                   "the labels' own gradients)", choices=FISHER_TYPES, type=str),
+    "likelihood": Flag("K-FAC family: the output distribution of fisher mc/type2", choices=LIKELIHOODS, type=str),
+    "mc_samples": Flag("K-FAC family: sampled targets per example (fisher mc)"),
 }
 _ANG = {
     "lam_schedule": Flag("ANG lambda strategy (0 = natural gradient -> 1 = Euclidean)", choices=LAMBDA_SCHEDULES, type=str),
@@ -300,7 +305,8 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         EKFAC, closure="loss", takes_model=True,
         help="EKFAC (George et al. 2018): K-FAC's eigenbasis refreshed every inv_every steps, eigenvalues "
              "corrected from per-example gradients every step, Tikhonov damping, KL clip, momentum",
-        flags={**{k: v for k, v in _KFAC.items() if k not in ("damping", "inverse")},
+        flags={**{k: v for k, v in _KFAC.items()
+                  if k not in ("damping", "factor_damping", "inverse", "fisher", "likelihood", "mc_samples")},
                "damping": Flag("EKFAC damping gamma added to the corrected eigenvalues s*"),
                "inv_every": Flag("EKFAC: steps between eigenbasis refreshes")}),
     "ang": OptimizerSpec(
