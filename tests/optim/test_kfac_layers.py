@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from natasha_ext.optim import ANG, IFANG, KFAC
+from natasha_ext.optim import ANG, EKFAC, IFANG, KFAC
 
 CLASSES = 3
 
@@ -75,6 +75,8 @@ def _train(opt, model, x, y, steps=20):
                  id="ang-type2"),
     pytest.param(lambda m: IFANG.practical(m, lr=0.1, damping=1e-2, rank=2, total_steps=40, fisher="empirical"),
                  id="ifang-empirical"),
+    # EKFAC: eigen-corrected Linear/Conv blocks, the K-FAC blocks of LayerwiseCurvature for the rest
+    pytest.param(lambda m: EKFAC(m, lr=0.1, damping=1e-2, inv_every=5, seed=0), id="ekfac"),
 ])
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_each_layer_type_trains_k_fac_preconditioned(layer, make_opt):
