@@ -57,8 +57,9 @@ An Oja iterate u with u^T H u > 1/eta proves the condition broken (lambda_max >=
 minibatch (up to ``MAX_ETA_ADAPTATIONS`` times per call; counter ``eta_adaptations``).
 
 Counters (``opt.counters``): steps, gradients, hvps, skipped_steps, epochs, subepochs, kicks,
-oja_runs, oja_iterations, kick_tests (fresh-minibatch v^T H v evaluations), eta_adaptations,
-last_rayleigh (the v^T H v the last kick decision used, NaN before the first).
+oja_runs (outer iterations decided: Oja run + kick test), oja_iterations (all Oja steps, reruns
+included), kick_tests (fresh-minibatch v^T H v evaluations), eta_adaptations, last_rayleigh (the
+v^T H v the last kick decision used, NaN before the first).
 Host syncs per call: one for the non-finite check of the gradients -- grad f_i(x_t) and, for the
 faithful estimator, grad f_i(x_tilde) checked together (skip the call, touch no state) -- and for
 Natasha2's Oja and kick-test calls one more for the Rayleigh quotients.
@@ -531,7 +532,6 @@ class Natasha2(_NatashaEpochs):
                               f"of the bottom of the spectrum; lower eta or pass eta_check='adapt'",
                               RuntimeWarning, stacklevel=4)
             break
-        self.counters["oja_runs"] += 1
         return res, rq
 
     def _oja_call(self, closure, params):
@@ -597,6 +597,7 @@ class Natasha2(_NatashaEpochs):
     def _decide(self, params, grads, vector, rq: float) -> None:
         """Alg. 1 lines 19-21: kick along +-vector when rq <= -delta/2, else the Natasha1.5 epoch
         on F^k continues (or starts) with this call's gradient at y_k."""
+        self.counters["oja_runs"] += 1
         self.counters["last_rayleigh"] = rq
         delta = float(self._hp("delta"))
         if rq <= -delta / 2:
