@@ -553,7 +553,7 @@ class Natasha2(_NatashaEpochs):
             self._decide(params, h.grads, res.vector, rq)
         else:
             for p, v in zip(params, res.vector):
-                self.state[p]["oja_vector"] = v
+                self.state[p]["oja_vector"] = v.to(accumulation_dtype(p))  # the state policy (per parameter)
             self._start_epoch(params)  # on trial: x_tilde = y_k; a kick abandons it
             self._pending_snapshot(params, h.grads)
             self.position["outer"] = 1
@@ -566,7 +566,9 @@ class Natasha2(_NatashaEpochs):
         h, ok = self._curvature(closure, params)
         if not ok:
             return h.loss
-        v = self._state_list(params, "oja_vector")
+        # a parameter added since the Oja call (add_param_group) was not part of v: component 0
+        v = [self.state[p].get("oja_vector") for p in params]
+        v = [torch.zeros_like(p, dtype=accumulation_dtype(p)) if t is None else t for t, p in zip(v, params)]
         try:
             hv = h([t.to(p.dtype) for t, p in zip(v, params)])
         finally:
