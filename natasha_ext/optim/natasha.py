@@ -46,9 +46,9 @@ How the loops map onto ``step(closure)`` calls (one call per minibatch, nothing 
     ``kick_test_batches`` calls estimate on *fresh* minibatches (one HVP each, averaged): an
     unbiased estimate, whereas v^T H_i v on Oja's own minibatch i is biased low (v minimises it),
     so kicks would come too often (``kick_test_batches=0`` tests there, as Liu et al.'s Alg. 4
-    line 8 does). The gradients at y_k of these calls are gradients at x_tilde = y_k of the
-    epoch that follows when there is no kick: they count towards mu, and the last one starts the
-    epoch in its own call; a kick drops them.
+    line 8 does). The gradients at y_k of the Oja call and of these calls are gradients at
+    x_tilde = y_k of the epoch that follows when there is no kick: they count towards mu, and
+    the last one starts the epoch in its own call; a kick drops them.
 
 Oja's step size: the power method on I - eta H finds lambda_min(H) when eta |lambda(H)| <= 1.
 An Oja iterate u with u^T H u > 1/eta proves the condition broken (lambda_max >= u^T H u); then
@@ -505,8 +505,8 @@ class Natasha2(_NatashaEpochs):
 
     def _run_oja(self, h, params):
         """Oja's algorithm at y_k on ``h``'s minibatch, with the eta check; returns (result,
-        v^T H v, max u^T H u) or None when a product was not finite (stream rewound)."""
-        offset0 = self.rng.offset
+        v^T H v) or None when a product was not finite (stream and eta as before the call)."""
+        offset0, etas0 = self.rng.offset, [g["eta"] for g in self.param_groups]
         for attempt in range(MAX_ETA_ADAPTATIONS + 1):
             eta = float(self._hp("eta"))
             # parameters the loss does not reach stay out of v, so a kick never moves them
@@ -514,8 +514,10 @@ class Natasha2(_NatashaEpochs):
                                       fused=self.fused, exclude=h.unused)
             self._count_hvps(h, res.hvps)
             rq, top = torch.stack([res.rayleigh, res.max_rayleigh]).tolist()  # the one sync of the run
-            if not (math.isfinite(rq) and math.isfinite(top)):
+            if not (math.isfinite(rq) and math.isfinite(top)):  # leave the state as it was
                 self.rng.offset = offset0
+                for g, e in zip(self.param_groups, etas0):
+                    g["eta"] = e
                 return None
             self.counters["oja_iterations"] += res.iterations
             if top * eta <= 1.0:
