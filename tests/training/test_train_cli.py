@@ -274,7 +274,7 @@ def test_truncated_dataset_file_is_named(tmp_path, monkeypatch, capsys):
 # What each optimizer class is called with under the CLI's defaults, beyond its own defaults (a
 # known answer: the table in cli_optimizers must list exactly these, with a reason each).
 CLI_OVERRIDES = {"sgd": {"lr": 0.01}, "sgd-momentum": {"lr": 0.005, "momentum": 0.9}, "adahessian": {"lr": 0.1},
-                 "natasha2": {"delta": 0.2, "eta": 0.01}, "kfac": {"damping": 0.03}, "ang": {"damping": 0.03},
+                 "kfac": {"damping": 0.03}, "ang": {"damping": 0.03},
                  "ifang": {"damping": 0.1}}
 
 
