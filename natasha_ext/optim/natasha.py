@@ -532,7 +532,7 @@ class Natasha2(_NatashaEpochs):
                 warnings.warn(f"Natasha2: an Oja iterate has u^T H u = {top:.4g} > 1/eta = {1.0 / eta:.4g}, so "
                               f"eta * lambda_max(H) > 1 and Oja's algorithm on I - eta H may find the top instead "
                               f"of the bottom of the spectrum; lower eta or pass eta_check='adapt'",
-                              RuntimeWarning, stacklevel=4)
+                              RuntimeWarning, stacklevel=5)  # the user's step() call
             break
         return res, rq
 
