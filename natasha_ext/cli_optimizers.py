@@ -47,6 +47,7 @@ from natasha_ext.optim import ANG, ARC, EKFAC, IFANG, KFAC, AdaHessian, HybridSG
 from natasha_ext.optim.adahessian import SGD_MOMENTUM_FORMS
 from natasha_ext.curvature.fisher import FISHER_TYPES, LIKELIHOODS
 from natasha_ext.optim.kfac import LAMBDA_SCHEDULES
+from natasha_ext.optim.natasha import ETA_CHECKS
 from natasha_ext.optim.trust_region import CURVATURES, NORM_SCALES, NORMS
 
 __all__ = ["Flag", "OptimizerSpec", "OPTIMIZERS", "get_spec", "flag_table", "flag_type", "class_default",
@@ -191,7 +192,8 @@ _NATASHA = {
     "lr": _LR, "sigma": Flag("Natasha regulariser weight sigma"),
     "epoch_size": Flag("Natasha epoch length B (inner steps)"),
     "subepochs": Flag("Natasha sub-epochs p (m = B/p)"),
-    "snapshot_batches": Flag("Natasha: minibatches averaged into mu per epoch (0: the first one)", none=0),
+    "snapshot_batches": Flag("Natasha: minibatches averaged into mu per epoch (0: B = epoch_size, report Alg. 1 "
+                             "line 24; 1: the cheap one-minibatch mu)", none=0),
 }
 
 _KFAC_DAMPING_WHY = ("with cov_every 10 / inv_every 100 the stale early inverses made 1e-3 diverge on "
@@ -281,21 +283,26 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                                          choices=SGD_MOMENTUM_FORMS)}),
     "natasha15": OptimizerSpec(
         Natasha15, closure="loss",
-        help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging; alpha 0.01, B 27, p 9, sigma 0.5 "
-             "(report appendix); --no-variance-reduction = the report's simplified Alg. 2",
+        help="Natasha1.5 (Allen-Zhu 2018): SVRG epochs, sub-epoch averaging, mu from B minibatches (report Alg. 1); "
+             "alpha 0.01, B 27, p 9, sigma 0.5 (report appendix); --no-variance-reduction = the report's "
+             "experiment (its Alg. 2)",
         flags={**_NATASHA, "variance_reduction": Flag("Natasha1.5: faithful variance-reduced estimator")}),
     "natasha2": OptimizerSpec(
         Natasha2, closure="loss",
-        help="Natasha2 (Allen-Zhu 2018): Oja's algorithm on I - eta H, kick along negative curvature, else a "
-             "Natasha1.5 epoch; --hvp auto|exact|finite_difference, --variant faithful|simplified (report Alg. 3-4)",
+        help="Natasha2 (Allen-Zhu 2018): Oja's algorithm on I - eta H, kick along negative curvature (tested on "
+             "fresh minibatches), else a Natasha1.5 epoch; --hvp auto|exact|finite_difference, --variant "
+             "faithful|simplified (report Alg. 3-4); the report's run: --variant simplified --hvp "
+             "finite_difference --kick-test-batches 0",
         flags={**_NATASHA,
-               "delta": Flag("Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2)", default=0.2,
-                             why="ceil(1/delta^2) = 25 Oja iterations (HVPs) per outer step instead of 100, which keeps "
-                                 "the LeNet/MNIST runs of the Natasha report's setting affordable on a CPU"),
-               "oja_eta": Flag("Natasha2 Oja step eta (power method on I - eta H)", arg="eta", default=0.01,
-                               why="Oja's power method on I - eta H needs eta * |lambda_max(H)| <= 1: 0.01 allows "
-                                   "curvature up to 100, the class's 0.1 only up to 10"),
+               "delta": Flag("Natasha2 curvature threshold delta (kick if v'Hv <= -delta/2; ceil(1/delta^2) Oja "
+                             "iterations)"),
+               "oja_eta": Flag("Natasha2 Oja step eta (power method on I - eta H; needs eta |lambda_max| <= 1)",
+                               arg="eta"),
                "oja_iters": Flag("Natasha2 Oja iterations (0: ceil(1/delta^2), capped at 1000)", none=0),
+               "kick_test_batches": Flag("Natasha2: fresh minibatches for the kick test v'Hv (0: Oja's own, biased "
+                                         "low)"),
+               "oja_eta_check": Flag("Natasha2: when an Oja iterate shows eta lambda_max > 1: warn or adapt",
+                                     arg="eta_check", choices=ETA_CHECKS, type=str),
                **_HVP, "variant": Flag("Natasha2 variant: faithful or simplified")}),
     "kfac": OptimizerSpec(
         KFAC, closure="loss", takes_model=True,

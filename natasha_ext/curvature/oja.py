@@ -18,6 +18,12 @@ stream (a random unit vector whose norm is known exactly, so no reduction is nee
 iteration uses the same minibatch Hessian (the closure convention fixes one minibatch per
 ``step``), so this is the power method on the minibatch Hessian; the Rayleigh quotient that
 decides Natasha2's kick is v_T^T H v_T with one more HVP at the final unit vector.
+
+The step-size condition eta * |lambda(H)| <= 1 is checked one-sidedly: every iterate's Rayleigh
+quotient u^T H u is a lower bound on lambda_max(H), so ``max_rayleigh`` > 1/eta proves that
+eta * lambda_max(H) > 1 (then I - eta H can have its largest-magnitude eigenvalue at H's *top*
+end and the iterates drift towards lambda_max instead of lambda_min). A violation with
+1 < eta * lambda_max < 2 can go unseen; the power method still converges to lambda_min there.
 """
 from __future__ import annotations
 
@@ -35,11 +41,14 @@ from natasha_ext.precision import accumulation_dtype
 @dataclass
 class OjaResult:
     """``vector``: unit vector (fp32 list, fp64 for fp64 params); ``rayleigh``: v^T H v as a
-    0-dim tensor (no sync); ``hvps``: Hessian-vector products spent; ``iterations``: Oja steps."""
+    0-dim tensor (no sync); ``hvps``: Hessian-vector products spent; ``iterations``: Oja steps;
+    ``max_rayleigh``: the largest u^T H u over the start vector, every iterate and v (a lower
+    bound on lambda_max(H), 0-dim tensor, no sync)."""
     vector: List[torch.Tensor]
     rayleigh: torch.Tensor
     hvps: int
     iterations: int
+    max_rayleigh: torch.Tensor
 
 
 def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tensor]], like: Sequence[torch.Tensor], *,
@@ -66,16 +75,19 @@ def oja_min_eigenvector(hvp: Callable[[Sequence[torch.Tensor]], List[torch.Tenso
         w[i].zero_()
     d = sum(p.numel() for i, p in enumerate(like) if i not in exclude)
     if d == 0:  # nothing to search: a zero vector with Rayleigh quotient 0 (no negative curvature)
-        return OjaResult(w, torch.zeros((), dtype=acc, device=like[0].device), 0, 0)
+        zero = torch.zeros((), dtype=acc, device=like[0].device)
+        return OjaResult(w, zero, 0, 0, zero)
     scale = torch.full((), 1.0 / math.sqrt(d), dtype=acc, device=like[0].device)
     as_param = (lambda ts: [t.to(p.dtype) for t, p in zip(ts, like)]) if like[0].dtype != acc else (lambda ts: ts)
+    top = torch.full((), -math.inf, dtype=acc, device=like[0].device)
     for _ in range(iters):
         hw = hvp(as_param(w))
         out = ops.oja_step(w, hw, scale, eta, fused=fused)
         scale = out[0].reciprocal()
+        top = torch.maximum(top, out[1].to(acc))  # Rayleigh quotient of this step's input
     v = torch._foreach_mul(w, scale)
     hv = hvp(as_param(v))
     rq = torch.zeros((), dtype=acc, device=like[0].device)
     for vi, hi in zip(v, hv):
         rq = rq + torch.dot(vi.reshape(-1), hi.reshape(-1).to(acc))
-    return OjaResult(v, rq, iters + 1, iters)
+    return OjaResult(v, rq, iters + 1, iters, torch.maximum(top, rq))

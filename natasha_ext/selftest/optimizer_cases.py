@@ -35,9 +35,10 @@ def _switch_before_last(opt, i):
 
 
 OPTIMIZER_CASES: List[OptimizerCase] = [
-    OptimizerCase("Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, seed=11)),
+    # snapshot_batches=1: the 3 steps reach a sub-epoch end (the default mu takes B = 4 calls)
+    OptimizerCase("Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, snapshot_batches=1, seed=11)),
     OptimizerCase("Natasha2", dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, delta=0.2, eta=0.1,
-                                   oja_iters=3, seed=13)),
+                                   oja_iters=3, snapshot_batches=1, seed=13)),
     OptimizerCase("AdaHessian", dict(lr=0.05, seed=21)),
     OptimizerCase("HybridSGDAdaHessian", dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=23),
                   before_step=_switch_before_last),

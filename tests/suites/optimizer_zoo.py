@@ -143,17 +143,21 @@ _ARC_BAD = [("sigma", 0.0), ("sigma", -1.0), ("sigma", float("nan")), ("eta1", 0
             ("gamma", 1.0), ("subproblem", "qr"), ("norm", "l7"), ("subproblem_max_iters", 0), ("norm_scale", "l2")]
 
 ZOO: List[Case] = [
-    Case("natasha15", "Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=6, subepochs=2, seed=11),
-         group_key="sigma", bad=_NAT_BAD, uses_hvp=False,
-         notes="m = 3: an epoch is 4 calls, N = 3 lands in the 2nd sub-epoch"),
+    Case("natasha15", "Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=6, subepochs=2, snapshot_batches=1, seed=11),
+         group_key="sigma", bad=_NAT_BAD + [("snapshot_batches", 0)], uses_hvp=False,
+         notes="m = 3, mu from 1 minibatch: an epoch is 4 calls, N = 3 lands in the 2nd sub-epoch"),
+    Case("natasha15_default_mu", "Natasha15", dict(lr=0.05, sigma=0.5, epoch_size=3, subepochs=1, seed=15),
+         uses_hvp=False, resume_steps=2, notes="mu from B = 3 minibatches: N = 2 resumes inside the snapshot phase"),
     Case("natasha15_simplified", "Natasha15",
          dict(lr=0.05, sigma=0.5, epoch_size=6, subepochs=3, variance_reduction=False, seed=12),
          uses_hvp=False, resume_steps=2),
     Case("natasha2", "Natasha2", dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, delta=0.2, eta=0.1,
-                                      oja_iters=4, seed=13),
+                                      oja_iters=4, snapshot_batches=1, seed=13),
          group_key=None, bad=_NAT_BAD + [("delta", 0.0), ("eta", -0.1), ("L2", 0.0), ("hvp", "magic"),
-                                         ("variant", "fast"), ("oja_iters", 0)],
-         notes="faithful variant: one lr/sigma for all groups (closed-form F^k prox)"),
+                                         ("variant", "fast"), ("oja_iters", 0), ("kick_test_batches", -1),
+                                         ("eta_check", "ignore")],
+         notes="faithful variant: one lr/sigma for all groups (closed-form F^k prox); Oja call, then the kick "
+               "test on the next minibatch, which (no kick) takes the first step with mu from it"),
     Case("natasha2_simplified_fd", "Natasha2",
          dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, delta=0.2, eta=0.1, oja_iters=3,
               hvp="finite_difference", variant="simplified", seed=14)),
