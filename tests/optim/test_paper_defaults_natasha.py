@@ -44,8 +44,9 @@ def test_natasha2_defaults_are_alg1():
     assert _default(Natasha2, "variant") == "faithful"
     # report Sec. 3.3 "we set V = L = L2 = 1"; kick y_k +- (delta/L2) v (Sec. 1, Alg. 1 line 20 with L2 = 1)
     assert _default(Natasha2, "L") == 1.0 and _default(Natasha2, "L2") == 1.0
-    # Alg. 1 line 14 uses the Hessian itself; Alg. 4 (q = 0.0001) is the finite-difference version
-    assert _default(Natasha2, "hvp") == "exact" and _default(Natasha2, "fd_eps") == 1e-4
+    # Alg. 1 line 14 uses the Hessian itself ('auto': exact for a closure that returns the loss, finite
+    # differences only for one that calls backward); Alg. 4 (q = 0.0001) is the finite-difference version
+    assert _default(Natasha2, "hvp") == "auto" and _default(Natasha2, "fd_eps") == 1e-4
     # Alg. 1 line 15: O(1/delta^2) Oja iterations, taken as 1/delta^2 (Sec. 3.3, Alg. 3 line 6)
     assert _default(Natasha2, "oja_iters") is None
     p = [torch.nn.Parameter(torch.zeros(1))]
