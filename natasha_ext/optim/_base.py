@@ -119,6 +119,17 @@ class NatashaOptimizer(torch.optim.Optimizer):
         @functools.wraps(step)
         def step_with_group(self, *args, **kw):
             self._check_groups()  # the group dicts may have been edited (LR schedulers, users)
+            had_state = {id(p) for p, st in self.state.items() if st}
+            try:
+                return _step_in_group(self, *args, **kw)
+            except BaseException:
+                # a step that raises leaves no lazily created state behind (the first step's zeros,
+                # made before the closure ran): the call changed nothing
+                for p in [p for p, st in self.state.items() if st and id(p) not in had_state]:
+                    del self.state[p]
+                raise
+
+        def _step_in_group(self, *args, **kw):
             group = getattr(self, "_process_group", None)
             # the engines tell the two closure conventions apart by these parameters' .grad
             watch = hvp.watching([p for g in self.param_groups for p in g["params"]])

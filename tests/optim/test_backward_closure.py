@@ -51,9 +51,9 @@ def package_twin(case):
 
 def snapshot(model, opt):
     """What a refused step must leave alone: parameters, counters, the Philox stream and the
-    per-parameter state (the state a first step creates lazily aside: Natasha15/Natasha2 set it
-    up before they evaluate the closure)."""
-    state = {k: v for k, v in opt.state_dict()["state"].items() if not type(opt).__name__.startswith("Natasha")}
+    per-parameter state (including the state a first step creates lazily: Natasha15/Natasha2 set
+    it up before they evaluate the closure, and the step wrapper removes it when the step raises)."""
+    state = opt.state_dict()["state"]
     return [p.detach().clone() for p in model.parameters()], repr(opt.counters), repr(opt.rng.state_dict()), repr(state)
 
 
