@@ -503,6 +503,11 @@ class FactorCollector:
         return w.to(device)
 
     def _lowrank_a(self, layer: KFACLayer, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # the hooks run inside the user's autocast region: the statistics' products stay in x's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return self._lowrank_a_rows(layer, m, x)
+
+    def _lowrank_a_rows(self, layer: KFACLayer, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer.kind.startswith("conv"):
             if x.dim() == layer.weight.dim() - 1:
                 x = x.unsqueeze(0)
@@ -519,6 +524,10 @@ class FactorCollector:
         return mean
 
     def _lowrank_g(self, layer: KFACLayer, g: torch.Tensor):
+        with torch.autocast(g.device.type, enabled=False):  # as _lowrank_a
+            return self._lowrank_g_rows(layer, g)
+
+    def _lowrank_g_rows(self, layer: KFACLayer, g: torch.Tensor):
         if layer.kind.startswith("conv"):
             n = layer.weight.dim() - 2
             if g.dim() == n + 1:
@@ -553,8 +562,7 @@ class FactorCollector:
         positions = parts[0][2]
         per_example = float(batch) if self.batch_averaged else 1.0  # grad_output -> per-example grad
         yg = gm * (per_example * math.sqrt(positions / gm.shape[0]))
-        dt = accumulation_dtype(self.layers[i].weight)  # under autocast the output grads are bf16/fp16
-        return ya.to(dt), yg.to(dt)
+        return ya, yg
 
     # ------------------------------------------------------------------ bookkeeping
     def ready(self, i: int) -> bool:

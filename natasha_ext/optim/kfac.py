@@ -451,6 +451,16 @@ class _KroneckerFamily(NatashaOptimizer):
         ready = [i for i in range(len(self._layers)) if col.ready(i)]
         if col.collecting:
             self._warn_missing_statistics(ready)
+        # the optimizer's algebra (factors, inverses, products) stays in the statistics' dtypes when
+        # step() runs inside the user's autocast region (only the closure's forward is autocast)
+        with torch.autocast(grads[0].device.type, enabled=False):
+            self._update(col, ready)
+        self.counters["steps"] += 1
+        col.collecting = self._due(self.cov_every)
+        return loss
+
+    def _update(self, col, ready: List[int]) -> None:
+        """Statistics and inverses as scheduled, then the preconditioned (blended, clipped) step."""
         have = self._prepare(ready)
         col.clear()
         # layers whose weight has a gradient and that have curvature statistics
@@ -480,9 +490,6 @@ class _KroneckerFamily(NatashaOptimizer):
                 if b is not None:
                     directions[layer.bias] = b
         self._apply(directions)
-        self.counters["steps"] += 1
-        col.collecting = self._due(self.cov_every)
-        return loss
 
     def _warn_missing_statistics(self, ready: List[int]) -> None:
         """Say once when layers with a gradient got no statistics on a statistics step (their

@@ -236,3 +236,23 @@ def test_step_curvature_of_the_natural_gradient_is_t_dot_u(layer, factor_damping
     states = opt._layer_states()
     q = opt.curvature.quadratic_form(us, [states[i] for i in idx], [opt._factor_damping(i) for i in idx])
     torch.testing.assert_close(q, red[:, 0].to(q.dtype), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_opt", [
+    pytest.param(lambda m: KFAC(m, lr=0.05, cov_every=1, inv_every=1, seed=0), id="kfac"),
+    pytest.param(lambda m: IFANG(m, lr=0.05, rank=2, total_steps=4, seed=0), id="ifang"),
+])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_statistics_stay_in_the_accumulation_dtype_under_autocast(layer, make_opt):
+    """step() inside a bf16 autocast region: the hooks' low-rank means and the optimizer's algebra
+    (grouped / embedding / norm blocks, inverses) are not autocast, so every state tensor is fp32
+    (grouped convs stored bf16 factors before)."""
+    make, in_shape, name = LAYERS[layer]
+    torch.manual_seed(0)
+    model = make()
+    x, y = _data(in_shape)
+    opt = make_opt(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    states = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert states and all(v.dtype == torch.float32 for v in states), {v.dtype for v in states}
