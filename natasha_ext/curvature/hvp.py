@@ -198,9 +198,8 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
 
 def resolve_method(method: str, loss: torch.Tensor) -> str:
     """The HVP engine for ``method`` and the closure that produced ``loss`` ('auto': exact for
-    the package convention, finite differences for a closure that called backward)."""
-    if method not in HVP_METHODS:
-        raise ValueError(f"hvp must be one of {HVP_METHODS}, got {method!r}")
+    the package convention, finite differences for a closure that called backward); ``method``
+    was validated by :class:`HVP` before the closure ran."""
     if not called_backward(loss):
         return "exact" if method == "auto" else method
     if method == "exact":

@@ -19,6 +19,7 @@ IFANG's low-rank strategy: the current minibatch's factors), their inverses refr
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -184,5 +185,5 @@ class LayerwiseCurvature:
                 f = st["kfac_diag_F"]
                 d = ds[j].to(f.dtype)
                 out[j] = (d.square() * (f + lam * lam)).sum()
-        acc = torch.promote_types(*{q.dtype for q in out}) if len({q.dtype for q in out}) > 1 else out[0].dtype
+        acc = functools.reduce(torch.promote_types, (q.dtype for q in out))
         return torch.stack([q.to(acc) for q in out])
