@@ -11,12 +11,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 #include "chunks.h"
+#include "streaming.h"
 #include "natasha/adahessian.h"
 #include "natasha/args/adahessian.h"
 #include "natasha/philox.h"
@@ -26,24 +23,13 @@ namespace cpu {
 namespace {
 
 // ------------------------------------------------------------------ hutchinson_diag_
-// Copies n floats (a multiple of 8) from an aligned buffer to dst; with AVX, streaming stores
-// when dst is 32-byte aligned: D is written without being read, so its cache lines need no
-// read-for-ownership (12 -> 8 B/param of memory traffic) and do not evict the stream of Hz.
-inline void store_streaming(float* dst, const float* buf, int64_t n) {
-#if defined(__AVX__)
-  if ((reinterpret_cast<uintptr_t>(dst) & 31u) == 0) {
-    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_load_ps(buf + i));
-    return;
-  }
-#endif
-  std::memcpy(dst, buf, static_cast<size_t>(n) * sizeof(float));
-}
-
+// D is written without being read: on lists larger than kStreamMinBytes it is streamed out
+// (streaming.h; 8 instead of 12 B/param, and the stream of Hz stays in cache).
 // D = alpha * z * Hz for fp32 without accumulation: whole 128-element probe blocks are formed in
-// an L1 buffer (one Philox call, a loop the compiler vectorises) and streamed out; the same
-// products as the generic path, so the same bits.
-void hutchinson_stream_fp32(float* d, const float* h, uint64_t seed, uint64_t offset, uint64_t first, uint64_t n,
-                            float alpha) {
+// an L1 buffer (one Philox call, a loop the compiler vectorises) and copied (or streamed) out;
+// the same products as the generic path, so the same bits.
+void hutchinson_block_fp32(float* d, const float* h, uint64_t seed, uint64_t offset, uint64_t first, uint64_t n,
+                           float alpha, bool stream) {
   alignas(32) float buf[128];
   uint64_t k = first;
   const uint64_t end = first + n;
@@ -55,23 +41,21 @@ void hutchinson_stream_fp32(float* d, const float* h, uint64_t seed, uint64_t of
       for (int w = 0; w < 4; ++w)
         for (uint32_t j = 0; j < 32; ++j)
           buf[32 * w + j] = (static_cast<float>(static_cast<int32_t>((b.x[w] >> j) & 1u) * 2 - 1) * hb[32 * w + j]) * alpha;
-      store_streaming(d + (k - first), buf, 128);
+      store_block(d + (k - first), buf, 128, stream);
     } else {
       for (uint64_t i = k; i < stop; ++i) d[i - first] = (rademacher_from_block(b, i) * h[i - first]) * alpha;
     }
     k = stop;
   }
-#if defined(__AVX__)
-  _mm_sfence();  // streaming stores are weakly ordered: complete them before the op returns
-#endif
+  if (stream) stream_fence();
 }
 
-// The streaming path is fp32 only; false (nothing done) for other dtypes.
+// The block path is fp32 only; false (nothing done) for other dtypes.
 template <typename d_t, typename h_t>
-bool try_hutchinson_stream(d_t* d, const h_t* h, uint64_t seed, uint64_t offset, uint64_t first, uint64_t n,
-                           double alpha) {
+bool try_hutchinson_block(d_t* d, const h_t* h, uint64_t seed, uint64_t offset, uint64_t first, uint64_t n,
+                          double alpha, bool stream) {
   if constexpr (std::is_same_v<d_t, float> && std::is_same_v<h_t, float>) {
-    hutchinson_stream_fp32(d, h, seed, offset, first, n, static_cast<float>(alpha));
+    hutchinson_block_fp32(d, h, seed, offset, first, n, static_cast<float>(alpha), stream);
     return true;
   }
   return false;
@@ -82,6 +66,7 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
   if (!check_hutchinson_diag_args(diag, hz)) return;
   const auto chunks = make_chunks(hz);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  const bool stream = worth_streaming({diag});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hz[0].scalar_type(), "hutchinson_diag_", [&] {
     using h_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, diag[0].scalar_type(), "hutchinson_diag_", [&] {
@@ -96,8 +81,8 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
       for_each_chunk(chunks, [&](const Chunk& c) {
         const h_t* h = hz[c.tensor].data_ptr<h_t>() + c.start;
         d_t* d = diag[c.tensor].data_ptr<d_t>() + c.start;
-        if (!accumulate && try_hutchinson_stream(d, h, s, o, static_cast<uint64_t>(c.first),
-                                                 static_cast<uint64_t>(c.n), alpha))
+        if (!accumulate && try_hutchinson_block(d, h, s, o, static_cast<uint64_t>(c.first),
+                                                static_cast<uint64_t>(c.n), alpha, stream))
           return;
         for_each_rademacher(s, o, static_cast<uint64_t>(c.first), static_cast<uint64_t>(c.n),
                             [&](uint64_t i, float z) { one(d + i, h + i, static_cast<acc_t>(z)); });

@@ -1,5 +1,6 @@
 // CPU kernels of the trust-region ops: tr_cg_init_, cg_dots, cg_step_ (see natasha/trust_region.h).
-// One pass over all tensors in fixed chunks (at::parallel_for), at::vec on the fp32/fp64 path,
+// One pass over all tensors in fixed chunks (at::parallel_for), at::vec on the fp32/fp64 path
+// (tr_cg_init_ streams its write-only outputs on large lists: streaming.h),
 // per-chunk partial sums added in chunk order (same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,7 +12,9 @@
 #include <type_traits>
 
 #include "chunks.h"
+#include "streaming.h"
 #include "natasha/args/trust_region.h"
+#include "natasha/static_switch.h"
 #include "natasha/trust_region.h"
 
 namespace natasha {
@@ -34,6 +37,42 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
 }
 
 // ------------------------------------------------------------------ tr_cg_init_
+// tr::init_elem over n elements with at::vec (g in the state's dtype), mode M fixed. a, s, r and p
+// are written without being read: streamed (streaming.h) when `stream` and they are aligned.
+template <typename acc_t, int M>
+void init_vec(const acc_t* g, acc_t* v, acc_t* a, acc_t* s, acc_t* r, acc_t* p, int64_t n, acc_t beta, acc_t eps,
+              bool stream, acc_t& rz, acc_t& gg) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const bool st = stream && can_stream(a) && can_stream(s) && can_stream(r) && can_stream(p);
+  const Vec vb(beta), vob(acc_t(1) - beta), ve(eps), zero(acc_t(0)), one(acc_t(1));
+  Vec vrz(0), vgg(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec gv = Vec::loadu(g + i);
+    Vec av = one;
+    if constexpr (M != tr::kSpherical) {
+      const Vec vv = (M == tr::kRmsprop) ? vb * Vec::loadu(v + i) + vob * gv * gv : Vec::loadu(v + i) + gv * gv;
+      vv.store(v + i);
+      av = vv + ve;
+    }
+    const Vec z = gv / av;
+    store_vec(a + i, av, st);
+    store_vec(s + i, zero, st);
+    store_vec(r + i, gv, st);
+    store_vec(p + i, z.neg(), st);
+    vrz = at::vec::fmadd(gv, z, vrz);
+    vgg = at::vec::fmadd(gv, gv, vgg);
+  }
+  if (st) stream_fence();
+  rz += hsum(vrz);
+  gg += hsum(vgg);
+  for (; i < n; ++i) {
+    acc_t vv = v[i];
+    tr::init_elem<acc_t>(g[i], vv, a[i], s[i], r[i], p[i], beta, eps, M, rz, gg);
+    if (M != tr::kSpherical) v[i] = vv;
+  }
+}
+
 at::Tensor tr_cg_init_cpu(at::TensorList v, at::TensorList a, at::TensorList s, at::TensorList r, at::TensorList p,
                           at::TensorList grads, double beta, double eps, int64_t norm_mode) {
   const auto acc = check_tr_cg_init_args(v, a, s, r, p, grads, norm_mode);
@@ -41,6 +80,7 @@ at::Tensor tr_cg_init_cpu(at::TensorList v, at::TensorList a, at::TensorList s, 
   const auto chunks = make_chunks(grads);
   std::vector<double> part(chunks.size() * 2, 0.0);
   const int m = static_cast<int>(norm_mode);
+  const bool stream = worth_streaming({a, s, r, p});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "tr_cg_init_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t b = static_cast<acc_t>(beta), e = static_cast<acc_t>(eps);
@@ -53,10 +93,16 @@ at::Tensor tr_cg_init_cpu(at::TensorList v, at::TensorList a, at::TensorList s, 
       acc_t* pr = r[c.tensor].data_ptr<acc_t>() + c.start;
       acc_t* pp = p[c.tensor].data_ptr<acc_t>() + c.start;
       acc_t rz = 0, gg = 0;
-      for (int64_t i = 0; i < c.n; ++i) {
-        acc_t vv = pv[i];
-        tr::init_elem<acc_t>(static_cast<acc_t>(g[i]), vv, pa[i], ps[i], pr[i], pp[i], b, e, m, rz, gg);
-        if (m != tr::kSpherical) pv[i] = vv;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        int_switch<3>(m, [&](auto mode) {
+          init_vec<acc_t, decltype(mode)::value>(g, pv, pa, ps, pr, pp, c.n, b, e, stream, rz, gg);
+        });
+      } else {
+        for (int64_t i = 0; i < c.n; ++i) {
+          acc_t vv = pv[i];
+          tr::init_elem<acc_t>(static_cast<acc_t>(g[i]), vv, pa[i], ps[i], pr[i], pp[i], b, e, m, rz, gg);
+          if (m != tr::kSpherical) pv[i] = vv;
+        }
       }
       part[ci * 2] = rz;
       part[ci * 2 + 1] = gg;
