@@ -18,7 +18,9 @@ Rows per (device, model, threads):
 Timing: the rows of one (device, model, threads) are timed in interleaved rounds
 (benchmarks.rounds; min / median / max of the rounds); one step runs untimed first (lazy state,
 K-FAC's first inverses). An optimizer whose cost repeats over k steps (AdaHessian update_each,
-K-FAC/ANG/IFANG cov_every, the Natasha epoch) is sampled over whole multiples of k steps.
+K-FAC/ANG/IFANG cov_every and inv_every (their least common multiple), the Natasha epoch) is
+sampled over whole multiples of k steps; Natasha2, whose outer iteration (Oja's algorithm, the
+kick test, then an epoch unless it kicked) varies in length, over whole outer iterations.
 The minibatch is fixed (CPU: LeNet-5 batch 128, ResNet-18 batch 32; CUDA: ResNet-18 batch 100),
 28x28 one-channel input. The Hybrid stays in its SGD-momentum phase (no validation loss is
 reported), which is what it costs until the switch.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +44,7 @@ from benchmarks.common import error_text
 from natasha_ext import ops
 from benchmarks.memory import LEAK_TOL_MB, LEAK_TOL_REL, memory_probe
 from benchmarks.noise import SPREAD_TOL, summarize
-from benchmarks.rounds import interleaved
+from benchmarks.rounds import CycleSteps, interleaved
 
 FUSED_TOL = 0.03  # fused/ref above 1 + this (and slower in every round) flags the fused path
 MIN_ROUNDS = 3
@@ -56,9 +59,20 @@ PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", (), "ad
          "pytorch_optimizer.AdaHessian update_period=4": ("pytorch_optimizer", "AdaHessian", (("update_period", 4),),
                                                           "adahessian update_each=4")}
 MEMORY_ROWS = ("sgd", "adahessian", "adahessian update_each=4", *PEERS)
-# hyperparameter whose value is the number of steps over which an optimizer's cost repeats
-PERIOD_FLAG = {"adahessian": "update_each", "kfac": "cov_every", "ang": "cov_every", "ifang": "cov_every",
-               "natasha15": "epoch_size", "natasha2": "epoch_size"}
+# hyperparameters whose values' least common multiple is the number of steps over which an
+# optimizer's cost repeats (K-FAC: statistics every cov_every steps, inverses every inv_every)
+PERIOD_FLAGS = {"adahessian": ("update_each",), "kfac": ("cov_every", "inv_every"), "ang": ("cov_every", "inv_every"),
+                "ifang": ("cov_every",), "natasha15": ("epoch_size",), "natasha2": ("epoch_size",)}
+
+
+# optimizers whose cost repeats over a cycle of varying length -> whether the next step starts one:
+# Natasha2's outer iteration (Oja's algorithm, the kick test, then an epoch unless it kicked)
+CYCLES = {"natasha2": lambda opt: not opt.position["outer"] and not opt.position["in_epoch"]}
+
+
+def cost_period(name: str, hp) -> int:
+    """Steps over which the cost of optimizer ``name`` with hyperparameters ``hp`` repeats."""
+    return math.lcm(*(int(getattr(hp, f, 1) or 1) for f in PERIOD_FLAGS.get(name, ())))
 
 
 @dataclass(frozen=True)
@@ -130,16 +144,31 @@ def build(model_name: str, batch: int, device: str, spec: Spec) -> Tuple[Callabl
         if spec.path == "fused" and not ops.fused_available(device):
             raise RuntimeError(f"{spec.label}: the fused kernels are not available on {device}")
         opt.fused = spec.path == "fused"
-    period = int(getattr(hp, PERIOD_FLAG[name], 1)) if name in PERIOD_FLAG else 1
+    period = cost_period(name, hp)
     if cli.closure == "loss":
-        return (lambda: opt.step(loss)), period
+        one = lambda: opt.step(loss)
+    else:
+        def closure():
+            opt.zero_grad()
+            out = loss()
+            out.backward()
+            return out
+        one = lambda: opt.step(closure)
+    if name in CYCLES:
+        return _whole_cycle(one, functools.partial(CYCLES[name], opt)), 1
+    return one, period
 
-    def closure():
-        opt.zero_grad()
-        out = loss()
-        out.backward()
-        return out
-    return (lambda: opt.step(closure)), period
+
+def _whole_cycle(one: Callable[[], object], at_cycle_start: Callable[[], bool]) -> Callable[[], CycleSteps]:
+    """A step function that runs optimizer steps until the next cycle starts (at least one)."""
+    def cycle():
+        n = 0
+        while True:
+            one()
+            n += 1
+            if at_cycle_start():
+                return CycleSteps(n)
+    return cycle
 
 
 def build_step(model_name: str, batch: int, device: str, spec: Spec) -> Callable[[], object]:
@@ -171,7 +200,12 @@ def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List
             steps[key], periods[key] = step, period
         except Exception as exc:  # a peer not installed, no kernels, an optimizer that fails here
             errors[key] = error_text(exc)
-    samples = interleaved(steps, device, rounds, sample_s, periods)
+    from tqdm import tqdm
+
+    with tqdm(total=len(steps) * (rounds + 1), desc=f"e2e {model_name} {threads} thr", unit="sample",
+              dynamic_ncols=True, leave=False) as bar:
+        samples = interleaved(steps, device, rounds, sample_s, periods,
+                              on_sample=lambda key: (bar.set_postfix_str(f"{key[0]} ({key[1]})"), bar.update()))
     out = []
     for spec in rows:
         key = (spec.label, spec.path)

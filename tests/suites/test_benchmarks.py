@@ -3,12 +3,13 @@ foreach warm/cold, compiled, per-tensor), best_unfused, and the noise flags; the
 (fused beside reference, the fused/ref flag) and the memory / leak probe."""
 import functools
 import math
+import types
 import statistics
 
 import pytest
 import torch
 
-from benchmarks import end_to_end
+from benchmarks import end_to_end, rounds
 from benchmarks.common import Case
 from benchmarks.end_to_end import Spec, fused_vs_reference, time_rows
 from benchmarks.memory import memory_probe
@@ -149,8 +150,10 @@ def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(m
     peer_x = {(r["optimizer"], r["path"]): r["x_best_peer"] for r in planted if r["x_best_peer"] == r["x_best_peer"]}
     assert set(peer_x) == {("adahessian", "fused"), ("adahessian", "reference")}
     assert peer_x[("adahessian", "fused")] == pytest.approx(by[("adahessian", "fused")]["ms"] / 50.0)
-    # samples span whole periods: natasha15's epoch of 27 steps, K-FAC's cov_every 10
-    assert by[("natasha15", "fused")]["period"] == 27 and by[("kfac", "reference")]["period"] == 10
+    # samples span whole periods: natasha15's epoch of 27 steps, K-FAC's inverse refresh (inv_every 100,
+    # a multiple of cov_every 10), IFANG's statistics every step
+    assert by[("natasha15", "fused")]["period"] == 27 and by[("kfac", "reference")]["period"] == 100
+    assert by[("ifang", "fused")]["period"] == 1
     # the switch reached the optimizer: the reference path never enters the compiled ops
     steps = {}
     for path in ("fused", "reference"):
@@ -159,6 +162,45 @@ def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(m
             step()
         steps[path] = {e.key for e in prof.key_averages() if e.key.startswith("natasha::")}
     assert steps["fused"] and not steps["reference"], steps
+
+
+def test_a_cycle_function_is_timed_per_optimizer_step():
+    from benchmarks.rounds import CycleSteps, per_call_seconds
+    clock = {"t": 0.0}
+    real = rounds.time.perf_counter
+    try:
+        rounds.time.perf_counter = lambda: clock["t"]
+        def cycle():  # 4 steps of 1 s each in one call
+            clock["t"] += 4.0
+            return CycleSteps(4)
+        def plain():
+            clock["t"] += 4.0
+            return 4  # an ordinary return value is not a step count
+        assert per_call_seconds(cycle, 3, "cpu") == pytest.approx(1.0)
+        assert per_call_seconds(plain, 3, "cpu") == pytest.approx(4.0)
+    finally:
+        rounds.time.perf_counter = real
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
+def test_natasha2_is_sampled_over_whole_outer_iterations():
+    from benchmarks.rounds import CycleSteps
+    step, period = end_to_end.build("small-cnn", 8, "cpu", Spec("natasha2", "ours", "fused"))
+    assert period == 1
+    n = step()
+    # Oja's call, the kick test, then (no kick on this problem) mu from B = 27 minibatches and the
+    # epoch of 27 inner steps, the call completing mu also taking the first step: 27 + 27 - 1 calls;
+    # a kick would end the iteration after the kick test (2 calls)
+    assert isinstance(n, CycleSteps) and int(n) in (2, 53)
+    assert int(step()) in (2, 53)
+
+
+def test_cost_period_is_the_least_common_multiple_of_the_refresh_intervals():
+    hp = lambda **kw: types.SimpleNamespace(**kw)
+    assert end_to_end.cost_period("kfac", hp(cov_every=10, inv_every=100)) == 100
+    assert end_to_end.cost_period("kfac", hp(cov_every=4, inv_every=6)) == 12
+    assert end_to_end.cost_period("adahessian", hp(update_each=4)) == 4
+    assert end_to_end.cost_period("sgd", hp()) == 1
 
 
 _HELD = []
