@@ -7,6 +7,7 @@ architectures (default without a visible GPU: 8.0;9.0); MAX_JOBS bounds ninja's 
 import glob
 import os
 import shutil
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -61,6 +62,19 @@ def _cpu_simd_flags():
     return []
 
 
+def _openmp_flags():
+    """at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it compiles to a
+    plain serial call, and every CPU kernel ran on one thread whatever torch.set_num_threads said.
+    With it, the kernels join torch's own OpenMP pool: the extension's libgomp.so.1 dependency is
+    satisfied by the copy torch has already loaded (the same soname), so there is one thread pool.
+    Only where torch itself parallelises with OpenMP (its Linux builds)."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -69,7 +83,7 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(root, "csrc", "include")]
-    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags()
+    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags() + _openmp_flags()
     # pip's cu13 torch wheels ship the CUDA headers (cusparse.h ...) that torch's headers include.
     nv = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")
     if os.path.isdir(nv):
@@ -84,12 +98,13 @@ def _extensions():
             "natasha_ext._C", sources, include_dirs=include_dirs,
             # no --use_fast_math: approximate sqrt/div/pow and flush-to-zero would make the CUDA
             # kernels drift from the CPU kernels and the reference (AdaHessian, prox, CG divisions)
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-DNATASHA_WITH_CUDA"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-DNATASHA_WITH_CUDA"]},
+            extra_link_args=_openmp_flags())
         print(f"natasha_ext: building CPU + CUDA kernels (arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})")
     else:
         print(f"natasha_ext: building CPU kernels only ({why})")
         ext = cpp_extension.CppExtension("natasha_ext._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=_openmp_flags())
     return [ext]
 
 

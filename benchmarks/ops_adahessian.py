@@ -21,16 +21,23 @@ from natasha_ext.ops import reference
 
 LR, B1, B2, EPS, WD, SEED, OFFSET = 0.15, 0.9, 0.999, 1e-4, 0.0, 1234, 0
 BC1, BC2 = 1 - B1 ** 3, 1 - B2 ** 3
+# D^(s) as AdaHessian computes it by default: eq. 9's |mean of z Hz| over each conv kernel (the
+# released codes' mean |z Hz| is AdaHessian.practical's, abs_first=True)
+ABS_FIRST = False
 
 
 def adahessian_foreach(p, g, m, v, hz, z, new_curvature, temps=COLD):
-    """One AdaHessian step with torch._foreach_* ops; D = |z * Hz| averaged over conv kernels."""
+    """One AdaHessian step with torch._foreach_* ops; D^(s) = |mean of z * Hz| over conv kernels
+    (mean of |z * Hz| with ABS_FIRST)."""
     torch._foreach_mul_(m, B1)
     torch._foreach_add_(m, g, alpha=1 - B1)
     if new_curvature:
         d = temps.new("mul", hz, z)
-        torch._foreach_abs_(d)
+        if ABS_FIRST:
+            torch._foreach_abs_(d)
         d = [x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x) if x.dim() >= 3 else x for x in d]
+        if not ABS_FIRST:
+            d = torch._foreach_abs(d)
         torch._foreach_mul_(v, B2)
         torch._foreach_addcmul_(v, d, d, value=1 - B2)
     den = temps.new("sqrt", v)
@@ -54,9 +61,9 @@ def _step_inputs(new_curvature):
 
 
 def _step_fused(i):
-    return ops.adahessian_step(i["p"], i["g"], i["m"], i["v"], i["curv"], i["gs"], curv_mode=i["mode"], seed=SEED,
-                               offset=OFFSET, lr=LR, beta1=B1, beta2=B2, eps=EPS, weight_decay=WD,
-                               bias_correction1=BC1, bias_correction2=BC2, fused=True)
+    return ops.adahessian_step(i["p"], i["g"], i["m"], i["v"], i["curv"], i["gs"], curv_mode=i["mode"],
+                               abs_first=ABS_FIRST, seed=SEED, offset=OFFSET, lr=LR, beta1=B1, beta2=B2, eps=EPS,
+                               weight_decay=WD, bias_correction1=BC1, bias_correction2=BC2, fused=True)
 
 
 def _step_form(i, temps):
@@ -64,7 +71,7 @@ def _step_form(i, temps):
 
 
 def _step_reference(i):
-    return reference.adahessian_step(i["p"], i["g"], i["m"], i["v"], i["curv"], i["gs"], i["mode"], True, SEED,
+    return reference.adahessian_step(i["p"], i["g"], i["m"], i["v"], i["curv"], i["gs"], i["mode"], ABS_FIRST, SEED,
                                      OFFSET, LR, B1, B2, EPS, WD, 1.0, BC1, BC2)
 
 

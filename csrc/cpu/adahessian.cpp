@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "chunks.h"
 #include "streaming.h"
@@ -127,8 +128,19 @@ void second_moment_groups(const GroupChunk& c, const curv_t* cv, acc_t* v, bool 
     for (int64_t j = 0; j < c.n; ++j) v[j] = adahessian_second_moment<acc_t>(v[j], static_cast<acc_t>(cv[j]), k);
     return;
   }
-  RademacherWalker z(seed, offset);
   const uint64_t k0 = static_cast<uint64_t>(c.first);
+  if (signed_probe && !abs_first) {
+    // D = z * Hz formed first in a thread-local buffer (one Philox call per 128 elements, a loop
+    // the compiler vectorises), then the group means of D as for a diagonal estimate: the same
+    // products and the same sums in the same order as drawing z element by element, 3x faster.
+    thread_local std::vector<acc_t> d;
+    d.resize(static_cast<size_t>(c.n));
+    for_each_rademacher(seed, offset, k0, static_cast<uint64_t>(c.n),
+                        [&](uint64_t i, float zi) { d[i] = static_cast<acc_t>(zi) * static_cast<acc_t>(cv[i]); });
+    second_moment_groups<scalar_t, acc_t, acc_t>(c, d.data(), v, false, false, seed, offset, k);
+    return;
+  }
+  RademacherWalker z(seed, offset);
   int64_t s = 0;
   if (abs_first || !signed_probe) {
     // No probe needed: kLanes groups at a time, each summed in its own order (same bits as one
@@ -193,21 +205,18 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bias_correction1,
                                                bias_correction2);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t ci = b; ci < e; ++ci) {
-        const GroupChunk& c = chunks[ci];
-        acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
-        acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
-        if (curv_mode == kCurvHz) {
-          second_moment_groups<scalar_t, acc_t, scalar_t>(c, curv[c.tensor].data_ptr<scalar_t>() + c.start, v,
-                                                          true, abs_first, s, o, k);
-        } else if (curv_mode == kCurvDiag) {
-          second_moment_groups<scalar_t, acc_t, acc_t>(c, curv[c.tensor].data_ptr<acc_t>() + c.start, v, false,
-                                                       abs_first, s, o, k);
-        }
-        update_chunk<scalar_t, acc_t>(c.n, params[c.tensor].data_ptr<scalar_t>() + c.start,
-                                      grads[c.tensor].data_ptr<scalar_t>() + c.start, m, v, k);
+    for_each_chunk(chunks, [&](const GroupChunk& c) {
+      acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
+      acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
+      if (curv_mode == kCurvHz) {
+        second_moment_groups<scalar_t, acc_t, scalar_t>(c, curv[c.tensor].data_ptr<scalar_t>() + c.start, v,
+                                                        true, abs_first, s, o, k);
+      } else if (curv_mode == kCurvDiag) {
+        second_moment_groups<scalar_t, acc_t, acc_t>(c, curv[c.tensor].data_ptr<acc_t>() + c.start, v, false,
+                                                     abs_first, s, o, k);
       }
+      update_chunk<scalar_t, acc_t>(c.n, params[c.tensor].data_ptr<scalar_t>() + c.start,
+                                    grads[c.tensor].data_ptr<scalar_t>() + c.start, m, v, k);
     });
   });
 }

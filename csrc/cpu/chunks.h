@@ -1,6 +1,7 @@
 #pragma once
 // CPU counterpart of CUDA's multi-tensor apply: a tensor list is cut into fixed-size chunks
-// (natasha/chunk.h: never spanning two tensors) that at::parallel_for distributes over threads.
+// (natasha/chunk.h: never spanning two tensors) that at::parallel_for distributes over threads
+// (for_each_chunk: an equal number of elements per thread).
 // Chunk boundaries do not depend on the thread count, so per-chunk partial reductions summed in
 // chunk order give the same bits with 1 or N threads.
 #include <ATen/ATen.h>
@@ -32,11 +33,29 @@ inline std::vector<Chunk> make_chunks(at::TensorList ts, int64_t chunk = kChunk)
   return out;
 }
 
-// Calls f(chunk) for every chunk, in parallel.
-template <typename F>
-void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(chunks[i]);
+// Calls f(chunk) for every chunk, in parallel: one contiguous run of chunks per thread, cut at
+// equal numbers of elements rather than of chunks (a list's small tensors make small chunks: an
+// even split by count gave one thread 5 % more of ResNet-50's elements than the other).
+template <typename ChunkT, typename F>
+void for_each_chunk(const std::vector<ChunkT>& chunks, const F& f) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (const auto& c : chunks) f(c);
+    return;
+  }
+  std::vector<int64_t> elems(n + 1, 0);  // elements before chunk i
+  for (int64_t i = 0; i < n; ++i) elems[i + 1] = elems[i] + chunks[i].n;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      // thread t: the chunks whose first element lies in [total t / T, total (t + 1) / T)
+      const auto at_share = [&](int64_t k) {
+        const int64_t target = elems[n] / threads * k + elems[n] % threads * k / threads;
+        return std::lower_bound(elems.begin(), elems.end() - 1, target) - elems.begin();
+      };
+      const int64_t b = t == 0 ? 0 : at_share(t), e = t + 1 == threads ? n : at_share(t + 1);
+      for (int64_t i = b; i < e; ++i) f(chunks[i]);
+    }
   });
 }
 

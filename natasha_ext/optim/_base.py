@@ -258,6 +258,15 @@ class NatashaOptimizer(torch.optim.Optimizer):
         return RuntimeError(f"{type(self).__name__}.step() got no closure and no parameter has a gradient: pass "
                             f"step(closure) (closure() returns the loss, with or without calling backward) or {usage}")
 
+    def list_norms(self, *lists: List[torch.Tensor]) -> List[float]:
+        """One host sync: the L2 norm of each list of tensors (0.0 for an empty list; inf when a
+        value is not finite, or the sum of squares overflows the accumulation dtype)."""
+        dev = next((ts[0].device for ts in lists if len(ts)), torch.device("cpu"))
+        norms = [ops.global_norm(ts, fused=self.fused).double() if len(ts) else torch.zeros((), dtype=torch.float64,
+                                                                                              device=dev)
+                 for ts in lists]
+        return [float(x) for x in torch.stack(norms).tolist()] if norms else []
+
     def all_finite(self, tensors: List[torch.Tensor]) -> bool:
         """One host sync: True when every element of ``tensors`` is finite."""
         if not tensors:

@@ -22,6 +22,8 @@ torch_optimizer package Attias et al. ran); see README, "Defaults and the papers
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -188,9 +190,10 @@ class AdaHessian(NatashaOptimizer):
         rng = self.rng.state_dict()
         loss, grads, curv, offsets, engine = self._gradients_and_curvature(closure, groups, params, due)
         bad = None
-        if not self.all_finite(grads + curv):
+        gc_norm = self.list_norms(grads + curv)[0]  # inf when a value is not finite
+        if not math.isfinite(gc_norm):
             bad = "gradients or Hessian-vector products" if due else "gradients"
-        elif not self._apply(groups, params, grads, curv, offsets, due):
+        elif not self._apply(groups, params, grads, curv, offsets, due, gc_norm):
             bad = "the updated parameters (the update overflows their dtype)"
         if bad is not None:
             self.rng.load_state_dict(rng)  # a skipped step draws nothing: the stream is where it was
@@ -268,12 +271,26 @@ class AdaHessian(NatashaOptimizer):
                         p.grad = p.grad.detach()
         return loss, grads, curv, offsets, engine
 
+    #: margin of the in-place bound below the dtypes' largest finite values (rounding of the
+    #: bounded quantities, and the L2 norms' own rounding)
+    IN_PLACE_MARGIN = 4.0
+
     @torch.no_grad()
-    def _apply(self, groups, params, grads, curv, offsets, due) -> bool:
-        """The update, computed into copies of the parameters and moments, checked for overflow
-        (one reduction over the new parameters) and only then copied in: an update that overflows
-        the parameters' dtype (fp16 with a large lr) writes nothing. Returns False when it did."""
-        mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
+    def _apply(self, groups, params, grads, curv, offsets, due, gc_norm: float) -> bool:
+        """The update. In place when :meth:`_in_place_is_safe` proves it stays finite (the usual
+        case); otherwise computed into copies of the parameters and moments, checked for overflow
+        (one reduction over the new parameters) and only then copied in, so that an update that
+        overflows the parameters' dtype (fp16 with a large lr) writes nothing. Returns False when
+        it did not write."""
+        if self._in_place_is_safe(groups, params, gc_norm):
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p].update(exp_avg=self.accumulation_zeros(p),
+                                         exp_hessian_diag_sq=self.accumulation_zeros(p))
+            moments = {p: (self.state[p]["exp_avg"], self.state[p]["exp_hessian_diag_sq"]) for p in params}
+            self._update(groups, params, grads, curv, offsets, due, {p: p for p in params}, moments)
+            self._count_step(params, due)
+            return True
         fresh = {}
         for p in params:
             st = self.state[p]
@@ -282,32 +299,64 @@ class AdaHessian(NatashaOptimizer):
             else:
                 fresh[p] = (self.accumulation_zeros(p), self.accumulation_zeros(p))
         new_params = {p: p.detach().clone() for p in params}
+        self._update(groups, params, grads, curv, offsets, due, new_params, fresh)
+        if not self.all_finite(list(new_params.values())):
+            return False
+        for p in params:
+            self.state[p]["exp_avg"], self.state[p]["exp_hessian_diag_sq"] = fresh[p]
+        self._count_step(params, due)
+        torch._foreach_copy_(params, list(new_params.values()))
+        return True
+
+    def _in_place_is_safe(self, groups, params, gc_norm: float) -> bool:
+        """Whether this step's update provably keeps parameters and moments finite, from list norms
+        (an L2 norm bounds every |element|; one host sync): |m'| <= max(|m|, |g|),
+        v' <= max(v) + max(D^(s))^2 with |D^(s)| <= max|Hz| (|z| = 1), the denominator >= eps, so
+        |p' - p| <= lr (max|m'| / bc1 / eps + weight_decay |p|) with bc1 >= 1 - beta1. With the
+        bound (times IN_PLACE_MARGIN) below the largest finite value of every parameter dtype and
+        of the moments' dtype, the kernel can write in place; the copies of the other path cost
+        three more passes over the parameters and moments than the update itself."""
+        m = [self.state[p]["exp_avg"] for p in params if "exp_avg" in self.state[p]]
+        v = [self.state[p]["exp_hessian_diag_sq"] for p in params if "exp_hessian_diag_sq" in self.state[p]]
+        p_norm, m_norm, v_norm = self.list_norms(params, m, v)
+        gs = [g for g, _ in groups]
+        lr, eps = max(float(g["lr"]) for g in gs), min(float(g["eps"]) for g in gs)
+        wd, bc1 = max(float(g["weight_decay"]) for g in gs), 1.0 - max(float(g["betas"][0]) for g in gs)
+        m_bound = max(m_norm, gc_norm) / bc1 / eps
+        p_bound = p_norm + lr * (m_bound + wd * p_norm)
+        v_bound = v_norm + gc_norm * gc_norm
+        p_max = min(torch.finfo(p.dtype).max for p in params)
+        acc_max = min(torch.finfo(t.dtype).max for t in m + v) if m else torch.finfo(torch.float32).max
+        k = self.IN_PLACE_MARGIN
+        return (math.isfinite(p_bound) and math.isfinite(v_bound) and k * p_bound < p_max
+                and k * max(m_bound, v_bound, p_bound) < acc_max)
+
+    def _update(self, groups, params, grads, curv, offsets, due, targets, moments) -> None:
+        """The adahessian_step kernel of every unit, writing ``targets[p]`` and ``moments[p]``."""
+        mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
         for ui, (group, idx, unused) in enumerate(self._units(groups)):
             ps = [params[i] for i in idx]
             st = self.state[ps[0]]
             t, h = int(st.get("step", 0)) + 1, int(st.get("hessian_step", 0)) + int(due)
             beta1, beta2 = group["betas"]
             aops.adahessian_step(
-                [new_params[p] for p in ps], [grads[i] for i in idx], [fresh[p][0] for p in ps],
-                [fresh[p][1] for p in ps], [curv[i] for i in idx] if due else [],
+                [targets[p] for p in ps], [grads[i] for i in idx], [moments[p][0] for p in ps],
+                [moments[p][1] for p in ps], [curv[i] for i in idx] if due else [],
                 [aops.spatial_group_size(p.shape, group["block_size"]) for p in ps],
                 curv_mode=mode, abs_first=self.abs_before_average, seed=self.rng.seed, offset=offsets.get(ui, 0),
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=0.0 if unused else group["weight_decay"], hessian_power=group["hessian_power"],
                 bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** h, fused=self.fused)
-        if not self.all_finite(list(new_params.values())):
-            return False
+
+    def _count_step(self, params, due) -> None:
         for p in params:
             st = self.state[p]
-            if "exp_avg" not in st:
+            if "step" not in st:
                 st["step"] = torch.tensor(0.0)
                 st["hessian_step"] = torch.tensor(0.0)
-            st["exp_avg"], st["exp_hessian_diag_sq"] = fresh[p]
             st["step"] += 1
             if due:
                 st["hessian_step"] += 1
-        torch._foreach_copy_(params, list(new_params.values()))
-        return True
 
 
 SGD_MOMENTUM_FORMS = ("torch", "paper")
