@@ -17,16 +17,19 @@ if _BACKEND not in ("auto", "reference", "fused"):
     raise ValueError(f"NATASHA_EXT_BACKEND must be 'auto', 'reference' or 'fused', got {_BACKEND!r}")
 
 LOAD_ERROR: str | None = None
+LIBRARY_PATH: str | None = None  # the file the kernels were loaded from
 
 
 def _load() -> bool:
-    global LOAD_ERROR
+    global LOAD_ERROR, LIBRARY_PATH
     path = os.environ.get("NATASHA_EXT_LIBRARY")
     try:
         if path:
             torch.ops.load_library(path)
+            LIBRARY_PATH = os.path.abspath(path)
         else:
-            from natasha_ext import _C  # noqa: F401  (registers torch.ops.natasha.*)
+            from natasha_ext import _C  # (registers torch.ops.natasha.*)
+            LIBRARY_PATH = _C.__file__
         return True
     except Exception as exc:  # ImportError, OSError (ABI mismatch, missing file)
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from natasha_ext.curvature.kfac_factors import FactorCollector, KFACLayer
-from natasha_ext.curvature.kronecker import DenseKronecker
+from natasha_ext.curvature.kronecker import DenseKronecker, symmetric_eigh
 from natasha_ext.precision import accumulation_dtype
 
 __all__ = ["EigenKronecker", "eigenbasis", "projected_second_moment", "pool_null_spaces", "eigen_precondition"]
@@ -68,7 +68,7 @@ def eigenbasis(mats: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.T
         by_size.setdefault((m.shape[0], m.dtype, m.device), []).append(j)
     for idx in by_size.values():
         stack = torch.stack([mats[j] for j in idx])
-        evals, evecs = torch.linalg.eigh(0.5 * (stack + stack.mT))
+        evals, evecs = symmetric_eigh(0.5 * (stack + stack.mT))
         tol = torch.finfo(evals.dtype).eps * evals.shape[-1] * evals[:, -1:].clamp_min(0)
         evals = torch.where(evals <= tol, torch.zeros_like(evals), evals)
         for k, j in enumerate(idx):

@@ -26,6 +26,26 @@ def _kat(c, k):
     return [int(v) for v in out[0]]
 
 
+def library_runs_parallel_regions(path: str) -> bool:
+    """Whether a compiled library holds OpenMP parallel regions: GCC/Clang emit a call to
+    GOMP_parallel for each, and at::parallel_for (a header template) has one only when compiled
+    with -fopenmp; without it every CPU kernel runs on one thread."""
+    with open(path, "rb") as f:
+        return b"GOMP_parallel" in f.read()
+
+
+@requires_fused
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch parallelises with OpenMP on Linux only; elsewhere the kernels use its native pool")
+def test_cpu_kernels_are_built_to_run_on_torchs_threads():
+    """(A torch extension built with at::parallel_for but without -fopenmp has no GOMP_parallel:
+    checked on one when this test was written; the build before 2026-12-01 was such a library.)"""
+    from natasha_ext import _backend
+
+    assert library_runs_parallel_regions(_backend.LIBRARY_PATH), (
+        f"{_backend.LIBRARY_PATH} has no OpenMP parallel region: built without -fopenmp, its CPU kernels run serially")
+
+
 def test_philox_known_answers():
     # Random123 known-answer vectors for Philox4x32-10.
     assert _kat([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
