@@ -83,7 +83,8 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(root, "csrc", "include")]
-    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags() + _openmp_flags()
+    openmp = _openmp_flags()
+    cxx = ["-O3", "-DNATASHA_PYTHON_MODULE"] + _cpu_simd_flags() + openmp
     # pip's cu13 torch wheels ship the CUDA headers (cusparse.h ...) that torch's headers include.
     nv = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")
     if os.path.isdir(nv):
@@ -99,12 +100,12 @@ def _extensions():
             # no --use_fast_math: approximate sqrt/div/pow and flush-to-zero would make the CUDA
             # kernels drift from the CPU kernels and the reference (AdaHessian, prox, CG divisions)
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-DNATASHA_WITH_CUDA"]},
-            extra_link_args=_openmp_flags())
+            extra_link_args=openmp)
         print(f"natasha_ext: building CPU + CUDA kernels (arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})")
     else:
         print(f"natasha_ext: building CPU kernels only ({why})")
         ext = cpp_extension.CppExtension("natasha_ext._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx}, extra_link_args=_openmp_flags())
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext]
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from benchmarks.common import error_text
 from natasha_ext import ops
@@ -200,8 +201,6 @@ def time_rows(device: str, model_name: str, batch: int, threads: int, rows: List
             steps[key], periods[key] = step, period
         except Exception as exc:  # a peer not installed, no kernels, an optimizer that fails here
             errors[key] = error_text(exc)
-    from tqdm import tqdm
-
     with tqdm(total=len(steps) * (rounds + 1), desc=f"e2e {model_name} {threads} thr", unit="sample",
               dynamic_ncols=True, leave=False) as bar:
         samples = interleaved(steps, device, rounds, sample_s, periods,

@@ -25,21 +25,23 @@ class CycleSteps(int):
 def _timed(fn: Callable[[], object], calls: int, device: str):
     """(seconds for ``calls`` calls, optimizer steps they made: a CycleSteps result counts as its
     value, anything else as one)."""
-    steps = 0
+    def run() -> int:
+        steps = 0
+        for _ in range(calls):
+            out = fn()
+            steps += int(out) if isinstance(out, CycleSteps) else 1
+        return steps
+
     if device == "cuda":
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            out = fn()
-            steps += int(out) if isinstance(out, CycleSteps) else 1
+        steps = run()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3, steps
     t0 = time.perf_counter()
-    for _ in range(calls):
-        out = fn()
-        steps += int(out) if isinstance(out, CycleSteps) else 1
+    steps = run()
     return time.perf_counter() - t0, steps
 
 

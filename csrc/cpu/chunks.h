@@ -46,16 +46,14 @@ void for_each_chunk(const std::vector<ChunkT>& chunks, const F& f) {
   }
   std::vector<int64_t> elems(n + 1, 0);  // elements before chunk i
   for (int64_t i = 0; i < n; ++i) elems[i + 1] = elems[i] + chunks[i].n;
+  // first chunk of share k: the first whose first element lies at or after total k / T (n for k = T)
+  const auto share_start = [&](int64_t k) -> int64_t {
+    const int64_t target = elems[n] / threads * k + elems[n] % threads * k / threads;
+    return std::lower_bound(elems.begin(), elems.end() - 1, target) - elems.begin();
+  };
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      // thread t: the chunks whose first element lies in [total t / T, total (t + 1) / T)
-      const auto at_share = [&](int64_t k) {
-        const int64_t target = elems[n] / threads * k + elems[n] % threads * k / threads;
-        return std::lower_bound(elems.begin(), elems.end() - 1, target) - elems.begin();
-      };
-      const int64_t b = t == 0 ? 0 : at_share(t), e = t + 1 == threads ? n : at_share(t + 1);
-      for (int64_t i = b; i < e; ++i) f(chunks[i]);
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = share_start(t), e = share_start(t + 1); i < e; ++i) f(chunks[i]);
   });
 }
 

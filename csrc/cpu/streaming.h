@@ -8,8 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <cstring>
+#include <initializer_list>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -62,7 +62,7 @@ inline void store_block(float* dst, const float* buf, int64_t n, bool stream) {
 #if defined(__AVX__)
   if (stream && can_stream(dst)) {
     for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_load_ps(buf + i));
-      return;
+    return;
   }
 #endif
   std::memcpy(dst, buf, static_cast<size_t>(n) * sizeof(float));

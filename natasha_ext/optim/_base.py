@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -269,9 +270,7 @@ class NatashaOptimizer(torch.optim.Optimizer):
 
     def all_finite(self, tensors: List[torch.Tensor]) -> bool:
         """One host sync: True when every element of ``tensors`` is finite."""
-        if not tensors:
-            return True
-        return bool(torch.isfinite(ops.global_norm(tensors, fused=self.fused)))
+        return math.isfinite(self.list_norms(tensors)[0])
 
     def skip_nonfinite(self, what: str) -> None:
         """Count a skipped step (or raise when ``raise_on_nonfinite``)."""
