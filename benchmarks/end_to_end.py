@@ -52,14 +52,19 @@ MIN_ROUNDS = 3
 CONFIGS = {"cpu": {"lenet5": 128, "resnet18": 32}, "cuda": {"resnet18": 100}}
 ANCHORS = ("sgd", "sgd-momentum", "adam")
 # label -> (CLI name, overrides of its defaults)
-VARIANTS = {"adahessian update_each=4": ("adahessian", (("update_each", 4),))}
-# label -> (module, class, constructor overrides, the row of ours it is compared with in x peer);
-# bootstrap installs both packages with --no-deps
-PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", (), "adahessian"),
-         "pytorch_optimizer.AdaHessian": ("pytorch_optimizer", "AdaHessian", (), "adahessian"),
+FOR = ("hvp", "forward_over_reverse")
+VARIANTS = {"adahessian update_each=4": ("adahessian", (("update_each", 4),)),
+            "adahessian hvp=forward_over_reverse": ("adahessian", (FOR,)),
+            "adahessian update_each=4 hvp=forward_over_reverse": ("adahessian", (("update_each", 4), FOR))}
+# label -> (module, class, constructor overrides, the rows of ours it is compared with in x peer:
+# the same curvature schedule); bootstrap installs both packages with --no-deps
+_EVERY = ("adahessian", "adahessian hvp=forward_over_reverse")
+_EACH4 = ("adahessian update_each=4", "adahessian update_each=4 hvp=forward_over_reverse")
+PEERS = {"torch_optimizer.Adahessian": ("torch_optimizer", "Adahessian", (), _EVERY),
+         "pytorch_optimizer.AdaHessian": ("pytorch_optimizer", "AdaHessian", (), _EVERY),
          "pytorch_optimizer.AdaHessian update_period=4": ("pytorch_optimizer", "AdaHessian", (("update_period", 4),),
-                                                          "adahessian update_each=4")}
-MEMORY_ROWS = ("sgd", "adahessian", "adahessian update_each=4", *PEERS)
+                                                          _EACH4)}
+MEMORY_ROWS = ("sgd", *_EVERY, *_EACH4, *PEERS)
 # hyperparameters whose values' least common multiple is the number of steps over which an
 # optimizer's cost repeats (K-FAC: statistics every cov_every steps, inverses every inv_every)
 PERIOD_FLAGS = {"adahessian": ("update_each",), "kfac": ("cov_every", "inv_every"), "ang": ("cov_every", "inv_every"),
@@ -227,8 +232,9 @@ def derive(rows: List[Dict]) -> None:
     peers = {}  # (key, our label) -> fastest peer's ms
     for r in rows:
         if r["kind"] == "peer" and r["optimizer"] in PEERS and r["ms"] == r["ms"]:
-            k = (key(r), PEERS[r["optimizer"]][3])
-            peers[k] = min(peers.get(k, float("inf")), r["ms"])
+            for ours in PEERS[r["optimizer"]][3]:
+                k = (key(r), ours)
+                peers[k] = min(peers.get(k, float("inf")), r["ms"])
     by_label = {(key(r), r["optimizer"], r["path"]): r for r in rows}
     for r in rows:
         r["x_sgd"] = r["ms"] / sgd.get(key(r), float("nan"))

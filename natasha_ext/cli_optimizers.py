@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from natasha_ext import data
-from natasha_ext.curvature.hvp import HVP_METHODS
+from natasha_ext.curvature.hvp import HVP_METHODS, ONE_PROBE_HVP_METHODS
 from natasha_ext.optim import ANG, ARC, EKFAC, IFANG, KFAC, AdaHessian, HybridSGDAdaHessian, Natasha2, Natasha15, TrustRegion
 from natasha_ext.optim.adahessian import SGD_MOMENTUM_FORMS
 from natasha_ext.curvature.fisher import FISHER_TYPES, LIKELIHOODS
@@ -186,6 +186,8 @@ _ADAHESSIAN = {
     "block_size": Flag("AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)", none=0),
     "abs_before_average": Flag("AdaHessian: D^(s) = mean |D| (Yao et al.'s released code) instead of eq. 9's "
                                "mean of the signed D"), **_HVP,
+    "hvp": Flag("Hessian-vector products ('forward_over_reverse': the probe as the closure's forward-mode tangent)",
+                choices=ONE_PROBE_HVP_METHODS),
 }
 
 _NATASHA = {

@@ -121,6 +121,10 @@ class _GlobalValue(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
+    @staticmethod
+    def jvp(ctx, local_tangent, global_tangent):
+        return local_tangent  # forward mode (hvp='forward_over_reverse') sees the same identity
+
 
 def global_loss(loss, group=None):
     """The average of ``loss`` over the ranks (the value; the gradient stays local).

@@ -36,6 +36,14 @@ differentiates its own, unscaled loss: refused inside ``loss_scale``.
 
 Engines:
   * ``'exact'``: double backward, Hv = d(g.v)/dx on the graph of g (one extra backward).
+  * ``'forward_over_reverse'``: Pearlmutter's R-operator (Pearlmutter, "Fast exact multiplication
+    by the Hessian", Neural Computation 1994): the closure runs with the parameters carrying the
+    tangent v (forward-mode AD), and the backward pass that gives g carries H v along as g's
+    tangent. Exact like the double backward, but one probe per closure evaluation
+    (:func:`gradient_and_hvp`), so only for optimizers that draw one probe per step
+    (``ONE_PROBE_HVP_METHODS``). It builds no double-backward graph, and it skips work PyTorch's
+    double backward does unconditionally (the conv double backward forms the input gradient of
+    the first layer, through a transposed convolution, even though the input needs none).
   * ``'finite_difference'``: Hv ~ (g(x + q v) - g(x)) / q, one extra gradient; the parameters
     are restored bit-exactly afterwards.
   * ``'auto'``: ``'exact'`` for the package's closures, ``'finite_difference'`` for closures that
@@ -45,13 +53,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from natasha_ext import distributed
 
 HVP_METHODS = ("auto", "exact", "finite_difference")
+#: the engines of optimizers that need one H v per closure evaluation (AdaHessian with one probe)
+ONE_PROBE_HVP_METHODS = HVP_METHODS + ("forward_over_reverse",)
 
 _LOSS_SCALE: contextvars.ContextVar = contextvars.ContextVar("natasha_ext_loss_scale", default=None)
 _WATCH: contextvars.ContextVar = contextvars.ContextVar("natasha_ext_closure_watch", default=None)
@@ -242,17 +254,97 @@ class HVP:
         if self.method == "exact":
             if self._g_graph is None:
                 raise RuntimeError("HVP oracle used after release()")
-            live = [(g, vi) for g, vi in zip(self._g_graph, v) if g.requires_grad]
-            if not live:
-                return [torch.zeros_like(p) for p in self.params]
-            hv = torch.autograd.grad([g for g, _ in live], self.params, [vi for _, vi in live],
-                                     retain_graph=True, allow_unused=True)
-            return distributed.all_reduce_mean(
-                [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, hv)])
+            return distributed.all_reduce_mean(double_backward(self._g_graph, self.params, v))
         return finite_difference_hvp(self.closure, self.params, v, self.grads, self.fd_eps)
 
     def release(self) -> None:
         self._g_graph = None
+
+
+def double_backward(graph_grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                    v: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """H v = d(g . v)/d params on the graph of gradients computed with ``create_graph=True``
+    (kept for further products); zeros where g has no graph or does not reach a parameter."""
+    live = [(g, vi) for g, vi in zip(graph_grads, v) if g.requires_grad]
+    if not live:
+        return [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        hv = torch.autograd.grad([g for g, _ in live], list(params), [vi for _, vi in live],
+                                 retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def _raised_in_backward_call(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of ``Tensor.backward`` / ``torch.autograd.backward`` (a closure of
+    torch.optim's convention), from the frames of its traceback."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "backward" and frame.f_globals.get("__name__") in ("torch._tensor", "torch.autograd"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def gradient_and_hvp(closure: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                     v: Sequence[torch.Tensor], unused: Optional[List[int]] = None):
+    """(loss, g, H v) from one evaluation of a package-convention closure, forward over reverse:
+    inside a forward-AD level each parameter gets the tangent ``v`` in place (its values are
+    rewritten unchanged), the closure runs, and the gradient g = d loss / d params comes out as a
+    dual tensor whose tangent is d g [v] = H v (Pearlmutter's R{g}). The tangents vanish with the
+    level. Loss scaling, ``unused`` and the process-group averages are as in :func:`gradients`
+    (one collective for g and H v together).
+
+    The forward pass needs a forward-mode derivative of every operation (a clear error
+    otherwise). Some of PyTorch's backward operations have none or a failing one (``mse_loss``
+    with the default mean, ``huber_loss``, in torch 2.x): the product then comes from the
+    double backward on the same forward graph (same H v, no second closure call), with a
+    warning."""
+    params = list(params)
+    failed = None
+    with fwAD.dual_level():
+        with torch.no_grad():
+            for p, vi in zip(params, v):
+                p.copy_(fwAD.make_dual(p.detach(), vi.to(p.dtype)))
+        refused = ValueError("hvp='forward_over_reverse' differentiates the closure's loss itself, but the closure "
+                             f"called backward(): {PACKAGE_CONVENTION}, or pass hvp='finite_difference' (or 'auto')")
+        try:
+            loss = evaluate_closure(closure)
+        except (NotImplementedError, RuntimeError) as exc:
+            if _raised_in_backward_call(exc):  # its backward met the tangents
+                raise refused from exc
+            raise RuntimeError(f"hvp='forward_over_reverse': an operation of the closure has no forward-mode "
+                               f"derivative ({exc}); use hvp='exact'") from exc
+        if called_backward(loss):
+            raise refused
+        scale = _LOSS_SCALE.get()
+        target = loss if scale is None else loss * scale
+        try:
+            gs = torch.autograd.grad(target, params, allow_unused=True, retain_graph=True)
+            missing = [i for i, g in enumerate(gs) if g is None]
+            duals = [(None, None) if g is None else fwAD.unpack_dual(g) for g in gs]
+            grads = [torch.zeros_like(p) if g is None else g.detach() for p, (g, _) in zip(params, duals)]
+            hvs = [torch.zeros_like(p) if t is None else t.detach() for p, (_, t) in zip(params, duals)]
+            del gs, duals
+        except (NotImplementedError, RuntimeError) as exc:
+            failed = exc
+        loss = fwAD.unpack_dual(loss).primal.detach()
+    if failed is not None:  # outside the level: the graph no longer carries tangents
+        warnings.warn(f"hvp='forward_over_reverse': a backward operation's forward-mode derivative failed "
+                      f"({failed}); this H v came from the double backward on the same graph", RuntimeWarning)
+        gs = torch.autograd.grad(target, params, allow_unused=True, create_graph=True)
+        missing = [i for i, g in enumerate(gs) if g is None]
+        graph = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+        hvs = double_backward(graph, params, v)
+        grads = [g.detach() for g in graph]
+        del gs, graph
+    del target
+    if unused is not None and distributed.active_group() is None:
+        unused.extend(missing)
+    if scale is not None:
+        grads, hvs = [g / scale for g in grads], [h / scale for h in hvs]
+    both = distributed.all_reduce_mean(grads + hvs)
+    return loss, both[:len(params)], both[len(params):]
 
 
 def finite_difference_hvp(closure, params: Sequence[torch.Tensor], v: Sequence[torch.Tensor],

@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from natasha_ext.curvature.hutchinson import rademacher_probe
-from natasha_ext.curvature.hvp import HVP, HVP_METHODS, evaluate_closure, gradients
+from natasha_ext.curvature.hvp import (HVP, ONE_PROBE_HVP_METHODS, double_backward, evaluate_closure, gradient_and_hvp,
+                                       gradients)
 from natasha_ext.ops import adahessian as aops
 from natasha_ext.optim import _validation as V
 from natasha_ext.optim._base import NatashaOptimizer, shared_args_doc
@@ -43,13 +44,7 @@ class _GraphHVP:
         self.g, self.params = graph_grads, params
 
     def __call__(self, v: List[torch.Tensor]) -> List[torch.Tensor]:
-        live = [(g, vi) for g, vi in zip(self.g, v) if g.requires_grad]
-        if not live:
-            return [torch.zeros_like(p) for p in self.params]
-        with torch.enable_grad():
-            hv = torch.autograd.grad([g for g, _ in live], self.params, [vi for _, vi in live],
-                                     retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv)]
+        return double_backward(self.g, self.params, v)
 
     def release(self) -> None:
         self.g = None
@@ -76,9 +71,14 @@ class AdaHessian(NatashaOptimizer):
         n_samples: Hutchinson probes averaged per curvature update (default 1).
         block_size: the paper's block average b for 1-D/2-D tensors (default None: none). Conv
             weights (3-D and more) always average over their kernel dims.
-        hvp: 'exact' (double backward) or 'finite_difference' (one extra gradient per probe;
-            closure mode only); 'auto' (default): exact, or finite differences for a closure
-            that calls backward itself (see :mod:`natasha_ext.curvature.hvp`).
+        hvp: 'exact' (double backward), 'forward_over_reverse' (exact too: Pearlmutter's
+            R-operator, the probe riding on the closure's own evaluation as a forward-mode
+            tangent; no double-backward graph; one probe, so n_samples=1; faster where the
+            double backward wastes work, e.g. LeNet-5, see README "Performance") or
+            'finite_difference' (one extra gradient per probe). The last two in closure mode
+            only; drop-in steps differentiate the graph they are given. 'auto' (default): exact,
+            or finite differences for a closure that calls backward itself (see
+            :mod:`natasha_ext.curvature.hvp`).
         abs_before_average: False (default, the papers' eq. 9): D^(s) = the mean of the signed
             D over each block, an unbiased estimate of the block's mean Hessian diagonal (eq. 10
             squares it). True: mean |D|, what Yao et al.'s released code (and the torch_optimizer
@@ -115,7 +115,10 @@ class AdaHessian(NatashaOptimizer):
         defaults["betas"] = tuple(betas)
         V.positive_int("update_each", update_each)
         V.positive_int("n_samples", n_samples)
-        V.choice("hvp", hvp, HVP_METHODS)
+        V.choice("hvp", hvp, ONE_PROBE_HVP_METHODS)
+        if hvp == "forward_over_reverse" and n_samples != 1:
+            raise ValueError(f"n_samples: hvp='forward_over_reverse' carries one probe per closure evaluation, so "
+                             f"n_samples must be 1, got {n_samples} (use hvp='exact' for several probes)")
         V.positive("fd_eps", fd_eps)
         super().__init__(params, defaults, fused=fused, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
                          process_group=process_group)
@@ -163,15 +166,18 @@ class AdaHessian(NatashaOptimizer):
                 out.append((group, ps))
         return out
 
-    def _units(self, groups) -> List[Tuple[dict, List[int], bool]]:
+    def _units(self, groups, split_unused: bool = True) -> List[Tuple[dict, List[int], bool]]:
         """Kernel calls: params of one group that share their step counts (bias corrections)
-        and whether the loss reaches them; (group, indices into the flat active list, unused)."""
+        and, with ``split_unused``, whether the loss reaches them; (group, indices into the flat
+        active list, unused). Probes are drawn per unit of ``split_unused=False`` (known before
+        the loss is: forward over reverse draws first)."""
         units, k = [], 0
         for group, ps in groups:
             buckets: Dict[Tuple[int, int, bool], List[int]] = {}
             for p in ps:
-                st = self.state[p]
-                key = (int(st.get("step", 0)), int(st.get("hessian_step", 0)), id(p) in getattr(self, "_unused", ()))
+                st = self.state.get(p, {})  # no empty entries: a step that raises leaves state as it was
+                key = (int(st.get("step", 0)), int(st.get("hessian_step", 0)),
+                       split_unused and id(p) in getattr(self, "_unused", ()))
                 buckets.setdefault(key, []).append(k)
                 k += 1
             units += [(group, idx, key[2]) for key, idx in buckets.items()]
@@ -188,12 +194,16 @@ class AdaHessian(NatashaOptimizer):
             return evaluate_closure(closure).detach()
         due = self._curvature_due(params)
         rng = self.rng.state_dict()
-        loss, grads, curv, offsets, engine = self._gradients_and_curvature(closure, groups, params, due)
+        try:
+            loss, grads, curv, offsets, mode = self._gradients_and_curvature(closure, groups, params, due)
+        except BaseException:
+            self.rng.load_state_dict(rng)  # a failed closure or HVP leaves the stream where it was
+            raise
         bad = None
         gc_norm = self.list_norms(grads + curv)[0]  # inf when a value is not finite
         if not math.isfinite(gc_norm):
             bad = "gradients or Hessian-vector products" if due else "gradients"
-        elif not self._apply(groups, params, grads, curv, offsets, due, gc_norm):
+        elif not self._apply(groups, params, grads, curv, offsets, mode, gc_norm):
             bad = "the updated parameters (the update overflows their dtype)"
         if bad is not None:
             self.rng.load_state_dict(rng)  # a skipped step draws nothing: the stream is where it was
@@ -204,15 +214,37 @@ class AdaHessian(NatashaOptimizer):
             self.counters["hessian_updates"] += 1
         return loss
 
+    def _draw_probe(self, params, draws) -> Tuple[List[torch.Tensor], Dict[int, int]]:
+        """One Rademacher z per parameter, drawn per unit of ``draws``; returns z and the Philox
+        offset of each draw (from which the kernels regenerate z instead of storing it)."""
+        z: List[Optional[torch.Tensor]] = [None] * len(params)
+        offsets: Dict[int, int] = {}
+        for ui, (_, idx, _) in enumerate(draws):
+            zu, offsets[ui] = rademacher_probe([params[i] for i in idx], self.rng, self.fused)
+            for i, zi in zip(idx, zu):
+                z[i] = zi
+        return z, offsets
+
     def _gradients_and_curvature(self, closure, groups, params, due):
-        """Gradient, and on curvature steps the Hz (one probe) or averaged D (several probes) per
-        parameter, with the Philox offset of each unit's probe. Leaves no graph alive."""
+        """Gradient, and on curvature steps the curvature the kernels take: Hz (one probe) or the
+        averaged D (several probes) per parameter, the Philox offset of each kernel call's probe,
+        and the kernels' curvature mode. Leaves no graph alive."""
         engine, loss, n = None, None, self.n_samples
         curv: List[torch.Tensor] = []
         offsets: Dict[int, int] = {}
+        draws = self._units(groups, split_unused=False)
+        if closure is not None and due and self.hvp == "forward_over_reverse":
+            z, offsets = self._draw_probe(params, draws)  # the probe rides on the closure's evaluation
+            unused: List[int] = []
+            loss, grads, hz = gradient_and_hvp(closure, params, z, unused=unused)
+            del z
+            self._unused = {id(params[i]) for i in unused}
+            self.counters["gradients"] += 1
+            self.counters["hvps"] += 1
+            return (loss, grads) + self._one_probe(draws, hz, offsets)
         try:
             if closure is not None:
-                unused: List[int] = []
+                unused = []
                 if due:
                     engine = HVP(closure, params, method=self.hvp, fd_eps=self.fd_eps)
                     grads, loss, unused = engine.grads, engine.loss, engine.unused
@@ -237,22 +269,16 @@ class AdaHessian(NatashaOptimizer):
                 grads = [g.detach() for g in raw]
                 del raw
             if due:
-                units = self._units(groups)
                 if n > 1:
                     curv = [self.accumulation_zeros(p) for p in params]
                 for s in range(n):
-                    z = [None] * len(params)
-                    for ui, (_, idx, _) in enumerate(units):
-                        zu, off = rademacher_probe([params[i] for i in idx], self.rng, self.fused)
-                        offsets[ui] = off
-                        for i, zi in zip(idx, zu):
-                            z[i] = zi
+                    z, offsets = self._draw_probe(params, draws)
                     hz = engine(z)
                     del z  # regenerated from (seed, offset) by the kernels
                     if n == 1:
                         curv = [h.detach() for h in hz]
                     else:
-                        for ui, (_, idx, _) in enumerate(units):
+                        for ui, (_, idx, _) in enumerate(draws):
                             aops.hutchinson_diag_([curv[i] for i in idx], [hz[i].detach() for i in idx],
                                                   self.rng.seed, offsets[ui], alpha=1.0 / n, accumulate=s > 0,
                                                   fused=self.fused)
@@ -269,14 +295,31 @@ class AdaHessian(NatashaOptimizer):
                 for p in params:
                     if p.grad is not None and p.grad.grad_fn is not None:
                         p.grad = p.grad.detach()
-        return loss, grads, curv, offsets, engine
+        if not due:
+            return loss, grads, curv, offsets, aops.CURV_NONE
+        if n == 1:
+            return (loss, grads) + self._one_probe(draws, curv, offsets)
+        return loss, grads, curv, {}, aops.CURV_DIAG
+
+    def _one_probe(self, draws, hz, offsets):
+        """(curvature, offsets, mode) for the kernels from one probe's Hz. They regenerate z
+        from the draws' offsets when their calls are the draws; when the loss misses some
+        parameters, those get calls of their own (see :meth:`_units`), so D = z * Hz is formed
+        here per draw and the kernels take D."""
+        if not self._unused:
+            return hz, offsets, aops.CURV_HZ
+        diag = [self.accumulation_zeros(h) for h in hz]
+        for ui, (_, idx, _) in enumerate(draws):
+            aops.hutchinson_diag_([diag[i] for i in idx], [hz[i] for i in idx], self.rng.seed, offsets[ui],
+                                  alpha=1.0, accumulate=False, fused=self.fused)
+        return diag, {}, aops.CURV_DIAG
 
     #: margin of the in-place bound below the dtypes' largest finite values (rounding of the
     #: bounded quantities, and the L2 norms' own rounding)
     IN_PLACE_MARGIN = 4.0
 
     @torch.no_grad()
-    def _apply(self, groups, params, grads, curv, offsets, due, gc_norm: float) -> bool:
+    def _apply(self, groups, params, grads, curv, offsets, mode, gc_norm: float) -> bool:
         """The update. In place when :meth:`_in_place_is_safe` proves it stays finite (the usual
         case); otherwise computed into copies of the parameters and moments, checked for overflow
         (one reduction over the new parameters) and only then copied in, so that an update that
@@ -288,8 +331,8 @@ class AdaHessian(NatashaOptimizer):
                     self.state[p].update(exp_avg=self.accumulation_zeros(p),
                                          exp_hessian_diag_sq=self.accumulation_zeros(p))
             moments = {p: (self.state[p]["exp_avg"], self.state[p]["exp_hessian_diag_sq"]) for p in params}
-            self._update(groups, params, grads, curv, offsets, due, {p: p for p in params}, moments)
-            self._count_step(params, due)
+            self._update(groups, params, grads, curv, offsets, mode, {p: p for p in params}, moments)
+            self._count_step(params, mode != aops.CURV_NONE)
             return True
         fresh = {}
         for p in params:
@@ -299,12 +342,12 @@ class AdaHessian(NatashaOptimizer):
             else:
                 fresh[p] = (self.accumulation_zeros(p), self.accumulation_zeros(p))
         new_params = {p: p.detach().clone() for p in params}
-        self._update(groups, params, grads, curv, offsets, due, new_params, fresh)
+        self._update(groups, params, grads, curv, offsets, mode, new_params, fresh)
         if not self.all_finite(list(new_params.values())):
             return False
         for p in params:
             self.state[p]["exp_avg"], self.state[p]["exp_hessian_diag_sq"] = fresh[p]
-        self._count_step(params, due)
+        self._count_step(params, mode != aops.CURV_NONE)
         torch._foreach_copy_(params, list(new_params.values()))
         return True
 
@@ -331,9 +374,9 @@ class AdaHessian(NatashaOptimizer):
         return (math.isfinite(p_bound) and math.isfinite(v_bound) and k * p_bound < p_max
                 and k * max(m_bound, v_bound, p_bound) < acc_max)
 
-    def _update(self, groups, params, grads, curv, offsets, due, targets, moments) -> None:
+    def _update(self, groups, params, grads, curv, offsets, mode, targets, moments) -> None:
         """The adahessian_step kernel of every unit, writing ``targets[p]`` and ``moments[p]``."""
-        mode = (aops.CURV_HZ if self.n_samples == 1 else aops.CURV_DIAG) if due else aops.CURV_NONE
+        due = mode != aops.CURV_NONE
         for ui, (group, idx, unused) in enumerate(self._units(groups)):
             ps = [params[i] for i in idx]
             st = self.state[ps[0]]

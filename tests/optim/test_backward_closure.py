@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from natasha_ext.curvature import hvp
+from natasha_ext.optim import AdaHessian
 from tests.suites.optimizer_zoo import ZOO, Problem, case_params
 
 STEPS = 4
-HESSIAN = [c for c in ZOO if not c.outputs]                # gradient + Hessian (or none) engines
+HESSIAN = [c for c in ZOO if not c.outputs and not c.package_closure_only]  # gradient + Hessian (or none) engines
 GAUSS_NEWTON = [c for c in ZOO if c.outputs]               # curvature='gauss_newton': needs the graph
 TAKES_HVP = [c for c in HESSIAN if "hvp" in inspect.signature(c.klass).parameters]
 AUTO_HVP = [c for c in TAKES_HVP if "hvp" not in c.kwargs]  # hvp='auto' resolves per convention
@@ -158,18 +159,24 @@ def test_package_closure_with_stale_grad_is_not_taken_for_a_backward_one(case):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@case_params(TAKES_HVP)
-def test_exact_hvp_with_a_backward_closure_is_refused_naming_hvp(case):
-    """(c) hvp='exact' asked for explicitly cannot work once the closure spent the graph: a
-    ValueError naming hvp, parameters, state and counters unchanged."""
+PACKAGE_ENGINES = [(c, "exact") for c in TAKES_HVP] + [  # forward over reverse: AdaHessian's one probe
+    (c, "forward_over_reverse") for c in TAKES_HVP if issubclass(c.klass, AdaHessian) and c.kwargs.get("n_samples", 1) == 1]
+
+
+@pytest.mark.parametrize("case,engine", PACKAGE_ENGINES, ids=[f"{c.name}-{e}" for c, e in PACKAGE_ENGINES])
+@pytest.mark.parametrize("style", ["lbfgs", "lightning"])
+def test_exact_hvp_with_a_backward_closure_is_refused_naming_hvp(case, engine, style):
+    """(c) hvp='exact' or 'forward_over_reverse' asked for explicitly cannot work with a closure
+    that runs backward itself (the graph is spent; the tangents meet its backward, which for
+    mse_loss fails inside it): a ValueError naming hvp, parameters, state and counters unchanged."""
     problem = Problem()
     model = problem.model()
-    opt = case.make(model, hvp="exact")
+    opt = case.make(model, hvp=engine)
     if case.before_step is not None:  # the hybrid: straight to its AdaHessian phase
         case.before_step(opt, 10)
     before = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"hvp='exact'.*called backward\(\).*hvp='finite_difference'"):
-        opt.step(backward_closure(problem, model, opt, 0))
+    with pytest.raises(ValueError, match=rf"hvp='{engine}'.*called backward\(\).*hvp='finite_difference'"):
+        opt.step(backward_closure(problem, model, opt, 0, style))
     after = snapshot(model, opt)
     assert all(torch.equal(a, b) for a, b in zip(after[0], before[0])) and after[1:] == before[1:]
 

@@ -25,6 +25,12 @@ import natasha_ext.optim as O
 IN, HIDDEN, OUT, BATCH, N_BATCHES = 5, 8, 3, 16, 6
 
 
+def loss_fn(name: str) -> Callable:
+    """The zoo's regression loss: 'mse' (F.mse_loss) or 'squares', the same mean written out,
+    whose backward has working forward-mode derivatives (torch 2.x's mse_loss_backward has none)."""
+    return F.mse_loss if name == "mse" else (lambda a, b: (a - b).pow(2).mean())
+
+
 class Problem:
     """A tiny regression problem with fixed batches (deterministic for a given seed)."""
 
@@ -48,19 +54,22 @@ class Problem:
             x, y = x[r * k:(r + 1) * k], y[r * k:(r + 1) * k]
         return x, y
 
-    def closure(self, model: nn.Module, i: int, shard=None, outputs: bool = False, autocast=None):
+    def closure(self, model: nn.Module, i: int, shard=None, outputs: bool = False, autocast=None, loss: str = "mse"):
+        """``loss``: 'mse' (F.mse_loss) or 'squares', the same mean written out, whose backward
+        has working forward-mode derivatives (torch 2.x's mse_loss_backward has none)."""
         x, y = self.batch(i, shard)
+        mse = loss_fn(loss)
 
         def closure():
             if autocast is not None:
                 with torch.autocast(autocast[0], dtype=autocast[1]):
                     out = model(x.to(autocast[1]))
                 out = out.float()
-                loss = F.mse_loss(out, y.float())
+                value = mse(out, y.float())
             else:
                 out = model(x)
-                loss = F.mse_loss(out, y)
-            return (loss, out) if outputs else loss
+                value = mse(out, y)
+            return (value, out) if outputs else value
 
         return closure
 
@@ -84,7 +93,13 @@ class Case:
     bad: Sequence[Tuple[str, Any]] = ()        # (kwarg, invalid value) -> ValueError/TypeError naming kwarg
     uses_hvp: bool = True                      # draws HVPs (the HVP fuzz applies)
     distributed: Any = True                    # True, or a reason string why 2 ranks != 1 process
+    loss: str = "mse"                          # Problem.closure's loss ('squares': forward-mode friendly)
     notes: str = ""
+
+    @property
+    def package_closure_only(self) -> bool:
+        """The engine differentiates the closure's loss itself (a closure calling backward is refused)."""
+        return self.kwargs.get("hvp") in ("exact", "forward_over_reverse")
 
     @property
     def klass(self):
@@ -100,7 +115,7 @@ class Case:
         return self.klass(model.parameters() if params is None else params, **kw)
 
     def closure(self, problem: Problem, model, i, shard=None, autocast=None):
-        return problem.closure(model, i, shard=shard, outputs=self.outputs, autocast=autocast)
+        return problem.closure(model, i, shard=shard, outputs=self.outputs, autocast=autocast, loss=self.loss)
 
     def run(self, problem: Problem, model, opt, start: int, stop: int, shard=None, autocast=None):
         """Training loop: one step(closure) per batch i in [start, stop)."""
@@ -166,6 +181,10 @@ ZOO: List[Case] = [
     Case("adahessian_fd", "AdaHessian", dict(lr=0.05, hvp="finite_difference", n_samples=2, weight_decay=1e-2,
                                               abs_before_average=True, seed=22),
          notes="the released code's mean |D| (AdaHessian.practical)"),
+    Case("adahessian_forward_over_reverse", "AdaHessian",
+         dict(lr=0.05, hvp="forward_over_reverse", update_each=2, weight_decay=1e-2, seed=25),
+         bad=_ADA_BAD + [("n_samples", 2)], loss="squares",
+         notes="the probe as the closure's forward-mode tangent (Pearlmutter's R-operator)"),
     Case("hybrid_switch_before", "HybridSGDAdaHessian",
          dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=23),
          before_step=_switch_at(1),

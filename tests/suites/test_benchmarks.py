@@ -124,17 +124,18 @@ def test_fused_over_reference_flag_fires_beyond_the_noise_and_not_below():
 
 @pytest.mark.skipif(not ops.fused_available(), reason="compiled kernels not built")
 def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(monkeypatch):
-    monkeypatch.setitem(end_to_end.PEERS, "missing-peer", ("no_such_peer_package", "AdaHessian", (), "adahessian"))
+    fwd = "adahessian hvp=forward_over_reverse"
+    monkeypatch.setitem(end_to_end.PEERS, "missing-peer", ("no_such_peer_package", "AdaHessian", (), ("adahessian", fwd)))
     saved = torch.get_num_threads()
-    rows_spec = end_to_end.specs(["adahessian", "kfac", "ifang", "natasha15", "missing-peer"])
+    rows_spec = end_to_end.specs(["adahessian", fwd, "kfac", "ifang", "natasha15", "missing-peer"])
     rows = time_rows("cpu", "small-cnn", 8, 1, rows_spec, rounds=3, sample_s=0.0)
     torch.set_num_threads(saved)
     by = {(r["optimizer"], r["path"]): r for r in rows}
     assert set(by) == {("sgd", "torch"), ("missing-peer", "peer")} | {
-        (n, p) for n in ("adahessian", "kfac", "ifang", "natasha15") for p in ("fused", "reference")}
+        (n, p) for n in ("adahessian", fwd, "kfac", "ifang", "natasha15") for p in ("fused", "reference")}
     assert "no_such_peer_package" in by[("missing-peer", "peer")]["error"]
     assert math.isnan(by[("missing-peer", "peer")]["ms"])
-    for name in ("adahessian", "kfac", "ifang", "natasha15"):
+    for name in ("adahessian", fwd, "kfac", "ifang", "natasha15"):
         f, r = by[(name, "fused")], by[(name, "reference")]
         assert not f["error"] and not r["error"], (f, r)
         assert f["rounds"] == r["rounds"] == 3 and 0 < f["ms_min"] <= f["ms"] <= f["ms_max"]
@@ -148,8 +149,9 @@ def test_end_to_end_rows_put_every_optimizer_s_fused_path_beside_its_reference(m
             r.update(ms=50.0, error="")
     end_to_end.derive(planted)
     peer_x = {(r["optimizer"], r["path"]): r["x_best_peer"] for r in planted if r["x_best_peer"] == r["x_best_peer"]}
-    assert set(peer_x) == {("adahessian", "fused"), ("adahessian", "reference")}
+    assert set(peer_x) == {(n, p) for n in ("adahessian", fwd) for p in ("fused", "reference")}
     assert peer_x[("adahessian", "fused")] == pytest.approx(by[("adahessian", "fused")]["ms"] / 50.0)
+    assert peer_x[(fwd, "fused")] == pytest.approx(by[(fwd, "fused")]["ms"] / 50.0)
     # samples span whole periods: natasha15's epoch of 27 steps, K-FAC's inverse refresh (inv_every 100,
     # a multiple of cov_every 10), IFANG's statistics every step
     assert by[("natasha15", "fused")]["period"] == 27 and by[("kfac", "reference")]["period"] == 100

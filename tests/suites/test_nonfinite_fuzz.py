@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from natasha_ext.curvature import gauss_newton, hvp
-from natasha_ext.optim import NonFiniteError
-from tests.suites.optimizer_zoo import ZOO, Problem, case_params, state_tensors
+from natasha_ext.optim import NonFiniteError, adahessian
+from tests.suites.optimizer_zoo import ZOO, Problem, case_params, loss_fn, state_tensors
 
 BAD_VALUES = (float("nan"), float("inf"), float("-inf"))
 
@@ -37,6 +37,10 @@ class _PoisonGrad(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         return g * mask, None
 
+    @staticmethod
+    def jvp(ctx, x_tangent, mask_tangent):
+        return x_tangent  # identity forward (hvp='forward_over_reverse' runs the closure in forward mode)
+
 
 class _HVPPoison:
     """Patches the shared curvature oracles: when armed, the next product returns a non-finite
@@ -46,16 +50,24 @@ class _HVPPoison:
         self.armed, self.consumed, self.value = False, False, float("nan")
         for cls in (hvp.HVP, gauss_newton.GaussNewton):
             monkeypatch.setattr(cls, "__call__", self._wrap(cls.__call__))
+        one_probe = adahessian.gradient_and_hvp  # forward over reverse: (loss, g, H v) in one call
+
+        def poisoned_one_probe(*args, **kwargs):
+            loss, grads, hv = one_probe(*args, **kwargs)
+            return loss, grads, self._poison(hv)
+        monkeypatch.setattr(adahessian, "gradient_and_hvp", poisoned_one_probe)
+
+    def _poison(self, out):
+        if self.armed:
+            self.armed, self.consumed = False, True
+            out = [o.clone() for o in out]
+            k = max(range(len(out)), key=lambda i: out[i].numel())
+            out[k].view(-1)[0] = self.value
+        return out
 
     def _wrap(self, call):
         def patched(oracle, v):
-            out = call(oracle, v)
-            if self.armed:
-                self.armed, self.consumed = False, True
-                out = [o.clone() for o in out]
-                k = max(range(len(out)), key=lambda i: out[i].numel())
-                out[k].view(-1)[0] = self.value
-            return out
+            return self._poison(call(oracle, v))
         return patched
 
 
@@ -93,7 +105,7 @@ def _closure(case, pb, model, i, mode, value, rng):
             mask = torch.ones_like(out)
             mask.view(-1)[rng.randrange(mask.numel())] = value
             out = _PoisonGrad.apply(out, mask)
-        loss = F.mse_loss(out, y)
+        loss = loss_fn(case.loss)(out, y)
         return (loss, out) if case.outputs else loss
 
     return closure
