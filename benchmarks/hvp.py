@@ -4,6 +4,8 @@ Engines (each includes the gradient the optimizer needs anyway):
   fwd+bwd            loss + gradient (the unit)
   exact (double bwd) gradient with create_graph=True + one Hessian-vector product
   finite difference  gradient + one gradient at x + q v (natasha_ext.curvature default fallback)
+  forward over reverse  natasha_ext's hvp='forward_over_reverse' (gradient_and_hvp: the closure
+                     run with the parameters carrying v as forward-mode tangents; exact, no graph kept)
   torch.func fwd-over-rev  jvp of the gradient function (exact, no graph kept)
   Gauss-Newton       gradient + one J^T H_out J v product (curvature.GaussNewton; B >= 0)
   ... each further   the marginal cost of one more product on the same graph (what every CG /
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import time_fn
 from natasha_ext.curvature import HVP, GaussNewton, gradients
+from natasha_ext.curvature.hvp import gradient_and_hvp
 
 
 def _models(quick: bool):
@@ -76,6 +79,9 @@ def run_hvp(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
             def fd():
                 return HVP(closure, params, "finite_difference")(v)
 
+            def fwd_over_rev():
+                return gradient_and_hvp(closure, params, v)[2]
+
             def func_fwd_over_rev():
                 names = [n for n, _ in model.named_parameters()]
                 base = {n: p.detach() for n, p in model.named_parameters()}
@@ -89,6 +95,7 @@ def run_hvp(devices: List[str], quick: bool, min_time: float) -> List[Dict]:
             timed = {}
             for engine, fn in (("fwd+bwd", fwd_bwd), ("exact (double backward)", exact),
                                ("exact: each further HVP", exact4), ("finite difference", fd),
+                               ("forward over reverse", fwd_over_rev),
                                ("torch.func fwd-over-rev", func_fwd_over_rev), ("Gauss-Newton", gn),
                                ("Gauss-Newton: each further product", gn4)):
                 try:

@@ -176,6 +176,23 @@ def contiguous(tensors: Sequence[torch.Tensor]):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
+def memory_order(tensors: Sequence[torch.Tensor]):
+    """Read-only inputs of order-blind reductions (norms): a tensor whose elements fill a dense
+    block in a permuted layout (the transposed weight gradients of PyTorch's conv double
+    backward, channels_last) is passed as a 1-D view of that block in memory order, not copied;
+    other strided tensors are made contiguous."""
+    return [t if t.is_contiguous() else _dense_block(t) for t in tensors]
+
+
+def _dense_block(t: torch.Tensor) -> torch.Tensor:
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:  # gaps or overlaps: not one dense block
+            return t.contiguous()
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))  # strides are >= 0: the storage offset is the block's start
+
+
 def register_fake(opname: str):
     """Decorator: the fake (meta) kernel of ``natasha::opname``, registered next to its op's
     wrapper so torch.compile can trace the op (nothing to register without the library)."""

@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 
 from natasha_ext.ops import reference
-from natasha_ext.ops._dispatch import (acc_dtype, check_tensor_list, contiguous, contiguous_inplace, register_fake,
+from natasha_ext.ops._dispatch import (acc_dtype, check_tensor_list, contiguous_inplace, memory_order, register_fake,
                                        use_kernel)
 
 
@@ -33,7 +33,7 @@ def global_norm(tensors: List[torch.Tensor], *, fused: Optional[bool] = None) ->
     check_tensor_list("tensors", tensors)
     if not tensors or not use_kernel("global_norm", fused, tensors):
         return reference.global_norm(list(tensors))
-    return torch.ops.natasha.global_norm(contiguous(tensors))
+    return torch.ops.natasha.global_norm(memory_order(tensors))
 
 
 @register_fake("rademacher_")

@@ -167,6 +167,32 @@ def test_non_contiguous_inputs(fused):
     assert torch.equal(m, ref)
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=requires_fused)])
+def test_global_norm_reads_permuted_dense_layouts_in_place(fused):
+    """Norms are blind to element order: a tensor filling a dense block in a permuted layout
+    (conv double backward's transposed weight gradients, channels_last, size-1 dims with any
+    stride) is reduced as a 1-D view of its memory, not copied; gapped or overlapping layouts are
+    copied. Every case equals the norm of its values."""
+    from natasha_ext.ops._dispatch import memory_order
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, 3, 3, generator=g)
+    dense = [base.transpose(0, 1), base.permute(3, 1, 0, 2), base.contiguous(memory_format=torch.channels_last),
+             torch.randn(4, 1, 7, generator=g).as_strided((4, 1, 7), (7, 99, 1)), base[:, :, 1:2].transpose(0, 1)[:, :, 0]]
+    gapped = [base[:, ::2], base[1:4, :, :, :2].transpose(0, 1), torch.randn(3, generator=g).expand(4, 3)]
+    for t in dense + gapped:
+        (view,) = memory_order([t])
+        want = torch.sqrt((t.double() ** 2).sum())
+        torch.testing.assert_close(ops.global_norm([t, torch.ones(2)], fused=fused).double(),
+                                   torch.sqrt(want ** 2 + 2), rtol=1e-6, atol=1e-6)
+        assert view.numel() == t.numel() and view.is_contiguous()
+        torch.testing.assert_close(torch.sqrt((view.double() ** 2).sum()), want, rtol=1e-12, atol=0)
+    for t in dense[:4]:  # the same memory, not a copy
+        assert memory_order([t])[0].untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    for t in gapped:
+        assert memory_order([t])[0].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is on meta"):
         ops.global_norm([torch.zeros(3), torch.zeros(3, device="meta")])
