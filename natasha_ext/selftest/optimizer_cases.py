@@ -2,7 +2,8 @@
 
 Both runs start from the same weights and seed and see the same batches; the parameters after
 ``STEPS`` steps must agree within the ``optimizer`` tolerance. The hyperparameters make each
-short run reach the family's interesting parts: a Natasha sub-epoch end, an AdaHessian probe,
+short run reach the family's interesting parts: a Natasha sub-epoch end, an AdaHessian probe
+(by either exact engine),
 the Hybrid switch, K-FAC inverse refreshes, trust-region CG iterations.
 """
 from __future__ import annotations
@@ -26,6 +27,11 @@ class OptimizerCase:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     takes_model: bool = False          # the K-FAC family registers hooks on the model
     before_step: Callable[[Any, int], None] = lambda opt, i: None
+    variant: str = ""                  # shown after the class name (a second case of one class)
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} {self.variant}" if self.variant else self.name
 
 
 def _switch_before_last(opt, i):
@@ -40,6 +46,8 @@ OPTIMIZER_CASES: List[OptimizerCase] = [
     OptimizerCase("Natasha2", dict(lr=0.05, sigma=0.5, epoch_size=4, subepochs=2, delta=0.2, eta=0.1,
                                    oja_iters=3, snapshot_batches=1, seed=13)),
     OptimizerCase("AdaHessian", dict(lr=0.05, seed=21)),
+    # the probe as the closure's forward-mode tangent: forward AD through the model on this device
+    OptimizerCase("AdaHessian", dict(lr=0.05, hvp="forward_over_reverse", seed=22), variant="hvp=forward_over_reverse"),
     OptimizerCase("HybridSGDAdaHessian", dict(switch_threshold=1.0, sgd_lr=0.05, momentum=0.9, lr=0.05, seed=23),
                   before_step=_switch_before_last),
     OptimizerCase("KFAC", dict(lr=0.05, damping=0.1, cov_every=1, inv_every=2, seed=31), takes_model=True),

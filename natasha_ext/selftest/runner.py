@@ -28,7 +28,7 @@ def optimizer_checks(device: str, quick: bool) -> Iterator[Check]:
     """A few steps of every optimizer family, fused against reference."""
     for case in OPTIMIZER_CASES:
         for dtype in OPTIMIZER_DTYPES[:1] if quick else OPTIMIZER_DTYPES:
-            yield Check("optimizer", case.name, device, dtype, f"{STEPS} steps", optimizer_runner(case, device, dtype),
+            yield Check("optimizer", case.title, device, dtype, f"{STEPS} steps", optimizer_runner(case, device, dtype),
                         tolerance(dtype, "optimizer"))
 
 

@@ -66,7 +66,7 @@ def test_selftest_passes_on_cpu_and_its_json_is_complete(tmp_path):
             assert all(_base(case.op) in map(_base, r["kernels"]) and r["max_error"] <= r["tolerance"] for r in got)
     # every optimizer family in both dtypes, each dispatching some natasha kernel
     for case in OPTIMIZER_CASES:
-        got = {r["dtype"]: r for r in rows if r["check"] == "optimizer" and r["name"] == case.name}
+        got = {r["dtype"]: r for r in rows if r["check"] == "optimizer" and r["name"] == case.title}
         assert set(got) == {str(d)[6:] for d in OPTIMIZER_DTYPES} and all(r["kernels"] for r in got.values())
     kinds = {r["name"].split(":")[0] for r in rows if r["check"] == "stress"}
     assert kinds == {"groups", "philox offset", "chunks", "repeat", "layers"}
