@@ -172,8 +172,11 @@ def class_default(spec: OptimizerSpec, name: str) -> Any:
 _LR = Flag("learning rate")
 _BETAS = {"beta1": Flag("first-moment decay", arg="betas", index=0),
           "beta2": Flag("second-moment decay", arg="betas", index=1)}
-_HVP = {"hvp": Flag("Hessian-vector products", choices=HVP_METHODS),
-        "fd_eps": Flag("finite-difference HVP step q")}
+def _hvp_flags(what: str, choices) -> Dict[str, Flag]:
+    return {"hvp": Flag(what, choices=choices), "fd_eps": Flag("finite-difference HVP step q")}
+
+
+_HVP = _hvp_flags("Hessian-vector products", HVP_METHODS)
 _PAPER = "the AdaHessian/Hybrid paper's grid-searched value (ResNet-18, 1200 MNIST images, batch 100)"
 _PAPER_RUN = ("; the CLI's default run is that paper's Table I setting (ResNet-18, MNIST 1200/200/200, "
               "15 epochs)")
@@ -185,9 +188,9 @@ _ADAHESSIAN = {
     "n_samples": Flag("AdaHessian: Hutchinson probes per refresh"),
     "block_size": Flag("AdaHessian: block average b of 1-D/2-D tensors (eq. 9; 0: none)", none=0),
     "abs_before_average": Flag("AdaHessian: D^(s) = mean |D| (Yao et al.'s released code) instead of eq. 9's "
-                               "mean of the signed D"), **_HVP,
-    "hvp": Flag("Hessian-vector products ('forward_over_reverse': the probe as the closure's forward-mode tangent)",
-                choices=ONE_PROBE_HVP_METHODS),
+                               "mean of the signed D"),
+    **_hvp_flags("Hessian-vector products ('forward_over_reverse': the probe as the closure's forward-mode tangent)",
+                 ONE_PROBE_HVP_METHODS),
 }
 
 _NATASHA = {

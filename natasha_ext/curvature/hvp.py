@@ -318,33 +318,28 @@ def gradient_and_hvp(closure: Callable[[], torch.Tensor], params: Sequence[torch
         if called_backward(loss):
             raise refused
         scale = _LOSS_SCALE.get()
-        target = loss if scale is None else loss * scale
         try:
-            gs = torch.autograd.grad(target, params, allow_unused=True, retain_graph=True)
-            missing = [i for i, g in enumerate(gs) if g is None]
+            gs = torch.autograd.grad(loss if scale is None else loss * scale, params, allow_unused=True,
+                                     retain_graph=True)
+            if unused is not None and distributed.active_group() is None:  # as gradients() reports them
+                unused.extend(i for i, g in enumerate(gs) if g is None)
             duals = [(None, None) if g is None else fwAD.unpack_dual(g) for g in gs]
             grads = [torch.zeros_like(p) if g is None else g.detach() for p, (g, _) in zip(params, duals)]
             hvs = [torch.zeros_like(p) if t is None else t.detach() for p, (_, t) in zip(params, duals)]
             del gs, duals
+            if scale is not None:
+                grads, hvs = [g / scale for g in grads], [h / scale for h in hvs]
         except (NotImplementedError, RuntimeError) as exc:
             failed = exc
-        loss = fwAD.unpack_dual(loss).primal.detach()
     if failed is not None:  # outside the level: the graph no longer carries tangents
         warnings.warn(f"hvp='forward_over_reverse': a backward operation's forward-mode derivative failed "
                       f"({failed}); this H v came from the double backward on the same graph", RuntimeWarning)
-        gs = torch.autograd.grad(target, params, allow_unused=True, create_graph=True)
-        missing = [i for i, g in enumerate(gs) if g is None]
-        graph = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+        graph = gradients(loss, params, create_graph=True, unused=unused)  # unscaled, zeros where unreached
         hvs = double_backward(graph, params, v)
         grads = [g.detach() for g in graph]
-        del gs, graph
-    del target
-    if unused is not None and distributed.active_group() is None:
-        unused.extend(missing)
-    if scale is not None:
-        grads, hvs = [g / scale for g in grads], [h / scale for h in hvs]
+        del graph
     both = distributed.all_reduce_mean(grads + hvs)
-    return loss, both[:len(params)], both[len(params):]
+    return loss.detach(), both[:len(params)], both[len(params):]
 
 
 def finite_difference_hvp(closure, params: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
