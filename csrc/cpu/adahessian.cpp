@@ -80,7 +80,8 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
         *d = static_cast<d_t>(val);
       };
       for_each_chunk(chunks, [&](const Chunk& c) {
-        const h_t* h = hz[c.tensor].data_ptr<h_t>() + c.start;
+        thread_local std::vector<h_t> hz_buf;  // strided Hz (read_chunk)
+        const h_t* h = read_chunk(hz[c.tensor], c, hz_buf);
         d_t* d = diag[c.tensor].data_ptr<d_t>() + c.start;
         if (!accumulate && try_hutchinson_block(d, h, s, o, static_cast<uint64_t>(c.first),
                                                 static_cast<uint64_t>(c.n), alpha, stream))
@@ -93,35 +94,48 @@ void hutchinson_diag_cpu(at::TensorList diag, at::TensorList hz, int64_t seed, i
 }
 
 // ------------------------------------------------------------------ adahessian_step
-// A chunk of whole spatial groups of `group` elements.
-struct GroupChunk : Chunk {
-  int64_t group;
-};
-
-// Chunks of about kChunk elements holding whole groups of each tensor's group size.
-std::vector<GroupChunk> make_group_chunks(at::TensorList ts, at::IntArrayRef groups) {
-  std::vector<GroupChunk> out;
+// Chunks of about kChunk elements holding whole groups of each tensor's group size; a tensor
+// whose curvature input is Transposed (the double backward's conv-weight H z) is cut into tiles
+// instead (chunks.h), when its runs hold whole groups.
+std::vector<TileChunk> make_group_chunks(at::TensorList ts, at::IntArrayRef groups,
+                                         const std::vector<c10::optional<Transposed>>& tiled) {
+  std::vector<TileChunk> out;
   int64_t base = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
     const int64_t n = ts[i].numel(), g = groups[i];
-    const int64_t len = std::max<int64_t>(g, (kChunk / g) * g);
-    for (int64_t s = 0; s < n; s += len) {
-      GroupChunk c;
-      c.tensor = static_cast<int>(i);
-      c.start = s;
-      c.n = std::min(len, n - s);
-      c.first = base + s;
-      c.index = static_cast<int64_t>(out.size());
-      c.group = g;
-      out.push_back(c);
+    if (tiled[i]) {
+      append_tiles(out, static_cast<int>(i), *tiled[i], base, g);
+    } else {
+      const int64_t len = std::max<int64_t>(g, (kChunk / g) * g);
+      for (int64_t s = 0; s < n; s += len) {
+        TileChunk c;
+        c.tensor = static_cast<int>(i);
+        c.start = s;
+        c.n = std::min(len, n - s);
+        c.first = base + s;
+        c.index = static_cast<int64_t>(out.size());
+        c.group = g;
+        out.push_back(c);
+      }
     }
     base += n;
   }
   return out;
 }
 
+// Which curvature inputs are read tile by tile: Transposed, with whole groups in each run.
+std::vector<c10::optional<Transposed>> tiled_inputs(at::TensorList curv, at::IntArrayRef groups) {
+  std::vector<c10::optional<Transposed>> out(groups.size());
+  for (size_t i = 0; i < curv.size(); ++i) {
+    if (curv[i].is_contiguous()) continue;
+    auto l = as_transposed(curv[i]);
+    if (l && (groups[i] == 1 || l->r % groups[i] == 0)) out[i] = l;
+  }
+  return out;
+}
+
 template <typename scalar_t, typename acc_t, typename curv_t>
-void second_moment_groups(const GroupChunk& c, const curv_t* cv, acc_t* v, bool signed_probe, bool abs_first,
+void second_moment_groups(const TileChunk& c, const curv_t* cv, acc_t* v, bool signed_probe, bool abs_first,
                           uint64_t seed, uint64_t offset, const AdaHessianCoef<acc_t>& k) {
   const int64_t G = c.group;
   if (G == 1) {  // |z * c| = |c|: no probe needed
@@ -199,24 +213,43 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          double beta2, double eps, double weight_decay, double hessian_power,
                          double bias_correction1, double bias_correction2) {
   if (!check_adahessian_step_args(params, grads, exp_avg, exp_hess_sq, curv, group_sizes, curv_mode)) return;
-  const auto chunks = make_group_chunks(params, group_sizes);
+  const auto tiled = tiled_inputs(curv, group_sizes);
+  const auto chunks = make_group_chunks(params, group_sizes, tiled);
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adahessian_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_adahessian_coef<acc_t>(lr, beta1, beta2, eps, weight_decay, hessian_power, bias_correction1,
                                                bias_correction2);
-    for_each_chunk(chunks, [&](const GroupChunk& c) {
-      acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
-      acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
-      if (curv_mode == kCurvHz) {
-        second_moment_groups<scalar_t, acc_t, scalar_t>(c, curv[c.tensor].data_ptr<scalar_t>() + c.start, v,
-                                                        true, abs_first, s, o, k);
-      } else if (curv_mode == kCurvDiag) {
-        second_moment_groups<scalar_t, acc_t, acc_t>(c, curv[c.tensor].data_ptr<acc_t>() + c.start, v, false,
-                                                     abs_first, s, o, k);
+    for_each_chunk(chunks, [&](const TileChunk& tile) {
+      thread_local std::vector<scalar_t> g_buf, hz_buf;  // strided grads / Hz (read_chunk, tile_transposed)
+      thread_local std::vector<acc_t> diag_buf;
+      const auto& tl = tiled[tile.tensor];
+      // the curvature of row r: from the gathered tile, or read_chunk's view of the row
+      auto curv_rows = [&](auto& buf, const TileChunk& row, int64_t r) {
+        using T = typename std::decay_t<decltype(buf)>::value_type;
+        return tl ? static_cast<const T*>(buf.data() + r * tile.n) : read_chunk(curv[tile.tensor], row, buf);
+      };
+      if (tl) {
+        if (curv_mode == kCurvHz) {
+          hz_buf.resize(static_cast<size_t>(tile.rows * tile.n));
+          tile_transposed(curv[tile.tensor], *tl, tile, hz_buf.data());
+        } else {
+          diag_buf.resize(static_cast<size_t>(tile.rows * tile.n));
+          tile_transposed(curv[tile.tensor], *tl, tile, diag_buf.data());
+        }
       }
-      update_chunk<scalar_t, acc_t>(c.n, params[c.tensor].data_ptr<scalar_t>() + c.start,
-                                    grads[c.tensor].data_ptr<scalar_t>() + c.start, m, v, k);
+      for (int64_t r = 0, rows = tile_rows(tile); r < rows; ++r) {
+        const TileChunk c = tile_row(tile, r);
+        acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
+        acc_t* v = exp_hess_sq[c.tensor].data_ptr<acc_t>() + c.start;
+        if (curv_mode == kCurvHz) {
+          second_moment_groups<scalar_t, acc_t, scalar_t>(c, curv_rows(hz_buf, c, r), v, true, abs_first, s, o, k);
+        } else if (curv_mode == kCurvDiag) {
+          second_moment_groups<scalar_t, acc_t, acc_t>(c, curv_rows(diag_buf, c, r), v, false, abs_first, s, o, k);
+        }
+        update_chunk<scalar_t, acc_t>(c.n, params[c.tensor].data_ptr<scalar_t>() + c.start,
+                                      read_chunk(grads[c.tensor], c, g_buf), m, v, k);
+      }
     });
   });
 }

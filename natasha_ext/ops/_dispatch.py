@@ -176,6 +176,15 @@ def contiguous(tensors: Sequence[torch.Tensor]):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
+def readable(tensors: Sequence[torch.Tensor]):
+    """Read-only inputs of kernels that read any strides on CPU (csrc/cpu/chunks.h read_chunk
+    gathers a strided tensor chunk by chunk in cache, instead of a whole .contiguous() copy that
+    writes a new tensor and reads it back: 10 ms of a ResNet-18 AdaHessian step for the transposed
+    conv-weight Hz of the double backward); made contiguous for the CUDA kernels. The C++ side of
+    the rule is natasha/args/tensor_lists.h check_read_list."""
+    return [t if t.is_contiguous() or t.device.type == "cpu" else t.contiguous() for t in tensors]
+
+
 def memory_order(tensors: Sequence[torch.Tensor]):
     """Read-only inputs of order-blind reductions (norms): a tensor whose elements fill a dense
     block in a permuted layout (the transposed weight gradients of PyTorch's conv double

@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from natasha_ext.ops import reference
-from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tensor_list, contiguous, contiguous_inplace,
-                                       dtype_is, mixed_dtypes, register_fake, use_kernel)
+from natasha_ext.ops._dispatch import (acc_dtype, check_same_numels, check_tensor_list, contiguous_inplace,
+                                       dtype_is, mixed_dtypes, readable, register_fake, use_kernel)
 
 #: curv_mode values of adahessian_step_
 CURV_NONE, CURV_HZ, CURV_DIAG = 0, 1, 2
@@ -54,7 +54,7 @@ def hutchinson_diag_(diag: List[torch.Tensor], hz: List[torch.Tensor], seed: int
         reference.hutchinson_diag_(list(diag), list(hz), seed, offset, float(alpha), bool(accumulate))
         return
     work, writeback = contiguous_inplace(diag)
-    torch.ops.natasha.hutchinson_diag_(work, contiguous(hz), seed=int(seed), offset=int(offset), alpha=float(alpha),
+    torch.ops.natasha.hutchinson_diag_(work, readable(hz), seed=int(seed), offset=int(offset), alpha=float(alpha),
                                        accumulate=bool(accumulate))
     writeback()
 
@@ -111,7 +111,7 @@ def adahessian_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_
     p_work, p_back = contiguous_inplace(params)
     m_work, m_back = contiguous_inplace(exp_avg)
     v_work, v_back = contiguous_inplace(exp_hess_sq)
-    torch.ops.natasha.adahessian_step_(p_work, contiguous(grads), m_work, v_work, contiguous(curv),
+    torch.ops.natasha.adahessian_step_(p_work, readable(grads), m_work, v_work, readable(curv),
                                        [int(g) for g in group_sizes], **kw)
     p_back(), m_back(), v_back()
 

@@ -47,5 +47,41 @@ int main() {
                   .typed<at::Tensor(at::TensorList)>();
   const double n = norm.call(ts).item<double>();
   CHECK(std::abs(n - std::sqrt(static_cast<double>(covered))) < 1e-3);
+
+  // Strided reads: gather_chunk (any strides, from any start) and tile_transposed (the double
+  // backward's transposed conv weights) give the logical-order values of .contiguous().
+  {
+    using natasha::cpu::as_transposed;
+    using natasha::cpu::TileChunk;
+    const at::Tensor tr = at::arange(600 * 20 * 9, at::kFloat).reshape({600, 20, 3, 3}).transpose(0, 1);
+    const at::Tensor ct = tr.contiguous();
+    const float* want = ct.data_ptr<float>();
+    std::vector<float> buf(ct.numel());
+    for (int64_t start : {int64_t(0), int64_t(5), int64_t(16379), int64_t(107990)}) {
+      const int64_t n = std::min<int64_t>(20000, ct.numel() - start);
+      natasha::cpu::gather_chunk(tr, start, n, buf.data());
+      bool same = true;
+      for (int64_t i = 0; i < n; ++i) same = same && buf[i] == want[start + i];
+      CHECK(same);
+    }
+    const auto l = as_transposed(tr);
+    CHECK(l.has_value() && l->a == 20 && l->b == 600 && l->r == 9);
+    CHECK(!as_transposed(ct).has_value());
+    CHECK(!as_transposed(at::zeros({10, 18}).slice(1, 0, 18, 2)).has_value());  // gapped
+    std::vector<TileChunk> tiles;
+    natasha::cpu::append_tiles(tiles, 0, *l, 100, 9);
+    int64_t covered = 0;
+    bool same = true;
+    for (const auto& c : tiles) {
+      CHECK(c.n % 9 == 0 && c.first == 100 + c.start);
+      buf.assign(c.rows * c.n, -1.f);
+      natasha::cpu::tile_transposed(tr, *l, c, buf.data());
+      for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < c.n; ++j) same = same && buf[r * c.n + j] == want[c.start + r * c.row_step + j];
+      covered += c.rows * c.n;
+    }
+    CHECK(same);
+    CHECK(covered == ct.numel());
+  }
   TEST_MAIN_END();
 }

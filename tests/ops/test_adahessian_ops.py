@@ -160,6 +160,69 @@ def test_adahessian_step_noncontiguous(device):
         torch.testing.assert_close(a, b)
 
 
+def _strided_views(seed):
+    """Read-only inputs in the layouts autograd hands back: the double backward's transposed conv
+    weights (runs of kh * kw; the kernel reads them tile by tile, whole rows for the first, part
+    rows for the second and the last), channels_last, a permutation whose innermost dim is strided, a
+    gapped slice, an expanded row, a size-1 dim with any stride; the large ones cross chunk
+    boundaries mid-run (16384 and 16380 are not multiples of 9 * 31)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return [r(31, 256, 3, 3).transpose(0, 1), r(600, 20, 3, 3).transpose(0, 1),
+            r(6, 5, 3, 3).contiguous(memory_format=torch.channels_last),
+            r(3, 5, 6, 4).permute(2, 1, 3, 0), r(10, 18)[:, ::2], r(7).expand(3, 7),
+            r(4, 2, 7).as_strided((4, 1, 7), (14, 99, 2)), r(40000, 2).t()]
+
+
+@requires_kernels
+@pytest.mark.parametrize("mode,abs_first", [(1, False), (1, True), (2, False)])
+def test_adahessian_step_reads_strided_grads_and_curvature(mode, abs_first):
+    """The CPU kernel reads strided grads / curv chunk by chunk (no whole copy beforehand): the
+    same values as the reference on the contiguous equivalents, groups following the logical
+    layout."""
+    views = _strided_views(1)
+    assert not any(t.is_contiguous() for t in views)
+    shapes = [t.shape for t in views]
+    params, _, _, m, v, _ = _lists(shapes, "cpu", torch.float32, seed=2)
+    grads = [t * 0.5 for t in _strided_views(3)]  # strided too (elementwise ops keep the layout)
+    curv = views if mode == 1 else [t.abs() for t in views]
+    assert not any(t.is_contiguous() for t in grads[:3] + curv[:3])
+    gs = [aops.spatial_group_size(s, 5) for s in shapes]
+    kw = dict(curv_mode=mode, abs_first=abs_first, seed=7, offset=11, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-4,
+              weight_decay=0.01, hessian_power=1.0, bias_correction1=0.1, bias_correction2=0.001)
+    P, M, Vv = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(P, grads, M, Vv, curv, gs, fused=True, **kw)
+    Pr, Mr, Vr = _clone(params), _clone(m), _clone(v)
+    ops.adahessian_step(Pr, [t.contiguous() for t in grads], Mr, Vr, [t.contiguous() for t in curv], gs, fused=False,
+                        **kw)
+    for a, b in zip(P + M + Vv, Pr + Mr + Vr):
+        torch.testing.assert_close(a, b)
+
+
+@requires_kernels
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_hutchinson_reads_strided_hz(accumulate):
+    hz = _strided_views(4)
+    d = [torch.randn(t.shape) for t in hz]
+    a, b = _clone(d), _clone(d)
+    ops.hutchinson_diag_(a, hz, 99, 3, alpha=0.5, accumulate=accumulate, fused=True)
+    reference.hutchinson_diag_(b, [t.contiguous() for t in hz], 99, 3, 0.5, accumulate)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_readable_copies_only_off_cpu():
+    """readable() is the Python half of check_read_list: strided CPU inputs go to the kernel as they are."""
+    from natasha_ext.ops._dispatch import readable
+
+    t = torch.randn(4, 6).t()
+    (same,) = readable([t])
+    assert same is t
+    if CUDA:
+        (c,) = readable([t.cuda()])
+        assert c.is_contiguous()
+
+
 @pytest.mark.skipif(not (CUDA and HAVE_KERNELS and ops.fused_available("cuda")), reason="needs CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adahessian_step_cuda_half(dtype):

@@ -169,7 +169,10 @@ def test_scheduled_refresh_uses_the_factors_before_the_step_and_then_folds_the_b
     for _ in range(2):
         opt.step(lambda: F.cross_entropy(model(x), y))
     a1, g1 = opt.state[w]["kfac_A"].clone(), opt.state[w]["kfac_G"].clone()
-    opt.step(lambda: F.cross_entropy(model(x), y))
+    # a new batch: the first layer's inputs, and so its A, would otherwise repeat bit for bit
+    # (0.5 A + 0.5 A = A exactly wherever the batch covariance is computed deterministically)
+    x2, y2 = _data(seed=2)
+    opt.step(lambda: F.cross_entropy(model(x2), y2))
     (sa, ua), (sg, ug) = eigenbasis([a1, g1])
     assert torch.equal(opt.state[w]["ekfac_UA"], ua) and torch.equal(opt.state[w]["ekfac_UG"], ug)
     assert not torch.equal(opt.state[w]["kfac_A"], a1)

@@ -170,7 +170,10 @@ def test_two_micro_batches_equal_the_concatenated_batch(method, opt_name):
             (F.cross_entropy(m2(x[half]), y[half]) / 2).backward()
         p2.step()
         for a, b in zip(_grads(m1), _grads(m2)):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+            # EKFAC: eigh's eigenvectors carry the round-off of two summation orders further
+            # (5e-10 relative on a Xeon's BLAS); a wrong accumulation is O(1)
+            torch.testing.assert_close(b, a, **(dict(rtol=1e-8, atol=1e-10) if method == "ekfac" else
+                                                dict(rtol=1e-10, atol=1e-12)))
         o1.step()
         o2.step()
     for a, b in zip(m1.parameters(), m2.parameters()):

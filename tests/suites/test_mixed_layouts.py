@@ -83,7 +83,9 @@ def _non_contiguous(m: _ConvNet) -> _ConvNet:
 @case_params()
 def test_non_contiguous_parameters_take_the_same_steps(case):
     # fp64: finite-difference HVPs and trust-region decisions would amplify the fp32 round-off
-    # of a different summation order into visible differences
+    # of a different summation order into visible differences. Even fp64's differs by layout:
+    # on a Xeon (AVX-512 BLAS paths) Gauss-Newton's three steps end 1.3e-9 apart (1.7e-7
+    # relative) on one weight; a layout bug (a strided tensor read as contiguous) is O(1e-2).
     torch.manual_seed(0)
     ref = _ConvNet().double()
     other = _non_contiguous(ref)
@@ -91,7 +93,7 @@ def test_non_contiguous_parameters_take_the_same_steps(case):
     opt = _train(case, other, other, dtype=torch.float64)
     assert opt.counters["steps"] == 3
     for a, b in zip(other.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 @requires_fused

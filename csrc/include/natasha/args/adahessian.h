@@ -12,7 +12,12 @@ namespace natasha {
 // diag and hz each hold one dtype (any kernel dtype; the pair decides the accumulation).
 inline bool check_hutchinson_diag_args(at::TensorList diag, at::TensorList hz) {
   constexpr const char* op = "hutchinson_diag_";
-  check_list_pair(op, "hz", hz, "diag", diag, op_device({hz, diag}));
+  const c10::Device dev = op_device({hz, diag});
+  check_read_list(op, "hz", hz, dev);
+  check_list(op, "diag", diag, dev);
+  check_same_shape(op, "hz", hz, "diag", diag);
+  check_same_dtype(op, "hz", hz);
+  check_same_dtype(op, "diag", diag);
   return !hz.empty();
 }
 
@@ -30,7 +35,7 @@ inline bool check_adahessian_step_args(at::TensorList params, at::TensorList gra
   if (params.empty()) return false;
   const c10::Device dev = params[0].device();
   check_list(op, "params", params, dev);
-  check_list(op, "grads", grads, dev);
+  check_read_list(op, "grads", grads, dev);
   check_list(op, "exp_avg", exp_avg, dev);
   check_list(op, "exp_hess_sq", exp_hess_sq, dev);
   check_same_dtype(op, "params", params);
@@ -39,7 +44,7 @@ inline bool check_adahessian_step_args(at::TensorList params, at::TensorList gra
   check_dtype(op, "exp_avg", exp_avg, acc);
   check_dtype(op, "exp_hess_sq", exp_hess_sq, acc);
   if (curv_mode != kCurvNone) {
-    check_list(op, "curv", curv, dev);
+    check_read_list(op, "curv", curv, dev);
     check_same_shape(op, "params", params, "curv", curv);
     check_dtype(op, "curv", curv, curv_mode == kCurvHz ? params[0].scalar_type() : acc);
   }

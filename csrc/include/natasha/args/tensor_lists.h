@@ -17,9 +17,10 @@ inline bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Dense, contiguous fp16/bf16/fp32/fp64 tensors, all on `device` (or all on ts[0]'s device).
+// Dense fp16/bf16/fp32/fp64 tensors, all on `device` (or all on ts[0]'s device); contiguous unless
+// `any_strides` (read-only inputs of CPU kernels that gather them chunk by chunk: check_read_list).
 inline void check_list(const char* op, const char* name, at::TensorList ts,
-                       c10::optional<c10::Device> device = c10::nullopt) {
+                       c10::optional<c10::Device> device = c10::nullopt, bool any_strides = false) {
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto& t = ts[i];
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
@@ -27,12 +28,20 @@ inline void check_list(const char* op, const char* name, at::TensorList ts,
                 "] is sparse; sparse tensors are not supported");
     TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
                 "; expected a floating-point dtype the kernels take (float16, bfloat16, float32, float64)");
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i,
+    TORCH_CHECK(any_strides || t.is_contiguous(), op, ": ", name, "[", i,
                 "] is not contiguous (the Python wrappers in natasha_ext.ops handle that)");
     const c10::Device want = device ? *device : ts[0].device();
     TORCH_CHECK(t.device() == want, op, ": ", name, "[", i, "] is on ", t.device(), " but the op runs on ",
                 want, "; all tensors must share one device");
   }
+}
+
+// A read-only input list: any strides on CPU, where the kernels read it through
+// cpu/chunks.h's read_chunk (a strided tensor is gathered chunk by chunk into a buffer in cache
+// instead of copied whole beforehand); contiguous on CUDA. natasha_ext.ops._dispatch.readable is
+// the Python side of the same rule.
+inline void check_read_list(const char* op, const char* name, at::TensorList ts, c10::Device device) {
+  check_list(op, name, ts, device, device.is_cpu());
 }
 
 // Same number of tensors, and element for element the same numel.
