@@ -69,12 +69,9 @@ void for_each_chunk(const std::vector<ChunkT>& chunks, const F& f) {
   });
 }
 
-// Elements [start, start + n) of t in its logical (row-major) order, copied into out. Dims are
-// coalesced first where the strides allow, so the transposed conv-weight H z of PyTorch's double
-// backward ([O, I, kh, kw] with strides [kh kw, O kh kw, kw, 1]) is read as runs of kh * kw.
-template <typename T>
-void gather_chunk(const at::Tensor& t, int64_t start, int64_t n, T* out) {
-  c10::SmallVector<int64_t, 8> size, stride;  // coalesced, outermost first
+// t's sizes and strides, outermost first, without size-1 dims and with neighbours merged where
+// one dim steps exactly over the next (so a tensor's contiguous runs show as one dim).
+inline void coalesce(const at::Tensor& t, c10::SmallVector<int64_t, 8>& size, c10::SmallVector<int64_t, 8>& stride) {
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) == 1) continue;
     if (!size.empty() && stride.back() == t.stride(d) * t.size(d)) {
@@ -85,6 +82,15 @@ void gather_chunk(const at::Tensor& t, int64_t start, int64_t n, T* out) {
       stride.push_back(t.stride(d));
     }
   }
+}
+
+// Elements [start, start + n) of t in its logical (row-major) order, copied into out. Dims are
+// coalesced first where the strides allow, so the transposed conv-weight H z of PyTorch's double
+// backward ([O, I, kh, kw] with strides [kh kw, O kh kw, kw, 1]) is read as runs of kh * kw.
+template <typename T>
+void gather_chunk(const at::Tensor& t, int64_t start, int64_t n, T* out) {
+  c10::SmallVector<int64_t, 8> size, stride;
+  coalesce(t, size, stride);
   const T* base = t.const_data_ptr<T>();
   if (size.empty()) {  // one element
     if (n > 0) out[0] = base[0];
@@ -141,17 +147,8 @@ struct Transposed {
 };
 
 inline c10::optional<Transposed> as_transposed(const at::Tensor& t) {
-  c10::SmallVector<int64_t, 8> size, stride;  // coalesced, as in gather_chunk
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) == 1) continue;
-    if (!size.empty() && stride.back() == t.stride(d) * t.size(d)) {
-      size.back() *= t.size(d);
-      stride.back() = t.stride(d);
-    } else {
-      size.push_back(t.size(d));
-      stride.push_back(t.stride(d));
-    }
-  }
+  c10::SmallVector<int64_t, 8> size, stride;
+  coalesce(t, size, stride);
   Transposed l;
   if (size.size() == 2 && stride[0] == 1 && stride[1] == size[0]) {
     l.a = size[0], l.b = size[1], l.r = 1;
