@@ -127,24 +127,36 @@ def acc_dtype(tensors) -> torch.dtype:
 
 # ---- argument checks shared by the wrappers --------------------------------------------------
 def check_tensor_list(name: str, tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None):
-    """Raise a clear error for anything but a list of dense floating tensors on one device."""
+    """Raise a clear error for anything but a list of dense floating tensors on one device.
+    (Runs on every op call: one combined test per tensor, the message found only on failure.)"""
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors, got a single Tensor")
+    if not tensors:
+        return
+    t0 = tensors[0]
+    dev = device if device is not None else (t0.device if isinstance(t0, torch.Tensor) else None)
+    strided, tensor = torch.strided, torch.Tensor
     for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise RuntimeError(f"{name}[{i}] is sparse ({t.layout}); sparse tensors are not supported")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected a floating-point dtype")
-        dev = device if device is not None else tensors[0].device
-        if t.device != dev:
-            raise RuntimeError(f"{name}[{i}] is on {t.device} but {name}[0] is on {dev}; "
-                               "all tensors of one call must share a device")
+        if not (isinstance(t, tensor) and t.layout == strided and t.is_floating_point() and t.device == dev):
+            _tensor_list_error(name, i, t, dev)
+
+
+def _tensor_list_error(name: str, i: int, t, dev) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise RuntimeError(f"{name}[{i}] is sparse ({t.layout}); sparse tensors are not supported")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected a floating-point dtype")
+    raise RuntimeError(f"{name}[{i}] is on {t.device} but {name}[0] is on {dev}; "
+                       "all tensors of one call must share a device")
 
 
 def check_same_numels(ref_name: str, ref: Sequence[torch.Tensor], name: str, other: Sequence[torch.Tensor]):
     check_len(ref_name, ref, name, other)
+    numel = torch.Tensor.numel
+    if list(map(numel, ref)) == list(map(numel, other)):  # the usual case, without a Python loop
+        return
     for i, (a, b) in enumerate(zip(ref, other)):
         if a.numel() != b.numel():
             raise ValueError(f"{name}[{i}] has {b.numel()} elements but {ref_name}[{i}] has {a.numel()}")
@@ -158,7 +170,7 @@ def check_len(ref_name: str, ref: Sequence, name: str, other: Sequence):
 def contiguous_inplace(tensors: Sequence[torch.Tensor]):
     """Contiguous stand-ins for in-place outputs; returns (work, writeback) where writeback()
     copies results into the original non-contiguous tensors."""
-    if all(t.is_contiguous() for t in tensors):
+    if all(map(torch.Tensor.is_contiguous, tensors)):
         return list(tensors), lambda: None
     work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
