@@ -224,20 +224,17 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       thread_local std::vector<scalar_t> g_buf, hz_buf;  // strided grads / Hz (read_chunk, tile_transposed)
       thread_local std::vector<acc_t> diag_buf;
       const auto& tl = tiled[tile.tensor];
-      // the curvature of row r: from the gathered tile, or read_chunk's view of the row
+      // the curvature of row r: read_chunk's view of the row, or row r of the tile, gathered
+      // whole when row 0 asks
       auto curv_rows = [&](auto& buf, const TileChunk& row, int64_t r) {
         using T = typename std::decay_t<decltype(buf)>::value_type;
-        return tl ? static_cast<const T*>(buf.data() + r * tile.n) : read_chunk(curv[tile.tensor], row, buf);
-      };
-      if (tl) {
-        if (curv_mode == kCurvHz) {
-          hz_buf.resize(static_cast<size_t>(tile.rows * tile.n));
-          tile_transposed(curv[tile.tensor], *tl, tile, hz_buf.data());
-        } else {
-          diag_buf.resize(static_cast<size_t>(tile.rows * tile.n));
-          tile_transposed(curv[tile.tensor], *tl, tile, diag_buf.data());
+        if (!tl) return read_chunk(curv[tile.tensor], row, buf);
+        if (r == 0) {
+          buf.resize(static_cast<size_t>(tile.rows * tile.n));
+          tile_transposed(curv[tile.tensor], *tl, tile, buf.data());
         }
-      }
+        return static_cast<const T*>(buf.data() + r * tile.n);
+      };
       for (int64_t r = 0, rows = tile_rows(tile); r < rows; ++r) {
         const TileChunk c = tile_row(tile, r);
         acc_t* m = exp_avg[c.tensor].data_ptr<acc_t>() + c.start;
